@@ -1,0 +1,1 @@
+"""Fortress: an always-on, OpenAI-compatible front door for self-hosted LLMs."""

@@ -1,0 +1,1 @@
+"""The ``fortress`` command line."""

@@ -1,0 +1,170 @@
+"""The ``fortress`` command. Thin: parse options, call the package, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fortress.cli.sim import sim
+
+app = typer.Typer(
+    name="fortress",
+    help="Fortress: an always-on, OpenAI-compatible front door for self-hosted LLMs.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+app.command("sim")(sim)
+
+
+def _load(config: Path | None, replicas: list[str], secondary: list[str], standby: list[str],
+          host: str | None, port: int | None):  # noqa: ANN202 - returns FortressConfig
+    from fortress.config import (
+        ConfigError,
+        FortressConfig,
+        PoolConfig,
+        ReplicaConfig,
+        Server,
+        Tier,
+        load_config,
+    )
+
+    try:
+        if config is not None:
+            cfg = load_config(config)
+        else:
+            cfg = FortressConfig()
+        extra = (
+            [ReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
+            + [ReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
+            + [ReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
+        )
+    except (ConfigError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if extra:
+        pools = list(cfg.pools)
+        auto = next((p for p in pools if p.model is None), None)
+        if auto is None:
+            pools.append(PoolConfig(replicas=extra))
+        else:
+            pools[pools.index(auto)] = auto.model_copy(update={"replicas": [*auto.replicas, *extra]})
+        cfg = cfg.model_copy(update={"pools": pools})
+    if host is not None or port is not None:
+        server = cfg.server.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        )
+        cfg = cfg.model_copy(update={"server": Server.model_validate(server.model_dump())})
+    if not any(p.replicas for p in cfg.pools):
+        err_console.print(
+            "[red]error:[/red] no replicas: give a config file (-c fortress.yaml) or --replica URL"
+        )
+        raise typer.Exit(2)
+    return cfg
+
+
+@app.command()
+def serve(
+    config: Path | None = typer.Option(None, "--config", "-c", help="fortress.yaml to use."),
+    replica: list[str] = typer.Option([], "--replica", help="URL of a primary replica (repeatable)."),
+    secondary: list[str] = typer.Option([], "--secondary", help="URL of a hot secondary replica."),
+    standby: list[str] = typer.Option([], "--standby", help="URL of a cold standby replica."),
+    host: str | None = typer.Option(None, "--host", help="Listen address [default: 127.0.0.1]."),
+    port: int | None = typer.Option(None, "--port", "-p", help="Listen port [default: 8080]."),
+) -> None:
+    """Run the gateway in front of replicas that already run.
+
+    Example: [bold]fortress serve --replica http://127.0.0.1:8000 --secondary http://10.0.0.2:8000[/bold]
+
+    or, with a config file: [bold]fortress serve -c fortress.yaml[/bold]
+    """
+    from fortress.gateway.server import serve as run
+
+    cfg = _load(config, replica, secondary, standby, host, port)
+    run(cfg)
+
+
+@app.command()
+def status(
+    url: str = typer.Option("http://127.0.0.1:8080", "--url", "-u", help="The gateway's base URL."),
+    admin_token: str | None = typer.Option(None, "--admin-token", envvar="FORTRESS_ADMIN_TOKEN"),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+) -> None:
+    """Show every replica: model, tier, state, in-flight, last check.
+
+    Example: [bold]fortress status --url http://127.0.0.1:8080[/bold]
+    """
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from rich.table import Table
+
+    req = urllib.request.Request(url.rstrip("/") + "/admin/replicas")
+    if admin_token:
+        req.add_header("Authorization", f"Bearer {admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            data = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        err_console.print(f"[red]error:[/red] {url} answered {exc.code}: {exc.read().decode()[:200]}")
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] cannot reach the gateway at {url}: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(data=data)
+        return
+    table = Table(title=f"Fortress at {url} — {'ready' if data['ready'] else 'NOT READY'}")
+    for col in ("model", "replica", "url", "tier", "state", "in-flight", "served", "last check"):
+        table.add_column(col)
+    colours = {"healthy": "green", "initial": "yellow", "unhealthy": "red", "draining": "magenta"}
+    for pool in data["pools"]:
+        for r in pool["replicas"]:
+            model = pool["model"] or ", ".join(r["models"]) or "?"
+            if r["last_check_at"]:
+                ago = time.time() - r["last_check_at"]
+                result = "ok" if r["last_check_ok"] else "FAIL"
+                check = f"{result} {r['last_check_detail']} ({ago:.0f}s ago)"
+            else:
+                check = "-"
+            state = r["state"]
+            table.add_row(
+                model, r["name"], r["url"], r["tier"],
+                f"[{colours.get(state, 'white')}]{state}[/]", str(r["in_flight"]),
+                str(r["served"]), check,
+            )
+    console.print(table)
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("fortress.yaml"), help="Where to write the example."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented example fortress.yaml.
+
+    Example: [bold]fortress init fortress.yaml[/bold]
+    """
+    from fortress.config import EXAMPLE_CONFIG, parse_config
+
+    if path.exists() and not force:
+        err_console.print(f"[red]error:[/red] {path} exists (use --force to overwrite)")
+        raise typer.Exit(1)
+    parse_config(EXAMPLE_CONFIG, "example", env={})  # the example must always be valid
+    path.write_text(EXAMPLE_CONFIG)
+    console.print(f"wrote {path}; edit it, then: fortress serve -c {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The one typed model of ``fortress.yaml``.
+
+Nothing else in Fortress parses configuration. ``load_config`` reads the YAML, applies
+``FORTRESS__SECTION__KEY`` environment overrides and validates the result; a
+``ConfigError`` names every bad key together with the file line it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "FORTRESS__"
+
+
+class Tier(StrEnum):
+    """Replica tiers, highest first: traffic goes to the highest tier with a healthy replica."""
+
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    STANDBY = "standby"
+
+
+TIER_ORDER: tuple[Tier, ...] = (Tier.PRIMARY, Tier.SECONDARY, Tier.STANDBY)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HealthCheck(_Model):
+    """Active health check of one pool, with the semantics of an AWS ALB target group."""
+
+    path: str = "/health"
+    interval: float = Field(10.0, gt=0, description="seconds between checks")
+    timeout: float = Field(5.0, gt=0, description="seconds before a check counts as failed")
+    healthy_threshold: int = Field(2, ge=1, le=10)
+    unhealthy_threshold: int = Field(2, ge=1, le=10)
+    expected_status: list[int] = Field(default_factory=lambda: [200])
+    # Passive ejection backs off: the first re-check after an ejection waits `eject_backoff`,
+    # doubling on each consecutive ejection up to `eject_backoff_max`.
+    eject_backoff: float = Field(1.0, ge=0)
+    eject_backoff_max: float = Field(30.0, ge=0)
+    # How often (in checks) a healthy replica's /v1/models is re-read to confirm its model.
+    models_refresh_every: int = Field(6, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_starts_with_slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @field_validator("expected_status", mode="before")
+    @classmethod
+    def _status_list(cls, v: Any) -> Any:
+        # Accept 200, "200", "200-299" or "200,204" like an ALB matcher.
+        if isinstance(v, int):
+            return [v]
+        if isinstance(v, str):
+            codes: list[int] = []
+            for part in v.split(","):
+                part = part.strip()
+                if "-" in part:
+                    lo, hi = part.split("-", 1)
+                    codes.extend(range(int(lo), int(hi) + 1))
+                else:
+                    codes.append(int(part))
+            return codes
+        return v
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> HealthCheck:
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+class ReplicaConfig(_Model):
+    """One replica: a URL of a running OpenAI-compatible server, or a local engine."""
+
+    url: str | None = None
+    engine: Literal["external", "llamacpp", "vllm", "sim"] = "external"
+    tier: Tier = Tier.PRIMARY
+    count: int = Field(1, ge=1, description="local engines: how many processes to start")
+    options: dict[str, Any] = Field(default_factory=dict, description="engine options")
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _url_for_external(self) -> ReplicaConfig:
+        if self.engine == "external" and not self.url:
+            raise ValueError("an external replica needs a url")
+        return self
+
+
+class PoolConfig(_Model):
+    """The replicas serving one model.
+
+    ``model`` is the id the replicas report in ``/v1/models``; a replica that does not report
+    it never gets this pool's traffic. ``None`` means "whatever each replica reports" (the
+    ``fortress serve --replica URL`` case). ``aliases`` are extra names clients may use.
+    """
+
+    model: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+    deregistration_delay: float = Field(30.0, ge=0, description="seconds a draining replica keeps in-flight requests")
+    replicas: list[ReplicaConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _aliases_need_model(self) -> PoolConfig:
+        if self.aliases and not self.model:
+            raise ValueError("aliases need the pool's model to be set")
+        return self
+
+
+class Timeouts(_Model):
+    """Upstream timeouts in seconds."""
+
+    connect: float = Field(5.0, gt=0)
+    first_byte: float = Field(120.0, gt=0, description="until the replica's response headers")
+    idle: float = Field(60.0, gt=0, description="longest gap between two chunks of a stream")
+    total: float = Field(600.0, gt=0)
+
+
+class Routing(_Model):
+    """Retries and the behaviour when no replica is healthy."""
+
+    max_attempts: int = Field(3, ge=1, le=10, description="replicas tried per request")
+    when_all_unhealthy: Literal["fail_open", "reject"] = "fail_open"
+    retry_after: int = Field(5, ge=1, description="Retry-After seconds on a 503")
+
+
+class Server(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    upstream_connections: int = Field(1000, ge=1, description="keep-alive pool size to replicas")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Bearer token for /admin/*; without one, the admin API answers only to this machine.
+    admin_token: str | None = None
+
+
+class FortressConfig(_Model):
+    """The whole of ``fortress.yaml``."""
+
+    server: Server = Field(default_factory=Server)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    routing: Routing = Field(default_factory=Routing)
+    pools: list[PoolConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> FortressConfig:
+        seen: dict[str, int] = {}
+        for i, pool in enumerate(self.pools):
+            for name in ([pool.model] if pool.model else []) + list(pool.aliases):
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used by pools {seen[name]} and {i}")
+                seen[name] = i
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names each bad key and its line."""
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    index: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, key_node.value)
+                index[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Apply ``FORTRESS__SERVER__PORT=9000``-style overrides (values parsed as YAML scalars)."""
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node: Any = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple[str | int, ...], int], source: str) -> str:
+    out = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        probe = loc
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        where = f" (line {line})" if line else ""
+        out.append(f"  {key}{where}: {e['msg']}")
+    return "\n".join(out)
+
+
+def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> FortressConfig:
+    """Validate YAML text into a ``FortressConfig`` (env overrides applied)."""
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _line_index(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {source}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        _apply_env(data, os.environ if env is None else env)
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise ConfigError(f"bad {ENV_PREFIX}* override: {exc}") from exc
+    try:
+        return FortressConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, lines, source)) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> FortressConfig:
+    """Read and validate ``fortress.yaml``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    return parse_config(text, str(p), env)
+
+
+EXAMPLE_CONFIG = """\
+# fortress.yaml: Fortress configuration. Every key is optional unless marked.
+# Any key can be overridden from the environment: FORTRESS__SERVER__PORT=9000.
+
+server:
+  host: 127.0.0.1          # address the gateway listens on
+  port: 8080
+  max_body_bytes: 4194304  # larger requests get 413
+  log_level: info
+
+timeouts:                  # seconds, towards the replicas
+  connect: 5
+  first_byte: 120          # until the replica starts answering (non-stream: the whole answer)
+  idle: 60                 # longest silence between two chunks of a stream
+  total: 600
+
+routing:
+  max_attempts: 3          # replicas tried for one request, when nothing reached the client yet
+  when_all_unhealthy: fail_open   # fail_open: try them anyway (like an ALB); reject: 503
+  retry_after: 5           # Retry-After seconds on a 503
+
+pools:
+  - model: smollm2         # the id the replicas report in /v1/models (required match)
+    aliases: [gpt-4o-mini] # extra names clients may use for this model
+    health_check:          # ALB-style target health
+      path: /health
+      interval: 10
+      timeout: 5
+      healthy_threshold: 2
+      unhealthy_threshold: 2
+      expected_status: 200 # or "200-299"
+    deregistration_delay: 30   # seconds a draining replica may finish its requests
+    replicas:
+      - url: http://127.0.0.1:8081
+        tier: primary      # primary | secondary | standby
+      - url: http://127.0.0.1:8082
+        tier: secondary
+"""

@@ -1,0 +1,290 @@
+"""Relay one completion request to a replica and its answer back to the client.
+
+The body goes upstream as received (re-encoded only to ask for stream usage or to replace an
+alias by the real model id). Upstream bytes go to the client as they arrive, at SSE event
+boundaries for streams. A failure before the first byte reached the client ejects the replica
+and tries another one; after that, the stream ends with an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from fortress.config import FortressConfig
+from fortress.gateway import errors
+from fortress.gateway.context import RequestContext, Watchdog
+from fortress.gateway.sse import StreamTap
+from fortress.routing.pool import Route, Router
+from fortress.routing.replica import Replica
+
+log = logging.getLogger("fortress.relay")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON = b"application/json"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class _Retry(Exception):
+    """This attempt failed before anything reached the client; another replica may try."""
+
+    def __init__(self, error: errors.GatewayError) -> None:
+        self.error = error
+
+
+class Relay:
+    """Holds the upstream connection pool and relays requests to picked replicas."""
+
+    def __init__(self, config: FortressConfig, router: Router, on_eject: Callable[[Replica], None]) -> None:
+        self.config = config
+        self.router = router
+        self.on_eject = on_eject
+        t = config.timeouts
+        # Only the TCP connect is left to aiohttp; the other timeouts are the Watchdog's.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=None, sock_read=None)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.config.server.upstream_connections, ttl_dns_cache=300, keepalive_timeout=30
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=self._timeout,
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def handle(self, ctx: RequestContext, route: Route, raw: bytes, send: Send) -> None:
+        """Pick, relay, retry. Ends with a complete response sent to the client."""
+        body = self._upstream_body(ctx, route, raw)
+        rcfg = self.config.routing
+        wd = Watchdog(ctx, self.config.timeouts.total)
+        tried: tuple[Replica, ...] = ()
+        last_error: errors.GatewayError | None = None
+        try:
+            while ctx.attempts < rcfg.max_attempts:
+                replica = self.router.pick(route, tried)
+                if replica is None:
+                    break
+                tried += (replica,)
+                ctx.attempts += 1
+                ctx.replica = replica
+                try:
+                    await self._attempt(ctx, replica, body, send, wd)
+                    return
+                except _Retry as r:
+                    last_error = r.error
+                    ctx.error = r.error.message
+        finally:
+            wd.stop()
+        if last_error is None:
+            healthy = self.router.healthy_count(route)
+            detail = "Every replica is unhealthy." if healthy == 0 else ""
+            last_error = errors.no_replica(route.name, rcfg.retry_after, detail)
+            ctx.replica = None
+        await send_error(send, ctx, last_error)
+
+    def _upstream_body(self, ctx: RequestContext, route: Route, raw: bytes) -> bytes:
+        body = ctx.body
+        assert body is not None
+        changed = False
+        if route.is_alias:
+            body["model"] = route.upstream_model
+            changed = True
+        if ctx.stream:
+            so = body.get("stream_options")
+            ctx.want_usage = isinstance(so, dict) and so.get("include_usage") is True
+            if not ctx.want_usage:
+                body["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+                changed = True
+        return orjson.dumps(body) if changed else raw
+
+    async def _attempt(
+        self, ctx: RequestContext, replica: Replica, body: bytes, send: Send, wd: Watchdog
+    ) -> None:
+        assert self.session is not None
+        t_up = perf_counter()
+        ctx.overhead += t_up - ctx.t0 if ctx.attempts == 1 else 0.0
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        if ctx.stream:
+            headers["accept"] = "text/event-stream"
+        replica.in_flight += 1
+        wd.expect(self.config.timeouts.first_byte, "first_byte")
+        started = False  # has anything reached the client?
+        try:
+            async with self.session.post(
+                replica.url + ctx.path, data=body, headers=headers
+            ) as resp:
+                status = resp.status
+                if status >= 500:
+                    text = await resp.read()
+                    raise _Retry(self._eject(replica, f"status {status}", errors.upstream_failed(
+                        f"Replica {replica.name} answered {status}: {_snippet(text)}"
+                    )))
+                wd.expect(self.config.timeouts.idle, "idle")
+                if ctx.stream and status == 200:
+                    started = True
+                    await self._relay_stream(ctx, replica, resp, send, wd)
+                else:
+                    data = await resp.read()
+                    ctx.ttfb = perf_counter() - ctx.t0
+                    ctx.status = status
+                    if status == 200:
+                        ctx.usage = _usage_of(data)
+                    t_out = perf_counter()
+                    hdrs = self._headers(ctx, replica, resp.headers.get("content-type", "application/json"))
+                    hdrs.append((b"content-length", str(len(data)).encode()))
+                    ctx.overhead += perf_counter() - t_out
+                    hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
+                    started = True
+                    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                replica.record_success()
+        except _Retry:
+            raise
+        except asyncio.CancelledError:
+            reason = ctx.cancelled_by
+            if reason is None or reason == "client_disconnect":
+                raise
+            # One of our timeouts fired: this task's cancel was ours, so take it back.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            err = errors.upstream_timeout(
+                f"Replica {replica.name} did not answer within the {reason} timeout."
+            )
+            self._eject(replica, f"{reason} timeout", err)
+            if not started and reason != "total":
+                ctx.cancelled_by = None
+                raise _Retry(err) from None
+            await self._fail(ctx, send, started, err)
+        except (aiohttp.ClientError, OSError) as exc:
+            err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
+            self._eject(replica, _describe(exc), err)
+            if not started:
+                raise _Retry(err) from None
+            await self._fail(ctx, send, started, err)
+        finally:
+            replica.in_flight -= 1
+
+    async def _relay_stream(
+        self, ctx: RequestContext, replica: Replica, resp: aiohttp.ClientResponse, send: Send,
+        wd: Watchdog,
+    ) -> None:
+        t_in = perf_counter()
+        ctx.status = 200
+        hdrs = self._headers(ctx, replica, None)
+        ctx.overhead += perf_counter() - t_in
+        hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        tap = StreamTap(strip_usage=not ctx.want_usage)
+        mark = wd.mark
+        first = True
+        async for data in resp.content.iter_any():
+            mark()
+            out = tap.feed(data)
+            if out:
+                if first:
+                    ctx.ttfb = perf_counter() - ctx.t0
+                    first = False
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        rest = tap.flush()
+        ctx.usage = tap.usage
+        ctx.chunks = tap.chunks
+        if not tap.done:
+            # The replica closed the stream early: tell the client instead of ending silently.
+            err = errors.upstream_failed(f"Replica {replica.name} ended the stream early.")
+            self._eject(replica, "stream ended early", err)
+            await self._fail(ctx, send, True, err, rest)
+            return
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    def _headers(self, ctx: RequestContext, replica: Replica, ctype: str | None) -> list[tuple[bytes, bytes]]:
+        base = [(b"content-type", ctype.encode())] if ctype else list(_SSE_HEADERS)
+        base += [
+            (b"x-request-id", ctx.request_id.encode()),
+            (b"x-fortress-replica", replica.name.encode()),
+            (b"x-fortress-tier", str(replica.tier).encode()),
+            (b"x-fortress-attempts", str(ctx.attempts).encode()),
+        ]
+        return base
+
+    def _eject(self, replica: Replica, reason: str, err: errors.GatewayError) -> errors.GatewayError:
+        if replica.eject(reason, self.router.clock()):
+            log.warning("replica %s (%s) ejected: %s", replica.name, replica.url, reason)
+            self.on_eject(replica)
+        return err
+
+    async def _fail(
+        self, ctx: RequestContext, send: Send, started: bool, err: errors.GatewayError, rest: bytes = b""
+    ) -> None:
+        ctx.error = err.message
+        if not started:
+            await send_error(send, ctx, err)
+            return
+        ctx.status = err.status
+        event = b"data: " + err.body() + b"\n\n"
+        await send({"type": "http.response.body", "body": rest + event, "more_body": False})
+
+
+async def send_error(send: Send, ctx: RequestContext, err: errors.GatewayError) -> None:
+    """Answer with an OpenAI-format error."""
+    ctx.status = err.status
+    ctx.error = err.message
+    body = err.body()
+    headers = [
+        (b"content-type", _JSON),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", ctx.request_id.encode()),
+        *err.headers,
+    ]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _usage_of(data: bytes) -> dict[str, Any] | None:
+    if b'"usage"' not in data:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _snippet(text: bytes, limit: int = 200) -> str:
+    try:
+        obj = orjson.loads(text)
+        msg = obj["error"]["message"] if isinstance(obj.get("error"), dict) else obj.get("error")
+        if msg:
+            return str(msg)[:limit]
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        pass
+    return text[:limit].decode("utf-8", "replace") or "(empty body)"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connect failed ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by replica"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "response cut off"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+

@@ -1,0 +1,39 @@
+"""Run the gateway under uvicorn (uvloop + httptools, one process)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from fortress.config import FortressConfig
+from fortress.gateway.app import Gateway
+
+
+def build_server(gateway: Gateway, config: FortressConfig) -> uvicorn.Server:
+    """A uvicorn server for ``gateway``; the caller runs ``server.serve()``."""
+    ucfg = uvicorn.Config(
+        gateway,
+        host=config.server.host,
+        port=config.server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=config.server.log_level,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=10,
+    )
+    return uvicorn.Server(ucfg)
+
+
+def serve(config: FortressConfig) -> None:
+    """Serve until interrupted."""
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    server = build_server(Gateway(config), config)
+    server.run()

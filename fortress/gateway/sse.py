@@ -1,0 +1,84 @@
+"""Server-sent-event handling for relayed streams.
+
+The gateway always asks the replica for usage (``stream_options.include_usage``) so that every
+stream is accounted for. ``StreamTap`` passes upstream bytes through at SSE event boundaries,
+keeps the usage it sees, and removes what the client did not ask for: the usage-only chunk and
+the ``usage`` field of other chunks. Only events that carry a usage object are parsed; every
+other byte is forwarded as received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_USAGE_MARKS = (b'"usage":{', b'"usage": {')
+_EVENT_END = b"\n\n"
+
+
+class StreamTap:
+    """Split an SSE byte stream into whole events, keep usage, strip it if unwanted."""
+
+    __slots__ = ("_pending", "chunks", "done", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.usage: dict[str, Any] | None = None
+        self.chunks = 0  # data events relayed (for metrics and audit)
+        self.done = False  # saw "data: [DONE]"
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the bytes that are ready to go to the client (complete events only)."""
+        if self._pending:
+            data = self._pending + data
+        end = data.rfind(_EVENT_END)
+        if end < 0:
+            self._pending = data
+            return b""
+        end += 2
+        out, self._pending = data[:end], data[end:]
+        self.chunks += out.count(b"data:")
+        if _USAGE_MARKS[0] in out or _USAGE_MARKS[1] in out:
+            out = self._take_usage(out)
+        if not self.done and b"[DONE]" in out:
+            self.done = True
+        return out
+
+    def flush(self) -> bytes:
+        """What is left when the upstream closed (an unterminated last event)."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _take_usage(self, out: bytes) -> bytes:
+        events = out.split(_EVENT_END)
+        kept: list[bytes] = []
+        for ev in events[:-1]:  # the last element is b"" since `out` ends with "\n\n"
+            if _USAGE_MARKS[0] in ev or _USAGE_MARKS[1] in ev:
+                ev = self._usage_event(ev)
+                if not ev:
+                    continue
+            kept.append(ev)
+        if not kept:
+            return b""
+        kept.append(b"")
+        return _EVENT_END.join(kept)
+
+    def _usage_event(self, ev: bytes) -> bytes:
+        head, sep, payload = ev.partition(b"data:")
+        if not sep:
+            return ev
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return ev
+        if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+            return ev
+        self.usage = obj["usage"]
+        if not self.strip_usage:
+            return ev
+        if not obj.get("choices"):
+            return b""  # the usage-only chunk the client did not ask for
+        del obj["usage"]
+        return head + b"data: " + orjson.dumps(obj)

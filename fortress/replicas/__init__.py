@@ -1,0 +1,1 @@
+"""Replica engines: how fortress starts, or simulates, the servers behind a pool."""

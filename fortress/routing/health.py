@@ -1,0 +1,140 @@
+"""Active health checks: one task per replica, beside the request path, never inside it.
+
+Each check is a GET of the pool's check path with the pool's timeout; a status in
+``expected_status`` passes. The replica's ``/v1/models`` is read while it is not yet healthy and
+every few checks afterwards, so the router learns (and keeps verifying) which model it serves.
+A replica that reports a different model than its pool expects fails its checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+import orjson
+
+from fortress.routing.pool import Router
+from fortress.routing.replica import Replica, State
+
+log = logging.getLogger("fortress.health")
+
+
+class HealthChecker:
+    """Runs the active checks of every replica in a ``Router``."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._tasks: dict[Replica, asyncio.Task[None]] = {}
+        self._wake: dict[Replica, asyncio.Event] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            skip_auto_headers=("User-Agent",),
+        )
+        self.router.on_added.append(self.watch)
+        self.router.on_removed.append(self.unwatch)
+        for r in list(self.router.all_replicas()):
+            self.watch(r)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for task in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    def watch(self, replica: Replica) -> None:
+        if replica not in self._tasks:
+            self._wake[replica] = asyncio.Event()
+            self._tasks[replica] = asyncio.create_task(self._loop(replica), name=f"health-{replica.name}")
+
+    def unwatch(self, replica: Replica) -> None:
+        task = self._tasks.pop(replica, None)
+        self._wake.pop(replica, None)
+        if task is not None:
+            task.cancel()
+
+    def poke(self, replica: Replica) -> None:
+        """Re-plan the next check (after an ejection changed ``next_check_at``)."""
+        ev = self._wake.get(replica)
+        if ev is not None:
+            ev.set()
+
+    async def _loop(self, replica: Replica) -> None:
+        clock = self.router.clock
+        wake = self._wake[replica]
+        while True:
+            delay = replica.next_check_at - clock()
+            if delay > 0:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+                if clock() < replica.next_check_at:
+                    continue
+            await self.check_once(replica)
+
+    async def check_once(self, replica: Replica) -> None:
+        """Run one check and apply its result."""
+        ok, detail = await self._probe(replica)
+        if ok and self._models_due(replica):
+            ok, detail = await self._discover(replica)
+        before = replica.state
+        changed = replica.record_check(ok, detail, self.router.clock(), time.time())
+        if changed:
+            log.warning(
+                "replica %s (%s) %s -> %s: %s",
+                replica.name, replica.url, before, replica.state, replica.reason,
+            )
+
+    def _models_due(self, replica: Replica) -> bool:
+        return (
+            not replica.models
+            or replica.state is not State.HEALTHY
+            or replica.checks % replica.check.models_refresh_every == 0
+        )
+
+    async def _probe(self, replica: Replica) -> tuple[bool, str]:
+        assert self._session is not None
+        hc = replica.check
+        try:
+            async with self._session.get(
+                replica.url + hc.path, timeout=aiohttp.ClientTimeout(total=hc.timeout)
+            ) as resp:
+                await resp.read()
+                if resp.status in hc.expected_status:
+                    return True, f"{resp.status}"
+                return False, f"status {resp.status}"
+        except TimeoutError:
+            return False, f"timeout after {hc.timeout:g}s"
+        except aiohttp.ClientConnectorError as exc:
+            return False, f"connect failed: {exc.os_error.strerror or exc}"
+        except (aiohttp.ClientError, OSError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+
+    async def _discover(self, replica: Replica) -> tuple[bool, str]:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                replica.url + "/v1/models",
+                timeout=aiohttp.ClientTimeout(total=replica.check.timeout),
+            ) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    return False, f"/v1/models status {resp.status}"
+            ids = frozenset(str(m["id"]) for m in orjson.loads(body)["data"])
+        except TimeoutError:
+            return False, "/v1/models timeout"
+        except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
+            return False, f"/v1/models unreadable: {type(exc).__name__}"
+        self.router.set_models(replica, ids)
+        if replica.expected_model is not None and replica.expected_model not in ids:
+            return False, f"serves {sorted(ids)}, not {replica.expected_model!r}"
+        return True, "200"
