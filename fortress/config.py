@@ -153,6 +153,8 @@ class Server(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Bearer token for /admin/*; without one, the admin API answers only to this machine.
     admin_token: str | None = None
+    # Add keys OpenAI's schema requires that an engine left out (llama.cpp: logprobs, refusal).
+    conform_responses: bool = True
 
 
 class FortressConfig(_Model):

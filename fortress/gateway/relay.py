@@ -19,6 +19,7 @@ import orjson
 
 from fortress.config import FortressConfig
 from fortress.gateway import errors
+from fortress.gateway.conform import fix_chat_completion
 from fortress.gateway.context import RequestContext, Watchdog
 from fortress.gateway.sse import StreamTap
 from fortress.routing.pool import Route, Router
@@ -54,6 +55,7 @@ class Relay:
         # Only the TCP connect is left to aiohttp; the other timeouts are the Watchdog's.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=None, sock_read=None)
         self.session: aiohttp.ClientSession | None = None
+        self.conform = config.server.conform_responses
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -145,7 +147,7 @@ class Relay:
                     ctx.ttfb = perf_counter() - ctx.t0
                     ctx.status = status
                     if status == 200:
-                        ctx.usage = _usage_of(data)
+                        data = self._inspect(ctx, data)
                     t_out = perf_counter()
                     hdrs = self._headers(ctx, replica, resp.headers.get("content-type", "application/json"))
                     hdrs.append((b"content-length", str(len(data)).encode()))
@@ -214,6 +216,20 @@ class Relay:
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
+    def _inspect(self, ctx: RequestContext, data: bytes) -> bytes:
+        """Keep the usage of a non-stream answer; fill in fields OpenAI's schema requires."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data  # not JSON: relay it as the replica sent it
+        if not isinstance(obj, dict):
+            return data
+        usage = obj.get("usage")
+        ctx.usage = usage if isinstance(usage, dict) else None
+        if self.conform and obj.get("object") == "chat.completion" and fix_chat_completion(obj):
+            return orjson.dumps(obj)
+        return data
+
     def _headers(self, ctx: RequestContext, replica: Replica, ctype: str | None) -> list[tuple[bytes, bytes]]:
         base = [(b"content-type", ctype.encode())] if ctype else list(_SSE_HEADERS)
         base += [
@@ -257,15 +273,6 @@ async def send_error(send: Send, ctx: RequestContext, err: errors.GatewayError) 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _usage_of(data: bytes) -> dict[str, Any] | None:
-    if b'"usage"' not in data:
-        return None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
 
 
 def _snippet(text: bytes, limit: int = 200) -> str:
