@@ -223,6 +223,7 @@ class _Sim:
         self.ready_at = math.inf  # set on startup; loading until then
         self.loaded = False
         self.health_down = False
+        self.health_delay = 0.0
         self.requests = 0
         self.in_flight = 0
         self.cancelled = 0
@@ -265,6 +266,8 @@ class _Sim:
     # -- plain endpoints ---------------------------------------------------------------------
 
     async def health(self, _request: web.Request) -> web.Response:
+        if self.health_delay:
+            await asyncio.sleep(self.health_delay)  # a slow replica: checks may time out
         if self.loading():
             return web.Response(status=503, body=_LOADING_HEALTH, content_type=_JSON)
         if self.health_down:
@@ -296,6 +299,11 @@ class _Sim:
                     return _error(400, "'health' must be \"up\" or \"down\".",
                                   "invalid_request_error", param=key)
                 health = value == "down"
+            elif key == "health_delay":
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    return _error(400, "'health_delay' must be a number >= 0.",
+                                  "invalid_request_error", param=key)
+                self.health_delay = float(value)
             elif key in ("error_rate", "hang_rate", "ttft", "itl"):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     return _error(400, f"'{key}' must be a number.", "invalid_request_error",
@@ -320,6 +328,7 @@ class _Sim:
         cfg = self.cfg
         body = {
             "health": "down" if self.health_down else "up",
+            "health_delay": self.health_delay,
             "error_rate": cfg.error_rate,
             "hang_rate": cfg.hang_rate,
             "ttft": cfg.ttft,

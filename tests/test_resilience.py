@@ -1,0 +1,289 @@
+"""Failover, ALB health semantics, retries, timeouts, disconnects, draining, model identity.
+
+Replicas here are `fortress sim` processes: these are chaos and timing tests, where a replica
+must crash, hang or answer slowly on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from helpers import Proc, fortress_argv, free_port, replica_table, sim_argv, wait_for, wait_http
+
+FAST = "health_check: {interval: 0.5, timeout: 0.25, eject_backoff: 0.2, eject_backoff_max: 1}"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def pool(urls: list[tuple[str, str]], extra: str = "", model: str = "m") -> str:
+    reps = "\n".join(f"      - {{url: '{u}', tier: {t}}}" for u, t in urls)
+    return f"pools:\n  - model: {model}\n    {FAST}\n{extra}    replicas:\n{reps}\n"
+
+
+async def post(session: aiohttp.ClientSession, gw: str, body: dict, **kw) -> tuple[int, dict, dict]:
+    async with session.post(gw + "/v1/chat/completions", json=body, **kw) as r:
+        return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def sim_control(url: str, **changes) -> None:
+    async with aiohttp.ClientSession() as s, s.post(url + "/sim/control", json=changes) as r:
+        assert r.status == 200, await r.text()
+
+
+async def sim_stats(url: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(url + "/sim/stats") as r:
+        return await r.json()
+
+
+async def test_failover_drill(cluster, tmp_path) -> None:
+    """2 primaries + 1 secondary, 50 concurrent clients; SIGKILL both primaries in turn."""
+    ports = [free_port() for _ in range(3)]
+    opts = ("--ttft", "0.02", "--itl", "0.005", "--tokens", "8")
+    (p1, proc1), (p2, proc2), (s1, _) = (cluster.sim("m", *opts, port=p) for p in ports)
+    gw, _ = cluster.gateway(pool([(p1, "primary"), (p2, "primary"), (s1, "secondary")]))
+    wait_for(lambda: all(r["state"] == "healthy" for r in replica_table(gw).values()), 10,
+             what="all replicas healthy")
+    log: list[tuple[float, int, str]] = []  # (time, status, replica url)
+    names = {r["name"]: u for u, r in replica_table(gw).items()}
+    stop = False
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not stop:
+            try:
+                status, _, headers = await post(session, gw, CHAT)
+                log.append((time.monotonic(), status, names.get(headers.get("x-fortress-replica", ""), "?")))
+            except aiohttp.ClientError as exc:
+                log.append((time.monotonic(), -1, repr(exc)))
+
+    restarted: list[Proc] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(client(session)) for _ in range(50)]
+        await asyncio.sleep(1.5)
+        proc1.kill(signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        proc2.kill(signal.SIGKILL)
+        t_kill2 = time.monotonic()
+        await asyncio.sleep(2.0)
+        for port in ports[:2]:
+            restarted.append(Proc(sim_argv(port, "m", *opts), tmp_path / f"re-{port}.log"))
+        for port in ports[:2]:
+            await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/health")
+        t_back = time.monotonic()
+        await asyncio.sleep(3.0)
+        stop = True
+        await asyncio.gather(*tasks)
+    for p in restarted:
+        p.stop()
+
+    failures = [entry for entry in log if entry[1] != 200]
+    assert not failures, f"{len(failures)} failed requests, first: {failures[:3]}"
+    assert len(log) > 500
+    after_kill2 = [t for t, _, u in log if t > t_kill2 and u == s1]
+    assert after_kill2 and after_kill2[0] - t_kill2 <= 1.0
+    # While both primaries are down, only the secondary serves (after in-flight ones finish).
+    assert all(u == s1 for t, _, u in log if t_kill2 + 0.3 < t < t_back)
+    # Back to primary, but only after the healthy threshold: 2 passing checks 0.5 s apart.
+    primary_again = [t for t, _, u in log if t > t_back and u in (p1, p2)]
+    assert primary_again, "traffic never returned to the primaries"
+    assert primary_again[0] - t_back >= 0.5 * 0.9
+    assert primary_again[0] - t_back <= 2.5
+    # And once back, the secondary stops getting traffic.
+    assert not [t for t, _, u in log if t > primary_again[0] + 0.5 and u == s1]
+
+
+async def test_retry_on_5xx_ejects_and_never_fails_the_client(cluster) -> None:
+    bad, _ = cluster.sim("m", "--error-rate", "1")
+    good, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(bad, "primary"), (good, "primary")]))
+    async with aiohttp.ClientSession() as s:
+        results = [await post(s, gw, CHAT) for _ in range(20)]
+    assert all(status == 200 for status, _, _ in results)
+    table = replica_table(gw)
+    assert table[bad]["state"] == "unhealthy" and table[bad]["failures"] >= 1
+    assert "ejected: status 500" in table[bad]["reason"]
+
+
+async def test_all_attempts_failing_answers_502_in_openai_format(cluster) -> None:
+    bad, _ = cluster.sim("m", "--error-rate", "1")
+    gw, _ = cluster.gateway(pool([(bad, "primary")]))
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, gw, CHAT)
+    assert status == 502
+    assert body["error"]["type"] == "upstream_error" and "answered 500" in body["error"]["message"]
+
+
+async def test_no_healthy_replica_is_503_with_retry_after(cluster) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw, _ = cluster.gateway(pool([(dead, "primary")], "    \n") + "routing: {when_all_unhealthy: reject, retry_after: 7}\n", ready=False)
+    async with aiohttp.ClientSession() as s:
+        status, body, headers = await post(s, gw, CHAT)
+        assert status == 503 and headers["Retry-After"] == "7"
+        assert body["error"]["code"] == "no_healthy_replica"
+        async with s.get(gw + "/ready") as r:
+            assert r.status == 503 and (await r.json())["models_without_healthy_replica"] == ["m"]
+
+
+async def test_fail_open_tries_unhealthy_replicas(cluster) -> None:
+    url, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(url, "primary")]))
+    await sim_control(url, health="down")
+    wait_for(lambda: replica_table(gw)[url]["state"] == "unhealthy", 5, what="unhealthy")
+    async with aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, gw, CHAT)
+    assert status == 200  # fail_open (the default): the model still answers
+
+
+async def test_slow_health_check_times_out_then_recovers(cluster) -> None:
+    slow, _ = cluster.sim("m")
+    other, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(slow, "primary"), (other, "primary")]))
+    await sim_control(slow, health_delay=1.0)  # longer than the 0.25 s check timeout
+    t0 = time.monotonic()
+    wait_for(lambda: replica_table(gw)[slow]["state"] == "unhealthy", 5, what="unhealthy")
+    # Two failed checks, 0.5 s apart, each taking the 0.25 s timeout.
+    assert time.monotonic() - t0 >= 0.5
+    assert "timeout" in replica_table(gw)[slow]["last_check_detail"]
+    async with aiohttp.ClientSession() as s:
+        served = {(await post(s, gw, CHAT))[2]["x-fortress-replica"] for _ in range(10)}
+    assert served == {replica_table(gw)[other]["name"]}
+    await sim_control(slow, health_delay=0)
+    wait_for(lambda: replica_table(gw)[slow]["state"] == "healthy", 5, what="healthy again")
+
+
+async def test_new_replica_starts_initial_and_gets_traffic_after_one_check(cluster) -> None:
+    first, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(first, "primary")]))
+    new, _ = cluster.sim("m")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw + "/admin/replicas", json={"url": new, "tier": "primary", "model": "m"}) as r:
+            assert r.status == 201
+            added = await r.json()
+        assert added["state"] == "initial"
+        wait_for(lambda: replica_table(gw)[new]["state"] == "healthy", 3, what="healthy")
+        served = {(await post(s, gw, CHAT))[2]["x-fortress-replica"] for _ in range(30)}
+    assert added["name"] in served
+
+
+async def test_hung_replica_first_byte_timeout_retries_elsewhere(cluster) -> None:
+    hung, _ = cluster.sim("m", "--hang-rate", "1")
+    good, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(
+        pool([(hung, "primary"), (good, "primary")]) + "timeouts: {first_byte: 0.5}\n"
+    )
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(post(s, gw, CHAT) for _ in range(6)))
+    assert all(status == 200 for status, _, _ in results)
+    assert replica_table(gw)[hung]["state"] == "unhealthy"
+
+
+async def test_first_byte_timeout_gives_504(cluster) -> None:
+    slow, _ = cluster.sim("m", "--ttft", "5")
+    gw, _ = cluster.gateway(pool([(slow, "primary")]) + "timeouts: {first_byte: 0.3}\nrouting: {max_attempts: 1}\n")
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, gw, CHAT)
+    assert status == 504 and "first_byte timeout" in body["error"]["message"]
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    # The gateway hung up on the replica, which sees its client go away.
+    await asyncio.sleep(0.6)
+    assert (await sim_stats(slow))["cancelled"] == 1
+
+
+async def test_idle_and_total_timeouts_end_streams_with_an_error_event(cluster) -> None:
+    slow, _ = cluster.sim("m", "--itl", "1.0", "--tokens", "5")
+    gw, _ = cluster.gateway(pool([(slow, "primary")]) + "timeouts: {idle: 0.4}\n")
+    async with aiohttp.ClientSession() as s, s.post(gw + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        assert r.status == 200
+        text = (await r.read()).decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+    err = json.loads(events[-1][6:])
+    assert err["error"]["code"] == "gateway_timeout" and "idle timeout" in err["error"]["message"]
+    assert "[DONE]" not in text
+
+    steady, _ = cluster.sim("m", "--itl", "0.1", "--tokens", "50")
+    gw2, _ = cluster.gateway(pool([(steady, "primary")]) + "timeouts: {total: 0.8}\n")
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s, s.post(gw2 + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        text = (await r.read()).decode()
+    assert time.monotonic() - t0 < 2.0
+    assert "total timeout" in text and "[DONE]" not in text
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_the_replica(cluster) -> None:
+    url, _ = cluster.sim("m", "--itl", "0.2", "--tokens", "100")
+    gw, _ = cluster.gateway(pool([(url, "primary")]))
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(gw + "/v1/chat/completions", json={**CHAT, "stream": True})
+        await r.content.readuntil(b"\n\n")
+        assert replica_table(gw)[url]["in_flight"] == 1
+        r.close()  # the client goes away mid-stream
+    wait_for(lambda: replica_table(gw)[url]["in_flight"] == 0, 3, what="in-flight freed")
+    await asyncio.sleep(0.5)
+    assert (await sim_stats(url))["cancelled"] == 1
+
+    await sim_control(url, ttft=5.0)
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(asyncio.TimeoutError):
+            await post(s, gw, CHAT, timeout=aiohttp.ClientTimeout(total=0.5))
+    wait_for(lambda: replica_table(gw)[url]["in_flight"] == 0, 3, what="in-flight freed")
+    await asyncio.sleep(0.5)
+    assert (await sim_stats(url))["cancelled"] == 2
+
+
+async def test_draining_finishes_in_flight_and_takes_no_new_requests(cluster) -> None:
+    a, _ = cluster.sim("m", "--itl", "0.1", "--tokens", "20")
+    b, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(a, "primary"), (b, "secondary")], "    deregistration_delay: 10\n"))
+    name_a = replica_table(gw)[a]["name"]
+    async with aiohttp.ClientSession() as s:
+        stream = await s.post(gw + "/v1/chat/completions", json={**CHAT, "stream": True})
+        assert stream.headers["x-fortress-replica"] == name_a
+        drain = asyncio.create_task(s.delete(gw + f"/admin/replicas/{name_a}"))
+        await asyncio.to_thread(wait_for, lambda: replica_table(gw)[a]["state"] == "draining", 2)
+        during = [(await post(s, gw, CHAT))[2]["x-fortress-replica"] for _ in range(5)]
+        assert name_a not in during
+        text = (await stream.read()).decode()
+        assert text.rstrip().endswith("data: [DONE]")  # the in-flight stream finished whole
+        resp = await asyncio.wait_for(drain, 5)
+        assert resp.status == 200
+    assert a not in replica_table(gw)
+
+
+async def test_model_identity_is_strict_end_to_end(cluster) -> None:
+    right, right_proc = cluster.sim("m")
+    wrong, _ = cluster.sim("other")
+    gw, _ = cluster.gateway(pool([(right, "primary"), (wrong, "primary")]), ready=False)
+    wait_for(lambda: replica_table(gw)[right]["state"] == "healthy", 5, what="healthy")
+    wait_for(lambda: "not 'm'" in replica_table(gw)[wrong]["last_check_detail"], 5, what="mismatch")
+    async with aiohttp.ClientSession() as s:
+        models = {(await post(s, gw, CHAT))[1]["model"] for _ in range(10)}
+        assert models == {"m"}
+        right_proc.kill()
+        for _ in range(5):
+            status, body, _ = await post(s, gw, CHAT)
+            # Never a silent switch: the replica serving "other" is not used, the call fails loudly.
+            assert status in (502, 503), body
+            assert body["error"]["type"] in ("upstream_error", "service_unavailable")
+
+
+async def test_serve_with_replica_flags_discovers_models(cluster, tmp_path) -> None:
+    x, _ = cluster.sim("model-x")
+    y, _ = cluster.sim("model-y")
+    port = free_port()
+    proc = Proc(fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)), tmp_path / "gw.log")
+    cluster.procs.append(proc)
+    gw = f"http://127.0.0.1:{port}"
+    wait_http(gw + "/ready", timeout=20)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw + "/v1/models") as r:
+            assert sorted(m["id"] for m in (await r.json())["data"]) == ["model-x", "model-y"]
+        for model in ("model-x", "model-y"):
+            status, body, headers = await post(s, gw, {**CHAT, "model": model})
+            assert status == 200 and body["model"] == model
+        assert headers["x-fortress-tier"] == "secondary"
