@@ -118,7 +118,9 @@ class PoolConfig(_Model):
     model: str | None = None
     aliases: list[str] = Field(default_factory=list)
     health_check: HealthCheck = Field(default_factory=HealthCheck)
-    deregistration_delay: float = Field(30.0, ge=0, description="seconds a draining replica keeps in-flight requests")
+    deregistration_delay: float = Field(
+        30.0, ge=0, description="seconds a draining replica keeps in-flight requests"
+    )
     replicas: list[ReplicaConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from helpers import Proc, free_port, fortress_argv, sim_argv, wait_http
+from helpers import Proc, fortress_argv, free_port, sim_argv, wait_http
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -43,8 +42,24 @@ def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "llama.log"
     proc = Proc(
-        [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--alias", "smollm2",
-         "--metrics", "-c", "2048", "-np", "4", "-t", "1"],
+        [
+            binary,
+            "-m",
+            gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--alias",
+            "smollm2",
+            "--metrics",
+            "-c",
+            "2048",
+            "-np",
+            "4",
+            "-t",
+            "1",
+        ],
         log,
     )
     try:

@@ -79,10 +79,14 @@ class Proc:
     def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.argv = argv
         self.log = log
-        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._fh = open(log, "ab")
         self.p = subprocess.Popen(
-            argv, stdout=self._fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            start_new_session=True, cwd=ROOT,
+            argv,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=ROOT,
         )
 
     @property

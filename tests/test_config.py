@@ -10,7 +10,11 @@ def test_example_is_valid_and_shaped_like_the_seed_deployment():
     pool = cfg.pools[0]
     hc = pool.health_check
     assert (hc.path, hc.interval, hc.timeout, hc.healthy_threshold, hc.unhealthy_threshold) == (
-        "/health", 10, 5, 2, 2,
+        "/health",
+        10,
+        5,
+        2,
+        2,
     )
     assert hc.expected_status == [200]
     assert pool.deregistration_delay == 30
@@ -44,14 +48,16 @@ def test_unknown_key_is_rejected():
 
 
 def test_env_override_wins():
-    cfg = parse_config("server:\n  port: 8080\n", env={"FORTRESS__SERVER__PORT": "9001",
-                                                     "FORTRESS__ROUTING__MAX_ATTEMPTS": "5"})
+    cfg = parse_config(
+        "server:\n  port: 8080\n",
+        env={"FORTRESS__SERVER__PORT": "9001", "FORTRESS__ROUTING__MAX_ATTEMPTS": "5"},
+    )
     assert cfg.server.port == 9001
     assert cfg.routing.max_attempts == 5
 
 
 def test_env_override_is_validated():
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         parse_config("", env={"FORTRESS__SERVER__PORT": "not-a-port"})
 
 

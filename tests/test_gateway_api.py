@@ -12,7 +12,6 @@ import urllib.request
 import openai
 import pytest
 from aiohttp import web
-
 from helpers import assert_schema, free_port, http_get
 
 PROMPT = [{"role": "user", "content": "Say hello in three words."}]
@@ -83,7 +82,10 @@ async def test_chat_stream_async_sdk_without_usage(gw: str) -> None:
 
 def test_chat_stream_with_usage(gw: str) -> None:
     stream = client(gw).chat.completions.create(
-        model="smollm2", messages=PROMPT, max_tokens=6, stream=True,
+        model="smollm2",
+        messages=PROMPT,
+        max_tokens=6,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c.model_dump(exclude_unset=True) for c in stream]
@@ -169,7 +171,9 @@ async def test_body_and_unknown_fields_pass_through_untouched(make_gateway) -> N
     seen: list[tuple[dict, dict]] = []
 
     async def models(_r: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]}
+        )
 
     async def chat(r: web.Request) -> web.StreamResponse:
         seen.append((json.loads(await r.read()), {k.lower(): v for k, v in r.headers.items()}))
@@ -177,14 +181,27 @@ async def test_body_and_unknown_fields_pass_through_untouched(make_gateway) -> N
         if body.get("stream"):
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(r)
-            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                     "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}
+            chunk = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
+            }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        return web.json_response({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                                               "finish_reason": "stop"}]})
+        return web.json_response(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
+                ],
+            }
+        )
 
     async def health(_r: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -204,8 +221,9 @@ async def test_body_and_unknown_fields_pass_through_untouched(make_gateway) -> N
         )
         ac = openai.AsyncOpenAI(base_url=gw + "/v1", api_key="client-key", max_retries=0)
         extra = {"top_k": 7, "repetition_penalty": 1.1, "custom": {"nested": [1, 2]}}
-        await ac.chat.completions.create(model="m", messages=PROMPT, extra_body=extra,
-                                         extra_headers={"x-request-id": "rid-1"})
+        await ac.chat.completions.create(
+            model="m", messages=PROMPT, extra_body=extra, extra_headers={"x-request-id": "rid-1"}
+        )
         body, headers = seen[-1]
         assert body == {"model": "m", "messages": PROMPT, **extra}
         assert headers["x-request-id"] == "rid-1"
@@ -215,8 +233,13 @@ async def test_body_and_unknown_fields_pass_through_untouched(make_gateway) -> N
             pass
         body, _ = seen[-1]
         # Streams ask the replica for usage; everything else is what the client sent.
-        assert body == {"model": "m", "messages": PROMPT, "stream": True,
-                        "stream_options": {"include_usage": True}, **extra}
+        assert body == {
+            "model": "m",
+            "messages": PROMPT,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
         await ac.close()
     finally:
         await runner.cleanup()

@@ -13,7 +13,6 @@ import time
 
 import aiohttp
 import pytest
-
 from helpers import Proc, fortress_argv, free_port, replica_table, sim_argv, wait_for, wait_http
 
 FAST = "health_check: {interval: 0.5, timeout: 0.25, eject_backoff: 0.2, eject_backoff_max: 1}"
@@ -46,8 +45,11 @@ async def test_failover_drill(cluster, tmp_path) -> None:
     opts = ("--ttft", "0.02", "--itl", "0.005", "--tokens", "8")
     (p1, proc1), (p2, proc2), (s1, _) = (cluster.sim("m", *opts, port=p) for p in ports)
     gw, _ = cluster.gateway(pool([(p1, "primary"), (p2, "primary"), (s1, "secondary")]))
-    wait_for(lambda: all(r["state"] == "healthy" for r in replica_table(gw).values()), 10,
-             what="all replicas healthy")
+    wait_for(
+        lambda: all(r["state"] == "healthy" for r in replica_table(gw).values()),
+        10,
+        what="all replicas healthy",
+    )
     log: list[tuple[float, int, str]] = []  # (time, status, replica url)
     names = {r["name"]: u for u, r in replica_table(gw).items()}
     stop = False
@@ -119,7 +121,10 @@ async def test_all_attempts_failing_answers_502_in_openai_format(cluster) -> Non
 
 async def test_no_healthy_replica_is_503_with_retry_after(cluster) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    gw, _ = cluster.gateway(pool([(dead, "primary")], "    \n") + "routing: {when_all_unhealthy: reject, retry_after: 7}\n", ready=False)
+    gw, _ = cluster.gateway(
+        pool([(dead, "primary")], "    \n") + "routing: {when_all_unhealthy: reject, retry_after: 7}\n",
+        ready=False,
+    )
     async with aiohttp.ClientSession() as s:
         status, body, headers = await post(s, gw, CHAT)
         assert status == 503 and headers["Retry-After"] == "7"
@@ -172,9 +177,7 @@ async def test_new_replica_starts_initial_and_gets_traffic_after_one_check(clust
 async def test_hung_replica_first_byte_timeout_retries_elsewhere(cluster) -> None:
     hung, _ = cluster.sim("m", "--hang-rate", "1")
     good, _ = cluster.sim("m")
-    gw, _ = cluster.gateway(
-        pool([(hung, "primary"), (good, "primary")]) + "timeouts: {first_byte: 0.5}\n"
-    )
+    gw, _ = cluster.gateway(pool([(hung, "primary"), (good, "primary")]) + "timeouts: {first_byte: 0.5}\n")
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(post(s, gw, CHAT) for _ in range(6)))
     assert all(status == 200 for status, _, _ in results)
@@ -183,7 +186,9 @@ async def test_hung_replica_first_byte_timeout_retries_elsewhere(cluster) -> Non
 
 async def test_first_byte_timeout_gives_504(cluster) -> None:
     slow, _ = cluster.sim("m", "--ttft", "5")
-    gw, _ = cluster.gateway(pool([(slow, "primary")]) + "timeouts: {first_byte: 0.3}\nrouting: {max_attempts: 1}\n")
+    gw, _ = cluster.gateway(
+        pool([(slow, "primary")]) + "timeouts: {first_byte: 0.3}\nrouting: {max_attempts: 1}\n"
+    )
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as s:
         status, body, _ = await post(s, gw, CHAT)
@@ -197,7 +202,10 @@ async def test_first_byte_timeout_gives_504(cluster) -> None:
 async def test_idle_and_total_timeouts_end_streams_with_an_error_event(cluster) -> None:
     slow, _ = cluster.sim("m", "--itl", "1.0", "--tokens", "5")
     gw, _ = cluster.gateway(pool([(slow, "primary")]) + "timeouts: {idle: 0.4}\n")
-    async with aiohttp.ClientSession() as s, s.post(gw + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
         assert r.status == 200
         text = (await r.read()).decode()
     events = [e for e in text.split("\n\n") if e]
@@ -209,7 +217,10 @@ async def test_idle_and_total_timeouts_end_streams_with_an_error_event(cluster) 
     steady, _ = cluster.sim("m", "--itl", "0.1", "--tokens", "50")
     gw2, _ = cluster.gateway(pool([(steady, "primary")]) + "timeouts: {total: 0.8}\n")
     t0 = time.monotonic()
-    async with aiohttp.ClientSession() as s, s.post(gw2 + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw2 + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
         text = (await r.read()).decode()
     assert time.monotonic() - t0 < 2.0
     assert "total timeout" in text and "[DONE]" not in text
@@ -276,7 +287,9 @@ async def test_serve_with_replica_flags_discovers_models(cluster, tmp_path) -> N
     x, _ = cluster.sim("model-x")
     y, _ = cluster.sim("model-y")
     port = free_port()
-    proc = Proc(fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)), tmp_path / "gw.log")
+    proc = Proc(
+        fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)), tmp_path / "gw.log"
+    )
     cluster.procs.append(proc)
     gw = f"http://127.0.0.1:{port}"
     wait_http(gw + "/ready", timeout=20)

@@ -39,7 +39,7 @@ def test_usage_field_removed_from_a_chunk_with_choices():
     chunk = {**CHUNK, "usage": USAGE}
     tap = StreamTap(strip_usage=True)
     out = tap.feed(ev(chunk))
-    assert orjson.loads(out[len(b"data: "):]) == CHUNK
+    assert orjson.loads(out[len(b"data: ") :]) == CHUNK
     assert tap.usage == USAGE
 
 

@@ -22,8 +22,14 @@ err_console = Console(stderr=True)
 app.command("sim")(sim)
 
 
-def _load(config: Path | None, replicas: list[str], secondary: list[str], standby: list[str],
-          host: str | None, port: int | None):  # noqa: ANN202 - returns FortressConfig
+def _load(
+    config: Path | None,
+    replicas: list[str],
+    secondary: list[str],
+    standby: list[str],
+    host: str | None,
+    port: int | None,
+):
     from fortress.config import (
         ConfigError,
         FortressConfig,
@@ -136,9 +142,14 @@ def status(
                 check = "-"
             state = r["state"]
             table.add_row(
-                model, r["name"], r["url"], r["tier"],
-                f"[{colours.get(state, 'white')}]{state}[/]", str(r["in_flight"]),
-                str(r["served"]), check,
+                model,
+                r["name"],
+                r["url"],
+                r["tier"],
+                f"[{colours.get(state, 'white')}]{state}[/]",
+                str(r["in_flight"]),
+                str(r["served"]),
+                check,
             )
     console.print(table)
 

@@ -105,11 +105,15 @@ class Gateway:
             await self._json(send, 200, {"status": "ok"})
         elif path == "/ready":
             ok, missing = self.router.ready()
-            await self._json(send, 200 if ok else 503, {"ready": ok, "models_without_healthy_replica": missing})
+            await self._json(
+                send, 200 if ok else 503, {"ready": ok, "models_without_healthy_replica": missing}
+            )
         elif path.startswith("/admin/"):
             await self._admin(scope, receive, send, method, path)
         else:
-            await self._simple_error(send, 404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found")
+            await self._simple_error(
+                send, 404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found"
+            )
 
     # -- the completion path ---------------------------------------------------------------
 
@@ -158,7 +162,9 @@ class Gateway:
             watcher.cancel()
 
     @staticmethod
-    async def _watch_disconnect(receive: Receive, ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
+    async def _watch_disconnect(
+        receive: Receive, ctx: RequestContext, task: asyncio.Task[Any] | None
+    ) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 message = await receive()
@@ -237,7 +243,9 @@ class Gateway:
             await self._json(send, 404, orjson.loads(err.body()))
             return
         await self._json(
-            send, 200, {"id": model, "object": "model", "created": self.router.started_at, "owned_by": "fortress"}
+            send,
+            200,
+            {"id": model, "object": "model", "created": self.router.started_at, "owned_by": "fortress"},
         )
 
     # -- admin -----------------------------------------------------------------------------
@@ -273,7 +281,9 @@ class Gateway:
             await self.router.drain(replica)
             await self._json(send, 200, {"removed": name})
         else:
-            await self._simple_error(send, 404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found")
+            await self._simple_error(
+                send, 404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found"
+            )
 
     def _admin_allowed(self, scope: Scope) -> bool:
         token = self.config.server.admin_token

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import perf_counter
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -53,7 +53,9 @@ class Relay:
         self.on_eject = on_eject
         t = config.timeouts
         # Only the TCP connect is left to aiohttp; the other timeouts are the Watchdog's.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=None, sock_read=None)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=t.connect, connect=None, sock_read=None
+        )
         self.session: aiohttp.ClientSession | None = None
         self.conform = config.server.conform_responses
 
@@ -129,15 +131,19 @@ class Relay:
         wd.expect(self.config.timeouts.first_byte, "first_byte")
         started = False  # has anything reached the client?
         try:
-            async with self.session.post(
-                replica.url + ctx.path, data=body, headers=headers
-            ) as resp:
+            async with self.session.post(replica.url + ctx.path, data=body, headers=headers) as resp:
                 status = resp.status
                 if status >= 500:
                     text = await resp.read()
-                    raise _Retry(self._eject(replica, f"status {status}", errors.upstream_failed(
-                        f"Replica {replica.name} answered {status}: {_snippet(text)}"
-                    )))
+                    raise _Retry(
+                        self._eject(
+                            replica,
+                            f"status {status}",
+                            errors.upstream_failed(
+                                f"Replica {replica.name} answered {status}: {_snippet(text)}"
+                            ),
+                        )
+                    )
                 wd.expect(self.config.timeouts.idle, "idle")
                 if ctx.stream and status == 200:
                     started = True
@@ -185,7 +191,11 @@ class Relay:
             replica.in_flight -= 1
 
     async def _relay_stream(
-        self, ctx: RequestContext, replica: Replica, resp: aiohttp.ClientResponse, send: Send,
+        self,
+        ctx: RequestContext,
+        replica: Replica,
+        resp: aiohttp.ClientResponse,
+        send: Send,
         wd: Watchdog,
     ) -> None:
         t_in = perf_counter()
@@ -273,8 +283,6 @@ async def send_error(send: Send, ctx: RequestContext, err: errors.GatewayError) 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-
-
 def _snippet(text: bytes, limit: int = 200) -> str:
     try:
         obj = orjson.loads(text)
@@ -294,4 +302,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "response cut off"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-

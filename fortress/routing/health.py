@@ -91,7 +91,11 @@ class HealthChecker:
         if changed:
             log.warning(
                 "replica %s (%s) %s -> %s: %s",
-                replica.name, replica.url, before, replica.state, replica.reason,
+                replica.name,
+                replica.url,
+                before,
+                replica.state,
+                replica.reason,
             )
 
     def _models_due(self, replica: Replica) -> bool:
