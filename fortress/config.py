@@ -159,6 +159,65 @@ class Server(_Model):
     conform_responses: bool = True
 
 
+class UsagePlan(_Model):
+    """Who may call how much: a token bucket plus quotas, like an API Gateway usage plan."""
+
+    rate: float | None = Field(5.0, gt=0, description="requests per second (bucket refill)")
+    burst: int | None = Field(10, ge=1, description="bucket size")
+    max_concurrent: int | None = Field(None, ge=1, description="requests in flight per key")
+    # Quotas: period -> limit; periods are "day", "week", "month" (UTC calendar periods).
+    requests: dict[Literal["day", "week", "month"], int] = Field(default_factory=lambda: {"day": 5000})
+    input_tokens: dict[Literal["day", "week", "month"], int] = Field(default_factory=dict)
+    output_tokens: dict[Literal["day", "week", "month"], int] = Field(default_factory=dict)
+    # Output tokens reserved at admission when the request gives no max_tokens.
+    default_max_tokens: int = Field(2048, ge=1)
+
+
+class Auth(_Model):
+    """API keys. Switching auth off must be explicit: ``auth: {enabled: false}``."""
+
+    enabled: bool = True
+    # HMAC secret for key hashes and the audit chain; from FORTRESS__AUTH__SECRET, or generated
+    # once into `state_dir`/secret when unset.
+    secret: str | None = None
+    cache_refresh: float = Field(2.0, gt=0, le=5, description="seconds between key-cache syncs")
+    rotation_grace: float = Field(24 * 3600.0, ge=0, description="seconds an old key works after rotate")
+
+
+class Limits(_Model):
+    """Where usage-plan state lives: this process, or Redis shared by several gateways."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "fortress:"
+
+
+class Audit(_Model):
+    """The audit trail: required headers, body capture, journal and where records are shipped."""
+
+    enabled: bool = True
+    required_headers: list[str] = Field(
+        default_factory=lambda: ["x-llm-source", "x-llm-user", "x-llm-request-type"]
+    )
+    body_capture: Literal["none", "metadata", "full"] = "none"
+    redact_fields: list[str] = Field(default_factory=lambda: ["messages", "prompt"])
+    journal_dir: str | None = Field(None, description="default: <state_dir>/journal")
+    group_commit_ms: float = Field(2.0, ge=0, description="longest wait to batch records per fsync")
+    archive_dir: str | None = Field(None, description="JSONL.gz per day, or s3://bucket/prefix")
+    anchor_every: float = Field(60.0, gt=0, description="seconds between chain-head anchors")
+
+    @field_validator("required_headers")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [h.lower() for h in v]
+
+
+class Database(_Model):
+    """The store for keys and audit records: SQLite by default, PostgreSQL by URL."""
+
+    url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<state_dir>/fortress.db")
+
+
 class FortressConfig(_Model):
     """The whole of ``fortress.yaml``."""
 
@@ -166,6 +225,12 @@ class FortressConfig(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     routing: Routing = Field(default_factory=Routing)
     pools: list[PoolConfig] = Field(default_factory=list)
+    state_dir: str = Field(".fortress", description="local state: secret, journal, SQLite, logs")
+    auth: Auth = Field(default_factory=Auth)
+    plans: dict[str, UsagePlan] = Field(default_factory=lambda: {"default": UsagePlan()})
+    limits: Limits = Field(default_factory=Limits)
+    audit: Audit = Field(default_factory=Audit)
+    database: Database = Field(default_factory=Database)
 
     @model_validator(mode="after")
     def _names_unique(self) -> FortressConfig:

@@ -288,7 +288,9 @@ async def test_serve_with_replica_flags_discovers_models(cluster, tmp_path) -> N
     y, _ = cluster.sim("model-y")
     port = free_port()
     proc = Proc(
-        fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)), tmp_path / "gw.log"
+        fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)),
+        tmp_path / "gw.log",
+        env={"FORTRESS__AUTH__ENABLED": "false", "FORTRESS__AUDIT__ENABLED": "false"},
     )
     cluster.procs.append(proc)
     gw = f"http://127.0.0.1:{port}"

@@ -32,19 +32,19 @@ def _load(
 ):
     from fortress.config import (
         ConfigError,
-        FortressConfig,
         PoolConfig,
         ReplicaConfig,
         Server,
         Tier,
         load_config,
+        parse_config,
     )
 
     try:
         if config is not None:
             cfg = load_config(config)
         else:
-            cfg = FortressConfig()
+            cfg = parse_config("", "(no config file)")  # defaults, plus FORTRESS__* overrides
         extra = (
             [ReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
             + [ReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]

@@ -21,7 +21,8 @@ import orjson
 from fortress.config import FortressConfig, Tier
 from fortress.gateway import errors
 from fortress.gateway.context import RequestContext
-from fortress.gateway.relay import Relay, send_error
+from fortress.gateway.layers import AccessLayer, AuditLayer
+from fortress.gateway.relay import Relay
 from fortress.routing.health import HealthChecker
 from fortress.routing.pool import Router
 
@@ -42,17 +43,30 @@ def new_request_id() -> str:
 class Gateway:
     """The ASGI app. ``router`` is shared with the health checker and the supervisor."""
 
-    def __init__(self, config: FortressConfig, router: Router | None = None) -> None:
+    def __init__(
+        self,
+        config: FortressConfig,
+        router: Router | None = None,
+        access: AccessLayer | None = None,
+        audit: AuditLayer | None = None,
+    ) -> None:
         self.config = config
         self.router = router or Router(config)
         self.health = HealthChecker(self.router)
         self.relay = Relay(config, self.router, on_eject=self.health.poke)
+        self.access = access
+        self.audit = audit
+        if audit is not None:
+            self.relay.finish = audit.record
         self.max_body = config.server.max_body_bytes
         # Hooks for later layers: called on startup/shutdown of the serving process.
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     async def startup(self) -> None:
+        for layer in (self.audit, self.access):
+            if layer is not None:
+                await layer.start()
         await self.relay.start()
         await self.health.start()
         for hook in self.on_startup:
@@ -63,6 +77,9 @@ class Gateway:
             await hook()
         await self.health.stop()
         await self.relay.stop()
+        for layer in (self.access, self.audit):
+            if layer is not None:
+                await layer.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -135,16 +152,28 @@ class Gateway:
         ctx.headers = headers
         if content_length > self.max_body:
             await self._drain_body(receive)
-            await send_error(send, ctx, _too_large(self.max_body))
+            await self.relay.send_error(send, ctx, _too_large(self.max_body))
             return
         raw = await self._read_body(receive)
         if raw is None:
-            await send_error(send, ctx, _too_large(self.max_body))
+            await self.relay.send_error(send, ctx, _too_large(self.max_body))
             return
+        ctx.bytes_in = len(raw)
+        access = self.access
         try:
+            # Who, then what: 401 before 400, as an API gateway answers.
+            if access is not None:
+                access.authenticate(ctx)
+            if self.audit is not None:
+                self.audit.check_headers(ctx)
             route = self._parse(ctx, raw)
+            if access is not None:
+                access.authorize(ctx, route.name)
+                await access.admit(ctx)
         except errors.GatewayError as err:
-            await send_error(send, ctx, err)
+            await self.relay.send_error(send, ctx, err)
+            if access is not None and ctx.ticket is not None:
+                access.release(ctx)
             return
         task = asyncio.current_task()
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, ctx, task))
@@ -157,9 +186,12 @@ class Gateway:
                 task.uncancel()
             ctx.status = 499
             ctx.error = "client disconnected"
+            await self.relay.record_end(ctx)
         finally:
             ctx.cancelled_by = ctx.cancelled_by or "done"
             watcher.cancel()
+            if access is not None and ctx.ticket is not None:
+                access.release(ctx)
 
     @staticmethod
     async def _watch_disconnect(
@@ -254,6 +286,11 @@ class Gateway:
         if not self._admin_allowed(scope):
             await self._simple_error(send, 401, "Admin access needs the admin token.", "authentication_error")
             return
+        if self.access is not None and not path.startswith("/admin/replicas"):
+            answer = await self.access.handle_admin(method, path, await self._read_body(receive) or b"")
+            if answer is not None:
+                await self._json(send, answer[0], answer[1])
+                return
         if path == "/admin/replicas" and method == "GET":
             await self._json(send, 200, self.status())
         elif path == "/admin/replicas" and method == "POST":

@@ -14,11 +14,16 @@ class RequestContext:
     __slots__ = (
         "attempts",
         "body",
+        "bytes_in",
+        "bytes_out",
         "cancelled_by",
         "chunks",
         "client",
         "error",
+        "extra_headers",
+        "finished",
         "headers",
+        "identity",
         "max_tokens",
         "model",
         "overhead",
@@ -28,6 +33,7 @@ class RequestContext:
         "status",
         "stream",
         "t0",
+        "ticket",
         "ttfb",
         "usage",
         "want_usage",
@@ -53,6 +59,14 @@ class RequestContext:
         self.ttfb: float | None = None
         self.overhead = 0.0
         self.cancelled_by: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # Set by the access layer: who is calling, and what their usage plan admitted.
+        self.identity: Any = None
+        self.ticket: Any = None
+        # Response headers added by earlier layers (OpenAI rate-limit headers, for example).
+        self.extra_headers: list[tuple[bytes, bytes]] = []
+        self.finished = False  # the record of this request has been handed to the audit layer
 
 
 class Watchdog:

@@ -58,6 +58,8 @@ class Relay:
         )
         self.session: aiohttp.ClientSession | None = None
         self.conform = config.server.conform_responses
+        # Awaited once per request before its last byte goes out (the audit journal's commit).
+        self.finish: Callable[[RequestContext], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -101,7 +103,7 @@ class Relay:
             detail = "Every replica is unhealthy." if healthy == 0 else ""
             last_error = errors.no_replica(route.name, rcfg.retry_after, detail)
             ctx.replica = None
-        await send_error(send, ctx, last_error)
+        await self.send_error(send, ctx, last_error)
 
     def _upstream_body(self, ctx: RequestContext, route: Route, raw: bytes) -> bytes:
         body = ctx.body
@@ -159,7 +161,9 @@ class Relay:
                     hdrs.append((b"content-length", str(len(data)).encode()))
                     ctx.overhead += perf_counter() - t_out
                     hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
+                    ctx.bytes_out = len(data)
                     started = True
+                    await self._finish(ctx)
                     await send({"type": "http.response.start", "status": status, "headers": hdrs})
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                 replica.record_success()
@@ -214,6 +218,12 @@ class Relay:
                 if first:
                     ctx.ttfb = perf_counter() - ctx.t0
                     first = False
+                ctx.bytes_out += len(out)
+                if tap.done and not ctx.finished:
+                    # The chunk with [DONE] waits until the request's record is committed.
+                    ctx.usage = tap.usage
+                    ctx.chunks = tap.chunks
+                    await self._finish(ctx)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         rest = tap.flush()
         ctx.usage = tap.usage
@@ -242,6 +252,8 @@ class Relay:
 
     def _headers(self, ctx: RequestContext, replica: Replica, ctype: str | None) -> list[tuple[bytes, bytes]]:
         base = [(b"content-type", ctype.encode())] if ctype else list(_SSE_HEADERS)
+        if ctx.extra_headers:
+            base += ctx.extra_headers
         base += [
             (b"x-request-id", ctx.request_id.encode()),
             (b"x-fortress-replica", replica.name.encode()),
@@ -261,26 +273,38 @@ class Relay:
     ) -> None:
         ctx.error = err.message
         if not started:
-            await send_error(send, ctx, err)
+            await self.send_error(send, ctx, err)
             return
         ctx.status = err.status
         event = b"data: " + err.body() + b"\n\n"
+        await self._finish(ctx)
         await send({"type": "http.response.body", "body": rest + event, "more_body": False})
 
+    async def record_end(self, ctx: RequestContext) -> None:
+        """Hand a request that ended without an answer (client gone) to the audit layer."""
+        await self._finish(ctx)
 
-async def send_error(send: Send, ctx: RequestContext, err: errors.GatewayError) -> None:
-    """Answer with an OpenAI-format error."""
-    ctx.status = err.status
-    ctx.error = err.message
-    body = err.body()
-    headers = [
-        (b"content-type", _JSON),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", ctx.request_id.encode()),
-        *err.headers,
-    ]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def _finish(self, ctx: RequestContext) -> None:
+        if self.finish is not None and not ctx.finished:
+            ctx.finished = True
+            await self.finish(ctx)
+
+    async def send_error(self, send: Send, ctx: RequestContext, err: errors.GatewayError) -> None:
+        """Answer with an OpenAI-format error (after the request's record is committed)."""
+        ctx.status = err.status
+        ctx.error = err.message
+        body = err.body()
+        headers = [
+            (b"content-type", _JSON),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", ctx.request_id.encode()),
+            *ctx.extra_headers,
+            *err.headers,
+        ]
+        ctx.bytes_out = len(body)
+        await self._finish(ctx)
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _snippet(text: bytes, limit: int = 200) -> str:

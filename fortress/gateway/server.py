@@ -8,6 +8,7 @@ import uvicorn
 
 from fortress.config import FortressConfig
 from fortress.gateway.app import Gateway
+from fortress.gateway.layers import build_layers
 
 
 def build_server(gateway: Gateway, config: FortressConfig) -> uvicorn.Server:
@@ -35,5 +36,6 @@ def serve(config: FortressConfig) -> None:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    server = build_server(Gateway(config), config)
+    access, audit = build_layers(config)
+    server = build_server(Gateway(config, access=access, audit=audit), config)
     server.run()
