@@ -58,6 +58,10 @@ class Gateway:
         self.audit = audit
         if audit is not None:
             self.relay.finish = audit.record
+        # Called with every finished completion request (metrics, logs); must not block.
+        self.observers: list[Callable[[RequestContext], None]] = []
+        # Extra GET/POST routes served beside the API (/metrics, /dashboard, ...): path prefix → handler.
+        self.routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
         self.max_body = config.server.max_body_bytes
         # Hooks for later layers: called on startup/shutdown of the serving process.
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
@@ -127,10 +131,18 @@ class Gateway:
             )
         elif path.startswith("/admin/"):
             await self._admin(scope, receive, send, method, path)
+        elif self.routes and (handler := self._route_for(path)) is not None:
+            await handler(scope, receive, send)
         else:
             await self._simple_error(
                 send, 404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found"
             )
+
+    def _route_for(self, path: str) -> Callable[[Scope, Receive, Send], Awaitable[None]] | None:
+        for prefix, handler in self.routes.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return handler
+        return None
 
     # -- the completion path ---------------------------------------------------------------
 
@@ -150,6 +162,13 @@ class Gateway:
         client = scope.get("client")
         ctx = RequestContext(request_id or new_request_id(), path, t0, client[0] if client else None)
         ctx.headers = headers
+        try:
+            await self._complete(ctx, receive, send, content_length)
+        finally:
+            for observe in self.observers:
+                observe(ctx)
+
+    async def _complete(self, ctx: RequestContext, receive: Receive, send: Send, content_length: int) -> None:
         if content_length > self.max_body:
             await self._drain_body(receive)
             await self.relay.send_error(send, ctx, _too_large(self.max_body))
