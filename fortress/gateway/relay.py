@@ -225,6 +225,8 @@ class Relay:
                     ctx.chunks = tap.chunks
                     await self._finish(ctx)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                # A slow client holds us in send(); that silence is not the replica's.
+                mark()
         rest = tap.flush()
         ctx.usage = tap.usage
         ctx.chunks = tap.chunks
