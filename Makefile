@@ -29,6 +29,8 @@ up: setup
 	$(BIN)/fortress up
 
 test: setup
+	bash scripts/system-deps.sh chromium:chromium
+	bash scripts/system-deps.sh redis-server:redis-server '/usr/lib/postgresql/*/bin/postgres:postgresql'
 	$(BIN)/ruff check fortress tests bench
 	$(BIN)/pytest -q
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import Proc, fortress_argv, free_port, sim_argv, wait_http
 
+pytest_plugins = ["conftest_services"]
+
 IN_CI = os.environ.get("CI") == "true"
 
 

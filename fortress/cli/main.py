@@ -7,7 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fortress.cli.alarms import alarms_app
+from fortress.cli.keys import keys_app
 from fortress.cli.sim import sim
+from fortress.cli.up import up
 
 app = typer.Typer(
     name="fortress",
@@ -20,6 +23,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 app.command("sim")(sim)
+app.command("up")(up)
+app.add_typer(alarms_app, name="alarms")
+app.add_typer(keys_app, name="keys")
 
 
 def _load(

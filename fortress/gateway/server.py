@@ -9,6 +9,7 @@ import uvicorn
 from fortress.config import FortressConfig
 from fortress.gateway.app import Gateway
 from fortress.gateway.layers import build_layers
+from fortress.observe import attach
 
 
 def build_server(gateway: Gateway, config: FortressConfig) -> uvicorn.Server:
@@ -37,5 +38,7 @@ def serve(config: FortressConfig) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     access, audit = build_layers(config)
-    server = build_server(Gateway(config, access=access, audit=audit), config)
+    gateway = Gateway(config, access=access, audit=audit)
+    attach(gateway, config)  # metrics, alarms, dashboard, access log
+    server = build_server(gateway, config)
     server.run()

@@ -1,0 +1,1 @@
+"""Access control: API keys (hashed, cached) and usage plans (token bucket, quotas, concurrency)."""

@@ -1,0 +1,193 @@
+"""The access layer the gateway calls: who is calling (API key), may they use this model, and
+does their usage plan admit one more request.
+
+Per request this costs one HMAC, a dict lookup and either an in-memory limiter call or one
+Redis EVALSHA; the database is only read by the key cache's background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from fortress.access import admin
+from fortress.access.keys import KeyCache, KeyRecord, KeyStore
+from fortress.access.limits import Limiter, MemoryLimiter
+from fortress.access.plans import Plan
+from fortress.access.secret import load_secret
+from fortress.config import FortressConfig
+from fortress.gateway.context import RequestContext
+from fortress.gateway.errors import GatewayError
+from fortress.store.db import database_url, get_engine, migrate
+
+log = logging.getLogger("fortress.access")
+
+_WWW_AUTH = [(b"www-authenticate", b'Bearer realm="fortress"')]
+MISSING_KEY = (
+    "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+    "(Authorization: Bearer YOUR_KEY) or in an x-api-key header. Ask your administrator for a key "
+    "(fortress keys create)."
+)
+
+
+def _mask(key: bytes) -> str:
+    text = key.decode("latin-1")
+    if len(text) < 16:
+        return "****"
+    return f"{text[:7]}****{text[-4:]}"
+
+
+def _invalid_key(key: bytes) -> GatewayError:
+    return GatewayError(
+        401,
+        f"Incorrect API key provided: {_mask(key)}. Check the key, or ask for a new one if it was "
+        "revoked or rotated.",
+        "invalid_request_error",
+        "invalid_api_key",
+        headers=_WWW_AUTH,
+    )
+
+
+class AccessControl:
+    """API keys and usage plans for one gateway process (implements ``AccessLayer``)."""
+
+    def __init__(self, config: FortressConfig, limiter: Limiter | None = None) -> None:
+        self.config = config
+        self.plans = {name: Plan.compile(name, p) for name, p in config.plans.items()}
+        self.url = database_url(config)
+        self.store = KeyStore(get_engine(self.url), load_secret(config))
+        self.cache = KeyCache(self.store, config.auth.cache_refresh)
+        self.limiter: Limiter = limiter or _limiter(config)
+        # The memory backend answers without awaiting anything: skip the coroutine.
+        self._admit_now = self.limiter.admit_now if isinstance(self.limiter, MemoryLimiter) else None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(migrate, self.url)
+        if not self.config.auth.secret and make_url(self.url).get_backend_name() != "sqlite":
+            log.warning(
+                "auth.secret is not set: keys are hashed with %s/secret. Gateways sharing this database "
+                "must share that secret (set auth.secret / FORTRESS__AUTH__SECRET on each).",
+                self.config.state_dir,
+            )
+        await self.limiter.start()
+        await self.cache.start()
+
+    async def stop(self) -> None:
+        await self.cache.stop()
+        await self.limiter.stop()
+
+    # -- the request path ------------------------------------------------------------------
+
+    def authenticate(self, ctx: RequestContext) -> None:
+        headers = ctx.headers
+        key: bytes | None = None
+        auth = headers.get(b"authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            key = auth[7:].strip()
+        if not key:
+            key = headers.get(b"x-api-key")
+        if not key:
+            msg = MISSING_KEY
+            if auth is not None:
+                msg = "The Authorization header must be 'Bearer YOUR_KEY'. " + msg
+            raise GatewayError(401, msg, "invalid_request_error", None, headers=_WWW_AUTH)
+        record = self.cache.lookup(key)
+        if record is None:
+            raise _invalid_key(key)
+        ctx.identity = record
+
+    def authorize(self, ctx: RequestContext, model: str) -> None:
+        record: KeyRecord = ctx.identity
+        if record.models and model not in record.models:
+            raise GatewayError(
+                403,
+                f"This API key may not use the model '{model}'. Allowed: {', '.join(sorted(record.models))}.",
+                "invalid_request_error",
+                "model_not_allowed",
+                "model",
+            )
+        if record.plan not in self.plans:
+            raise GatewayError(
+                403,
+                f"This API key's usage plan '{record.plan}' is not configured on this gateway.",
+                "invalid_request_error",
+                "plan_not_found",
+            )
+
+    async def admit(self, ctx: RequestContext) -> None:
+        record: KeyRecord = ctx.identity
+        plan = self.plans[record.plan]
+        out = ctx.max_tokens if ctx.max_tokens is not None else plan.default_max_tokens
+        reserve_out = out if plan.limits_output else 0
+        reserve_in = ctx.bytes_in // 4 if plan.limits_input else 0  # ~4 bytes per token
+        if self._admit_now is not None:
+            decision = self._admit_now(record.key_id, plan, reserve_in, reserve_out)
+        else:
+            try:
+                decision = await self.limiter.admit(record.key_id, plan, reserve_in, reserve_out)
+            except Exception as exc:  # LimiterUnavailable with limits.fail_open off
+                raise GatewayError(
+                    503,
+                    f"The rate limiter is unavailable: {exc}",
+                    "service_unavailable",
+                    "limiter_unavailable",
+                    headers=[(b"retry-after", b"1")],
+                ) from None
+        if decision.ticket is None:
+            raise GatewayError(
+                429, decision.message(), decision.kind(), "rate_limit_exceeded", headers=decision.headers()
+            )
+        ctx.ticket = decision.ticket
+        ctx.extra_headers.extend(decision.headers())
+
+    def release(self, ctx: RequestContext) -> None:
+        ticket = ctx.ticket
+        if ticket is None or ticket.done:
+            return
+        usage = ctx.usage
+        if usage:
+            used_in = _int(usage.get("prompt_tokens"))
+            used_out = _int(usage.get("completion_tokens"))
+        elif ctx.status == 200 and ctx.bytes_out > 0:
+            # An answer went out but its usage is unknown (a cut stream): keep the reservation.
+            used_in, used_out = ticket.reserved_in, ticket.reserved_out
+        else:
+            used_in = used_out = 0  # nothing was generated
+        self.limiter.settle(ticket, used_in, used_out)
+
+    # -- admin -----------------------------------------------------------------------------
+
+    async def handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
+        return await admin.handle(self, method, path, body)
+
+    async def usage(self, plan_name: str, key_id: str) -> dict[str, Any] | None:
+        """A key's counters from the limiter (None when its plan is not configured)."""
+        plan = self.plans.get(plan_name)
+        if plan is None:
+            return None
+        return await self.limiter.usage(key_id, plan)
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and v >= 0 else 0
+
+
+def _limiter(config: FortressConfig) -> Limiter:
+    if config.limits.backend == "redis":
+        from fortress.access.redis_limits import RedisLimiter
+
+        return RedisLimiter(
+            config.limits.redis_url,
+            config.limits.key_prefix,
+            slot_ttl=config.timeouts.total + 60,
+            fail_open=config.limits.fail_open,
+        )
+    return MemoryLimiter()
+
+
+def build_access(config: FortressConfig) -> AccessControl:
+    """The access layer for ``config`` (the gateway calls this when ``auth.enabled``)."""
+    return AccessControl(config)

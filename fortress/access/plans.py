@@ -1,0 +1,143 @@
+"""Usage plans compiled for the request path, UTC calendar periods and OpenAI rate-limit headers.
+
+A ``Plan`` is a ``UsagePlan`` from the config turned into flat tuples the limiters walk without
+allocating. Every plan tracks request and token counters for the current UTC day and month (so
+``fortress keys show`` can report usage), plus the week when a quota asks for it; a counter
+with a limit is a quota, one without is only tracked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from fortress.config import UsagePlan
+
+REQUESTS, INPUT, OUTPUT = 0, 1, 2
+METRICS = ("requests", "input_tokens", "output_tokens")
+PERIODS = ("day", "week", "month")
+_TRACKED = ("day", "month")  # always counted, for usage reports
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One counter a limiter keeps per key: a metric over a calendar period, maybe limited."""
+
+    metric: int
+    period: str
+    limit: int | None  # None: tracked only
+
+    @property
+    def name(self) -> str:
+        return f"{METRICS[self.metric]}:{self.period}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A usage plan ready for the request path."""
+
+    name: str
+    rate: float | None
+    burst: int | None
+    max_concurrent: int | None
+    counters: tuple[Counter, ...]
+    default_max_tokens: int
+    limits_input: bool  # some input-token quota exists: reserve an estimate at admission
+    limits_output: bool
+    limits_tokens: bool
+
+    @classmethod
+    def compile(cls, name: str, plan: UsagePlan) -> Plan:
+        quotas = {REQUESTS: plan.requests, INPUT: plan.input_tokens, OUTPUT: plan.output_tokens}
+        counters = []
+        for metric in (REQUESTS, INPUT, OUTPUT):
+            for period in PERIODS:
+                limit = quotas[metric].get(period)  # type: ignore[call-overload]
+                if limit is not None or period in _TRACKED:
+                    counters.append(Counter(metric, period, limit))
+        rate = plan.rate
+        burst = plan.burst
+        if rate is not None and burst is None:
+            burst = max(1, math.ceil(rate))  # a rate alone still needs a bucket to hold a request
+        if rate is None:
+            burst = None  # without a refill a bucket would empty for good
+        return cls(
+            name=name,
+            rate=rate,
+            burst=burst,
+            max_concurrent=plan.max_concurrent,
+            counters=tuple(counters),
+            default_max_tokens=plan.default_max_tokens,
+            limits_input=bool(plan.input_tokens),
+            limits_output=bool(plan.output_tokens),
+            limits_tokens=bool(plan.input_tokens or plan.output_tokens),
+        )
+
+    def describe(self) -> dict[str, object]:
+        """The plan as the admin API and CLI show it."""
+        quotas: dict[str, dict[str, int]] = {}
+        for c in self.counters:
+            if c.limit is not None:
+                quotas.setdefault(METRICS[c.metric], {})[c.period] = c.limit
+        return {
+            "name": self.name,
+            "rate": self.rate,
+            "burst": self.burst,
+            "max_concurrent": self.max_concurrent,
+            "quotas": quotas,
+            "default_max_tokens": self.default_max_tokens,
+        }
+
+
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """(start, end) in epoch seconds of the UTC calendar ``period`` containing ``now``.
+
+    Weeks start on Monday (ISO 8601).
+    """
+    t = datetime.fromtimestamp(now, UTC)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        start, end = day, day + timedelta(days=1)
+    elif period == "week":
+        start = day - timedelta(days=day.weekday())
+        end = start + timedelta(days=7)
+    elif period == "month":
+        start = day.replace(day=1)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
+    else:
+        raise ValueError(f"unknown period {period!r}")
+    return int(start.timestamp()), int(end.timestamp())
+
+
+class PeriodClock:
+    """``period_bounds`` cached until the period ends: the request path pays one comparison."""
+
+    __slots__ = ("_bounds",)
+
+    def __init__(self) -> None:
+        self._bounds: dict[str, tuple[int, int]] = {}
+
+    def bounds(self, period: str, now: float) -> tuple[int, int]:
+        b = self._bounds.get(period)
+        if b is None or not (b[0] <= now < b[1]):
+            b = self._bounds[period] = period_bounds(period, now)
+        return b
+
+
+def format_reset(seconds: float) -> str:
+    """A duration the way OpenAI's ``x-ratelimit-reset-*`` headers write it: 20ms, 1.5s, 6m0s, 1h2m3s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    total = math.ceil(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m}m{s}s" if h else f"{m}m{s}s"

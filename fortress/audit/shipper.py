@@ -1,0 +1,190 @@
+"""Moves journaled records to the store and the archive, in the background.
+
+One thread (SQLAlchemy and SQLite are synchronous; keeping them off the event loop keeps the
+request path free of database latency). It wakes after each journal commit, reads what is
+durable from the journal in batches of ``audit.ship_batch`` records and:
+
+* inserts them into the store in one transaction with its offset (``shipper_offsets``), and an
+  anchor (the chain head) every ``audit.anchor_every`` seconds, also appended to
+  ``<journal_dir>/anchors.jsonl``;
+* hands them to the archive sink, which writes part files on its own schedule;
+* deletes journal segments that both have fully.
+
+After a crash each sink resumes from its own persisted position; a batch replayed into the
+store is ignored row by row (primary key (gateway_id, seq)), so nothing is duplicated. When the
+store is unreachable the shipper retries with backoff while the journal keeps accepting records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+from fortress.audit.archive import ArchiveSink
+from fortress.audit.journal import Journal, JournalReader
+from fortress.audit.sql import SqlSink
+
+log = logging.getLogger("fortress.audit.shipper")
+
+
+class Shipper:
+    """Ships one journal to a ``SqlSink`` and optionally an ``ArchiveSink``."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        store: SqlSink,
+        archive: ArchiveSink | None = None,
+        batch: int = 1000,
+        anchor_every: float = 60.0,
+        anchors_file: str | Path | None = None,
+    ) -> None:
+        self.journal = journal
+        self.store = store
+        self.archive = archive
+        self.batch = batch
+        self.anchor_every = anchor_every
+        self.anchors_file = Path(anchors_file) if anchors_file else journal.dir / "anchors.jsonl"
+        self.reader = JournalReader(journal.dir)
+        self.shipped = 0  # records written to the store by this shipper
+        self.batches = 0
+        self.store_pos = 0
+        self.last_error: str | None = None
+        self._ready = False
+        self._event = threading.Event()
+        self._stopping = False
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._last_anchor = time.monotonic()
+        self._head: tuple[int, str] | None = None  # last record shipped, not yet anchored
+        self.caught_up = threading.Event()
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.journal.on_commit = self.wake
+        self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
+        self._thread.start()
+
+    def wake(self, _seq: int = 0) -> None:
+        self._event.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ship what the journal holds (for up to ``timeout`` seconds), flush the archive, stop."""
+        self._deadline = time.monotonic() + timeout
+        self._stopping = True
+        self._event.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 5)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_caught_up(self, seq: int, timeout: float = 10.0) -> bool:
+        """Block until the store holds every record up to ``seq`` (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self.store_pos < seq:
+            if time.monotonic() > deadline or not self.alive:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            self._event.clear()
+            try:
+                if not self._ready:
+                    self._open()
+                moved = self.ship_once()
+                self._housekeeping()
+                backoff = 0.5
+                self.last_error = None
+            except Exception as exc:  # the store is down, the disk is full: retry, never die
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("audit shipper: %s (retrying in %.1fs)", self.last_error, backoff)
+                self._ready = False
+                if self._stopping and time.monotonic() > self._deadline:
+                    return
+                self._event.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if moved:
+                continue
+            if self._stopping:
+                self._finish()
+                return
+            self._event.wait(1.0)
+
+    def _open(self) -> None:
+        self.store_pos = self.store.offset()
+        if self.archive is not None:
+            self.archive.open()
+        self._ready = True
+
+    def ship_once(self) -> int:
+        """Ship one batch of durable records; return how many were read."""
+        archive = self.archive
+        after = self.store_pos if archive is None else min(self.store_pos, archive.accepted)
+        entries = self.reader.read(after, self.batch, self.journal.durable)
+        if not entries:
+            self.caught_up.set()
+            return 0
+        self.caught_up.clear()
+        last = entries[-1][0]
+        if last["seq"] > self.store_pos:
+            records = [rec for rec, _ in entries if rec["seq"] > self.store_pos]
+            anchor = None
+            now = time.monotonic()
+            if now - self._last_anchor >= self.anchor_every:
+                anchor = (last["seq"], last["hash"], time.time())
+            self.store.write(records, anchor)
+            self.store_pos = last["seq"]
+            self.shipped += len(records)
+            self.batches += 1
+            self._head = (last["seq"], last["hash"])
+            if anchor is not None:
+                self._anchor_locally(anchor)
+        if archive is not None:
+            archive.write(entries)
+        return len(entries)
+
+    def _housekeeping(self) -> None:
+        if self.archive is not None:
+            self.archive.tick()
+        done = self.store_pos if self.archive is None else min(self.store_pos, self.archive.durable)
+        if done:
+            self.journal.delete_through(done)
+
+    def _finish(self) -> None:
+        try:
+            if self.archive is not None:
+                self.archive.close()
+            if self._head is not None:
+                anchor = (*self._head, time.time())
+                self.store.write([], anchor)
+                self._anchor_locally(anchor)
+            self._housekeeping()
+        except Exception as exc:
+            log.warning("audit shipper: final flush failed (the journal keeps the records): %s", exc)
+
+    def _anchor_locally(self, anchor: tuple[int, str, float]) -> None:
+        self._last_anchor = time.monotonic()
+        self._head = None
+        seq, h, ts = anchor
+        line = orjson.dumps({"gateway_id": self.journal.gateway_id, "seq": seq, "hash": h, "ts": ts}) + b"\n"
+        fd = os.open(self.anchors_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,141 @@
+"""The store sink: audit records into ``audit_records`` (SQLite or PostgreSQL via fortress.store).
+
+One transaction per batch holds the records, the shipper's offset and, now and then, an anchor,
+so the offset can never claim more than the table holds. Inserts ignore rows whose
+(gateway_id, seq) already exists: replaying a batch after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.sql.dml import Insert
+
+from fortress.audit.records import COLUMNS
+from fortress.store import tables
+from fortress.store.db import migrate
+
+# Fault injection for tests: called at "inserted" (inside the transaction) and "committed".
+FaultHook = Callable[[str], None]
+
+
+def insert_ignoring_duplicates(engine: Engine, table: Any) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    raise ValueError(f"the audit store supports SQLite and PostgreSQL, not {engine.dialect.name}")
+
+
+def _fast_insert(engine: Engine) -> tuple[str, bool]:
+    """A driver-level ``INSERT ... ON CONFLICT DO NOTHING`` for ``audit_records`` and whether
+    booleans go as ints. SQLAlchemy's per-row parameter processing costs more than SQLite's
+    insert itself; rows are prepared here as plain tuples instead."""
+    quote = engine.dialect.identifier_preparer.quote
+    mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    cols = ", ".join(quote(c) for c in COLUMNS)
+    marks = ", ".join([mark] * len(COLUMNS))
+    sql = f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+    return sql, engine.dialect.name == "sqlite"
+
+
+_BODY = COLUMNS.index("body")
+_STREAM = COLUMNS.index("stream")
+_VALUES = operator.itemgetter(*COLUMNS)
+
+
+def _row(rec: dict[str, Any], bool_as_int: bool) -> tuple[Any, ...]:
+    try:
+        row = list(_VALUES(rec))
+    except KeyError:
+        row = [rec.get(c) for c in COLUMNS]
+    body = row[_BODY]
+    row[_BODY] = orjson.dumps(body).decode() if body is not None else None
+    if bool_as_int and row[_STREAM] is not None:
+        row[_STREAM] = int(row[_STREAM])
+    return tuple(row)
+
+
+class SqlSink:
+    """Writes one gateway's records to the database at ``url``."""
+
+    name = "store"
+
+    def __init__(self, url: str, gateway_id: str, fault: FaultHook | None = None) -> None:
+        self.url = url
+        self.gateway_id = gateway_id
+        self.fault = fault
+        self.engine: Engine | None = None
+        self._insert: Insert | None = None
+        self._fast: tuple[str, bool] | None = None
+        self._offset_insert: Insert | None = None
+        self._anchor_insert: Insert | None = None
+
+    def connect(self) -> Engine:
+        """Migrate the schema (once) and return the engine."""
+        if self.engine is None:
+            engine = migrate(self.url)
+            self._insert = insert_ignoring_duplicates(engine, tables.audit_records)
+            self._fast = _fast_insert(engine)
+            self._offset_insert = insert_ignoring_duplicates(engine, tables.shipper_offsets)
+            self._anchor_insert = insert_ignoring_duplicates(engine, tables.audit_anchors)
+            self.engine = engine
+        return self.engine
+
+    def offset(self) -> int:
+        """The last seq this gateway shipped here (0: none)."""
+        engine = self.connect()
+        t = tables.shipper_offsets
+        with engine.connect() as conn:
+            value = conn.execute(select(t.c.seq).where(t.c.gateway_id == self.gateway_id)).scalar()
+        return int(value or 0)
+
+    def head(self) -> tuple[int, str] | None:
+        """(seq, hash) of this gateway's newest stored record."""
+        engine = self.connect()
+        t = tables.audit_records
+        with engine.connect() as conn:
+            top = conn.execute(select(func.max(t.c.seq)).where(t.c.gateway_id == self.gateway_id)).scalar()
+            if top is None:
+                return None
+            h = conn.execute(
+                select(t.c.hash).where(t.c.gateway_id == self.gateway_id, t.c.seq == top)
+            ).scalar()
+        return int(top), str(h)
+
+    def write(self, records: list[dict[str, Any]], anchor: tuple[int, str, float] | None = None) -> None:
+        """Insert ``records`` (ignoring ones already there), advance the offset, add the anchor."""
+        if not records and anchor is None:
+            return
+        engine = self.connect()
+        assert self._insert is not None and self._offset_insert is not None
+        t = tables.shipper_offsets
+        with engine.begin() as conn:
+            if records:
+                last = records[-1]["seq"]
+                assert self._fast is not None
+                sql, bool_as_int = self._fast
+                conn.exec_driver_sql(sql, [_row(r, bool_as_int) for r in records])
+                if self.fault is not None:
+                    self.fault("inserted")
+                moved = conn.execute(
+                    update(t).where(t.c.gateway_id == self.gateway_id, t.c.seq < last).values(seq=last)
+                ).rowcount
+                if not moved:
+                    conn.execute(self._offset_insert, {"gateway_id": self.gateway_id, "seq": last})
+            if anchor is not None:
+                assert self._anchor_insert is not None
+                seq, h, ts = anchor
+                row = {"gateway_id": self.gateway_id, "seq": seq, "hash": h, "ts": ts}
+                conn.execute(self._anchor_insert, row)
+        if self.fault is not None:
+            self.fault("committed")

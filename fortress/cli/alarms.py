@@ -1,0 +1,115 @@
+"""``fortress alarms``: list alarms and their state; export them for other monitoring systems."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+alarms_app = typer.Typer(
+    help="Alarms: list them with their state, or export them (Prometheus, CloudWatch, Grafana).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_COLOURS = {"ok": "green", "pending": "yellow", "firing": "red", "resolved": "cyan"}
+
+
+class ExportFormat(StrEnum):
+    prometheus = "prometheus"
+    cloudwatch = "cloudwatch"
+    grafana = "grafana"
+
+
+@alarms_app.callback()
+def list_alarms(
+    ctx: typer.Context,
+    url: str = typer.Option("http://127.0.0.1:8080", "--url", "-u", help="The gateway's base URL."),
+    admin_token: str | None = typer.Option(None, "--admin-token", envvar="FORTRESS_ADMIN_TOKEN"),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+) -> None:
+    """Show every alarm of a running gateway with its state and current value.
+
+    Example: [bold]fortress alarms --url http://127.0.0.1:8080[/bold]
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    req = urllib.request.Request(url.rstrip("/") + "/alarms")
+    if admin_token:
+        req.add_header("Authorization", f"Bearer {admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            data = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        err_console.print(f"[red]error:[/red] {url} answered {exc.code}: {exc.read().decode()[:200]}")
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] cannot reach the gateway at {url}: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(data=data)
+        return
+    if not data.get("enabled", True):
+        console.print("alarms are disabled (observe.alarms.enabled: false)")
+        return
+    table = Table(title=f"Alarms at {url}")
+    for col in ("alarm", "state", "severity", "condition", "value", "since"):
+        table.add_column(col)
+    now = time.time()
+    for a in data["alarms"]:
+        unit = a.get("unit") or ""
+        cond = f"{a['metric']} {a['op']} {a['threshold']:g}{unit}"
+        if a["for_seconds"]:
+            cond += f" for {a['for_seconds']:g}s"
+        value = "no data" if a["value"] is None else f"{a['value']:.3g}{unit}"
+        since = f"{now - a['since']:.0f}s ago" if a.get("since") else "-"
+        state = a["state"]
+        severity = a["severity"] + (f" → {a['action']}" if a.get("action") not in (None, "notify") else "")
+        table.add_row(
+            a["name"], f"[{_COLOURS.get(state, 'white')}]{state.upper()}[/]", severity, cond, value, since
+        )
+    console.print(table)
+
+
+@alarms_app.command("export")
+def export(
+    fmt: ExportFormat = typer.Option(ExportFormat.prometheus, "--format", "-f", help="What to write."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="fortress.yaml with the alarm rules."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Print the alarm rules as Prometheus alerting rules (YAML) or CloudWatch alarms (JSON),
+    or the dashboard as a Grafana dashboard (JSON).
+
+    Example: [bold]fortress alarms export --format cloudwatch -c fortress.yaml[/bold]
+    """
+    from fortress.config import ConfigError, load_config, parse_config
+    from fortress.observe.grafana import grafana_dashboard
+    from fortress.observe.rules_export import cloudwatch_alarms, prometheus_yaml
+
+    try:
+        cfg = load_config(config) if config is not None else parse_config("", "(defaults)")
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if fmt is ExportFormat.prometheus:
+        text = prometheus_yaml(cfg)
+    elif fmt is ExportFormat.cloudwatch:
+        text = json.dumps(cloudwatch_alarms(cfg), indent=2) + "\n"
+    else:
+        text = json.dumps(grafana_dashboard(), indent=2) + "\n"
+    if output is not None:
+        output.write_text(text)
+        err_console.print(f"wrote {output}")
+    else:
+        typer.echo(text, nl=False)

@@ -1,0 +1,446 @@
+"""Prometheus metrics of the gateway, served at ``GET /metrics`` from a private registry.
+
+Two kinds of series:
+
+* **per request**, updated by ``RequestMetrics.observe`` (a gateway observer) once a completion
+  request has finished: counts by model, status and outcome, latency, time to first token,
+  inter-token latency, tokens, retries, upstream errors and the gateway's own overhead. The
+  labelled children for a (model, status) pair are bound once and cached, so a request costs a
+  dict lookup and a few increments;
+* **read at scrape time** by ``StateCollector``: replica states and in-flight counts from the
+  router, the engines' own metrics from the ``EngineScraper``, GPUs (NVML) or host memory,
+  the audit journal's lag and the alarms. Nothing of this is on the request path.
+
+Label values are bounded: ``model`` is a configured or discovered model name (the gateway sets
+``ctx.model`` only once the name routed), ``status`` an HTTP status, ``replica`` a member of the
+pool; nothing per request or per user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fortress.gateway.context import RequestContext
+from fortress.observe.engines import EngineScraper
+from fortress.observe.system import GpuProbe, host_memory
+from fortress.observe.window import RecentTraffic
+from fortress.routing.pool import Pool, Router
+from fortress.routing.replica import Replica, State
+
+# LLM answers take seconds to minutes; the seed's alarms sit at 30 s and 60 s.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+OVERHEAD_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3)
+
+UNKNOWN_MODEL = "unknown"
+ALARM_STATES = ("ok", "pending", "firing", "resolved")
+
+
+def outcome(status: int) -> str:
+    """A coarse, alertable reading of a final HTTP status."""
+    if 0 < status < 400:
+        return "ok"
+    if status == 429:
+        return "rate_limited"
+    if status == 499:
+        return "cancelled"
+    if status == 502:
+        return "upstream_error"
+    if status == 503:
+        return "unavailable"
+    if status == 504:
+        return "timeout"
+    if 400 <= status < 500:
+        return "client_error"
+    if status >= 500:
+        return "server_error"
+    return "aborted"  # no status: the request ended by an exception
+
+
+def error_kind(status: int, error: str | None) -> str | None:
+    """Why a request failed upstream (None when it did not): bounded, from the relay's message."""
+    if status < 500 or status == 503:
+        return "no_healthy_replica" if status == 503 else None
+    text = error or ""
+    if status == 504 or "timeout" in text:
+        return "timeout"
+    if "connect failed" in text:
+        return "connect"
+    if " answered 5" in text:
+        return "status_5xx"
+    if "ended the stream early" in text:
+        return "stream_ended"
+    if "closed by replica" in text or "cut off" in text:
+        return "disconnect"
+    return "other"
+
+
+class _Unused:
+    """Stands in for the children a request without a routed model never updates."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_UNUSED = _Unused()
+
+
+class _Bound:
+    """The labelled children one (model, status) pair updates."""
+
+    __slots__ = ("itl", "latency", "rate_limited", "requests", "retries", "tok_in", "tok_out", "ttft")
+
+    def __init__(self, m: RequestMetrics, model: str | None, status: int) -> None:
+        name = model or UNKNOWN_MODEL
+        self.requests = m.requests.labels(name, str(status), outcome(status))
+        self.latency = m.latency.labels(name)
+        self.rate_limited = m.rate_limited.labels(name) if status == 429 else None
+        # Requests refused before routing (400, 404, 413) never reach a replica: no empty
+        # TTFT/token series for them.
+        routed = model is not None
+        self.ttft: Any = m.ttft.labels(name) if routed else _UNUSED
+        self.itl: Any = m.itl.labels(name) if routed else _UNUSED
+        self.tok_in: Any = m.tokens.labels(name, "in") if routed else _UNUSED
+        self.tok_out: Any = m.tokens.labels(name, "out") if routed else _UNUSED
+        self.retries: Any = m.retries.labels(name) if routed else _UNUSED
+
+
+class RequestMetrics:
+    """Per-request series, and the observer the gateway calls with each finished request."""
+
+    def __init__(self, registry: CollectorRegistry, recent: RecentTraffic | None = None) -> None:
+        self.recent = recent
+        self.requests = Counter(
+            "fortress_requests",
+            "Completion requests answered, by model, HTTP status and outcome.",
+            ["model", "status", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "fortress_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "fortress_time_to_first_token_seconds",
+            "Streams: time from arrival to the first event sent to the client.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "fortress_inter_token_latency_seconds",
+            "Streams: mean gap between output tokens, (duration - TTFT) / (tokens - 1).",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "fortress_tokens",
+            "Tokens by model and direction (in: prompt, out: completion), from usage.",
+            ["model", "direction"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "fortress_retries",
+            "Extra attempts on another replica after a failure before the first byte.",
+            ["model"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "fortress_rate_limited",
+            "Requests refused with 429 by the usage plan.",
+            ["model"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "fortress_upstream_errors",
+            "Requests that failed because of the replicas, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "fortress_gateway_overhead_seconds",
+            "Time spent in the gateway itself (before the upstream call and preparing the answer).",
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self._bound: dict[tuple[str | None, int], _Bound] = {}
+        self._errors: dict[str, Any] = {}
+
+    def _bind(self, model: str | None, status: int) -> _Bound:
+        b = self._bound[(model, status)] = _Bound(self, model, status)
+        return b
+
+    def observe(self, ctx: RequestContext) -> None:
+        """Record one finished request (the gateway observer); a few microseconds."""
+        now = perf_counter()
+        status = ctx.status
+        b = self._bound.get((ctx.model, status)) or self._bind(ctx.model, status)
+        latency = now - ctx.t0
+        b.requests.inc()
+        b.latency.observe(latency)
+        ttft = None
+        if ctx.stream and ctx.ttfb is not None:
+            ttft = ctx.ttfb
+            b.ttft.observe(ttft)
+        tin = tout = 0
+        usage = ctx.usage
+        if usage:
+            tin = usage.get("prompt_tokens") or 0
+            tout = usage.get("completion_tokens") or 0
+            if type(tin) is not int or type(tout) is not int:  # a replica's odd usage
+                tin = tout = 0
+            if tin:
+                b.tok_in.inc(tin)
+            if tout:
+                b.tok_out.inc(tout)
+                if ttft is not None and tout > 1:
+                    b.itl.observe((latency - ttft) / (tout - 1))
+        if ctx.attempts > 1:
+            b.retries.inc(ctx.attempts - 1)
+        if status >= 400:
+            self._failed(b, status, ctx.error)
+        if ctx.overhead:
+            self.overhead.observe(ctx.overhead)
+        if self.recent is not None:
+            self.recent.add(now, status, latency, ttft, tin, tout)
+
+    def _failed(self, b: _Bound, status: int, error: str | None) -> None:
+        if b.rate_limited is not None:
+            b.rate_limited.inc()
+        kind = error_kind(status, error)
+        if kind is not None:
+            child = self._errors.get(kind)
+            if child is None:
+                child = self._errors[kind] = self.upstream_errors.labels(kind)
+            child.inc()
+
+
+def _pool_model(pool: Pool, replica: Replica) -> str:
+    if pool.model is not None:
+        return pool.model
+    return ",".join(sorted(replica.models)) or UNKNOWN_MODEL
+
+
+class StateCollector(Collector):
+    """Series computed when Prometheus scrapes: replicas, engines, GPUs, journal lag, alarms."""
+
+    def __init__(
+        self,
+        router: Router,
+        scraper: EngineScraper | None = None,
+        gpus: GpuProbe | None = None,
+    ) -> None:
+        self.router = router
+        self.scraper = scraper
+        self.gpus = gpus
+        # Hooks set by other layers: seconds of audit records not yet shipped; alarm states.
+        self.journal_lag: Callable[[], float | None] | None = None
+        self.alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # computed at scrape time; names are not known ahead
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._replicas()
+        if self.scraper is not None:
+            yield from self._engines()
+        yield from self._machine()
+        if self.journal_lag is not None:
+            lag = self.journal_lag()
+            if lag is not None:
+                g = GaugeMetricFamily(
+                    "fortress_audit_journal_lag_seconds",
+                    "Age of the oldest audit record not yet shipped to the store.",
+                )
+                g.add_metric([], float(lag))
+                yield g
+        if self.alarm_states is not None:
+            firing = GaugeMetricFamily(
+                "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
+            )
+            states = GaugeMetricFamily(
+                "fortress_alarm_state", "1 for the alarm's current state.", labels=["alarm", "state"]
+            )
+            for name, severity, state in self.alarm_states():
+                firing.add_metric([name, severity], 1.0 if state == "firing" else 0.0)
+                for s in ALARM_STATES:
+                    states.add_metric([name, s], 1.0 if state == s else 0.0)
+            yield firing
+            yield states
+
+    def _replicas(self) -> Iterable[Metric]:
+        labels = ["replica", "model", "tier"]
+        healthy = GaugeMetricFamily(
+            "fortress_replicas_healthy",
+            "Healthy replicas per model and tier (the load balancer's healthy host count).",
+            labels=["model", "tier"],
+        )
+        counts = GaugeMetricFamily(
+            "fortress_replicas", "Replicas per model, tier and state.", labels=["model", "tier", "state"]
+        )
+        in_flight_model = GaugeMetricFamily(
+            "fortress_requests_in_flight", "Requests being answered by replicas, per model.", labels=["model"]
+        )
+        info = GaugeMetricFamily(
+            "fortress_replica_info", "One per replica: its URL.", labels=[*labels, "url"]
+        )
+        state = GaugeMetricFamily(
+            "fortress_replica_state", "1 for the replica's current state.", labels=[*labels, "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "fortress_replica_in_flight", "Requests in flight to this replica.", labels=labels
+        )
+        served = CounterMetricFamily(
+            "fortress_replica_requests", "Requests this replica answered.", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "fortress_replica_failures",
+            "Passive failures (refused, reset, 5xx, timeout) of this replica, retried ones included.",
+            labels=labels,
+        )
+        per_state: dict[tuple[str, str, str], int] = {}
+        per_tier: dict[tuple[str, str], int] = {}
+        per_model: dict[str, int] = {}
+        for pool in self.router.pools:
+            for r in pool.replicas:
+                model = _pool_model(pool, r)
+                tier = str(r.tier)
+                lv = [r.name, model, tier]
+                info.add_metric([*lv, r.url], 1.0)
+                for s in State:
+                    state.add_metric([*lv, str(s)], 1.0 if r.state is s else 0.0)
+                in_flight.add_metric(lv, float(r.in_flight))
+                served.add_metric(lv, float(r.served))
+                failures.add_metric(lv, float(r.failures))
+                key = (model, tier, str(r.state))
+                per_state[key] = per_state.get(key, 0) + 1
+                per_tier[(model, tier)] = per_tier.get((model, tier), 0) + (r.state is State.HEALTHY)
+                per_model[model] = per_model.get(model, 0) + r.in_flight
+        for (model, tier), n in per_tier.items():
+            healthy.add_metric([model, tier], float(n))
+        for (model, tier, st), n in per_state.items():
+            counts.add_metric([model, tier, st], float(n))
+        for model, n in per_model.items():
+            in_flight_model.add_metric([model], float(n))
+        yield from (healthy, counts, in_flight_model, info, state, in_flight, served, failures)
+
+    def _engines(self) -> Iterable[Metric]:
+        assert self.scraper is not None
+        labels = ["replica", "model", "tier", "engine"]
+        up = GaugeMetricFamily(
+            "fortress_engine_scrape_success",
+            "1 when the last scrape of the engine's /metrics worked.",
+            labels=labels,
+        )
+        gauges = {
+            "running": GaugeMetricFamily(
+                "fortress_engine_requests_running",
+                "Requests the engine is running (vllm:num_requests_running, llamacpp:requests_processing).",
+                labels=labels,
+            ),
+            "waiting": GaugeMetricFamily(
+                "fortress_engine_requests_waiting",
+                "Requests queued in the engine (vllm:num_requests_waiting, llamacpp:requests_deferred).",
+                labels=labels,
+            ),
+            "kv_usage": GaugeMetricFamily(
+                "fortress_engine_kv_cache_usage_ratio", "KV-cache in use, 0..1.", labels=labels
+            ),
+        }
+        counters = {
+            "prefix_hits": CounterMetricFamily(
+                "fortress_engine_prefix_cache_hits", "Prefix-cache hits in tokens (vLLM).", labels=labels
+            ),
+            "prefix_queries": CounterMetricFamily(
+                "fortress_engine_prefix_cache_queries",
+                "Prefix-cache queries in tokens (vLLM).",
+                labels=labels,
+            ),
+            "prompt_tokens": CounterMetricFamily(
+                "fortress_engine_prompt_tokens", "Prompt tokens the engine processed.", labels=labels
+            ),
+            "generation_tokens": CounterMetricFamily(
+                "fortress_engine_generation_tokens", "Tokens the engine generated.", labels=labels
+            ),
+        }
+        samples = self.scraper.samples
+        for pool in self.router.pools:
+            for r in pool.replicas:
+                s = samples.get(r)
+                if s is None:
+                    continue
+                lv = [r.name, _pool_model(pool, r), str(r.tier), s.engine]
+                up.add_metric(lv, 1.0 if s.ok else 0.0)
+                for key, fam in (*gauges.items(), *counters.items()):
+                    value = getattr(s, key)
+                    if value is not None:
+                        fam.add_metric(lv, float(value))
+        yield up
+        yield from gauges.values()
+        yield from counters.values()
+
+    def _machine(self) -> Iterable[Metric]:
+        if self.gpus is not None and self.gpus.available:
+            util = GaugeMetricFamily(
+                "fortress_gpu_utilization_ratio", "GPU busy time, 0..1 (NVML).", labels=["gpu", "name"]
+            )
+            used = GaugeMetricFamily(
+                "fortress_gpu_memory_used_bytes", "GPU memory used.", labels=["gpu", "name"]
+            )
+            total = GaugeMetricFamily(
+                "fortress_gpu_memory_total_bytes", "GPU memory.", labels=["gpu", "name"]
+            )
+            for g in self.gpus.sample():
+                lv = [str(g.index), g.name]
+                util.add_metric(lv, g.utilization / 100.0)
+                used.add_metric(lv, float(g.memory_used))
+                total.add_metric(lv, float(g.memory_total))
+            yield from (util, used, total)
+        mem = host_memory()
+        if mem is not None:
+            used_b, total_b = mem
+            g = GaugeMetricFamily("fortress_host_memory_used_bytes", "Memory in use on this machine.")
+            g.add_metric([], float(used_b))
+            t = GaugeMetricFamily("fortress_host_memory_total_bytes", "Memory of this machine.")
+            t.add_metric([], float(total_b))
+            yield from (g, t)
+
+
+class GatewayMetrics:
+    """The registry and everything registered in it."""
+
+    def __init__(
+        self,
+        router: Router,
+        recent: RecentTraffic | None = None,
+        scraper: EngineScraper | None = None,
+        gpus: GpuProbe | None = None,
+    ) -> None:
+        # The *_created series double the output for no use on a dashboard or in an alarm.
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        self.requests = RequestMetrics(self.registry, recent)
+        self.state = StateCollector(router, scraper, gpus)
+        self.registry.register(self.state)
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... of the gateway itself.
+        ProcessCollector(registry=self.registry)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every series."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

@@ -1,0 +1,649 @@
+"""The local supervisor: starts replica processes, restarts them when they crash, stops them.
+
+For every configured replica with a local engine (``llamacpp``, ``vllm``, ``sim``) the supervisor
+runs ``count`` processes, each on a free port of 127.0.0.1:
+
+* **Start.** The engine's argv runs in its own session (process group), with stdout and stderr
+  going to a size-rotated log, ``<state_dir>/logs/<name>.log``. Once its health path answers 200
+  the process is registered with the ``Router`` (``add_replica(..., local=True)``): it joins as
+  ``initial`` and gets traffic after the health checker's first passing check, exactly like any
+  other target.
+* **Crash.** When the process exits on its own, its replica leaves the router at once (nothing
+  listens on that port any more) and the process is started again after a backoff (1 s doubling
+  to 30 s, by default). After too many crashes in a window (5 in 60 s) the supervisor gives up:
+  the process is marked ``failed``, logged, and shown so in ``status()``.
+* **Each incarnation is a new Replica.** A restarted process gets a *new* ``Replica`` object in
+  the router rather than reusing the old one: its health state, ejection backoff, reported models
+  and counters belong to the process that died, and a fresh process must prove itself with a
+  passing check, as an instance that replaced another does behind an ALB. It also keeps stale
+  in-flight bookkeeping of the dead process from leaking into the new one.
+* **Stop.** ``stop()`` drains each replica (``router.drain``: no new traffic, in-flight requests
+  finish within the pool's deregistration delay), then sends SIGTERM to the process group, and
+  SIGKILL after ``stop_timeout`` seconds.
+* **No orphans.** Children get ``PR_SET_PDEATHSIG = SIGKILL`` so the kernel kills them when
+  Fortress dies, even by SIGKILL; an ``atexit`` hook kills the groups still alive on a normal
+  interpreter exit. Note that Linux delivers the death signal when the *thread* that forked the
+  child exits, so processes are always spawned from the event loop's thread, never from a pool.
+
+Blocking work stays off the event loop: one daemon thread per process copies its output into
+the log, one waits for its exit; the loop only sees the exit (``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+
+from fortress.config import ReplicaConfig
+from fortress.replicas.engines import Engine, EngineError, Launch, engine_for
+from fortress.routing.pool import Pool, Router
+from fortress.routing.replica import Replica
+
+log = logging.getLogger("fortress.supervisor")
+
+LOCAL_ENGINES = frozenset({"llamacpp", "vllm", "sim"})
+
+
+class SupervisorError(RuntimeError):
+    """The supervisor cannot do what it was asked (bad replica config, nothing started)."""
+
+
+# -- restart policy ----------------------------------------------------------------------
+
+
+class RestartPolicy:
+    """When to restart a crashed process and when to give up. Pure logic with an injected clock.
+
+    * The delay before a restart is ``backoff_initial * 2**n`` capped at ``backoff_max``, where
+      ``n`` counts the crashes since the process last ran for at least ``stable_after`` seconds
+      (a process that ran fine for a while starts over at the short delay).
+    * ``max_crashes`` crashes within ``window`` seconds mean the process cannot run here: the
+      policy gives up (``crashed`` returns None) and stays ``failed``.
+    """
+
+    def __init__(
+        self,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+        max_crashes: int = 5,
+        window: float = 60.0,
+        stable_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if backoff_initial < 0 or backoff_max < backoff_initial:
+            raise ValueError("need 0 <= backoff_initial <= backoff_max")
+        if max_crashes < 1 or window <= 0:
+            raise ValueError("need max_crashes >= 1 and window > 0")
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_crashes = max_crashes
+        self.window = window
+        self.stable_after = window if stable_after is None else stable_after
+        self.clock = clock
+        self.failed = False
+        self._crashes: deque[float] = deque()
+        self._streak = 0
+        self._started_at: float | None = None
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any], clock: Callable[[], float] = time.monotonic
+    ) -> RestartPolicy:
+        """Read ``backoff_initial``, ``backoff_max``, ``max_crashes``, ``crash_window`` and
+        ``stable_after`` from a replica's options."""
+        opts = {str(k).replace("-", "_"): v for k, v in options.items()}
+        try:
+            return cls(
+                backoff_initial=float(opts.get("backoff_initial", 1.0)),
+                backoff_max=float(opts.get("backoff_max", 30.0)),
+                max_crashes=int(opts.get("max_crashes", 5)),
+                window=float(opts.get("crash_window", 60.0)),
+                stable_after=float(opts["stable_after"]) if "stable_after" in opts else None,
+                clock=clock,
+            )
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"restart options: {exc}") from None
+
+    @property
+    def recent_crashes(self) -> int:
+        """Crashes within the window, as of now."""
+        self._prune(self.clock())
+        return len(self._crashes)
+
+    def started(self) -> None:
+        """A process was (re)started now."""
+        self._started_at = self.clock()
+
+    def crashed(self) -> float | None:
+        """The process ended on its own now: seconds to wait before restarting it, or None to
+        give up (too many crashes within the window)."""
+        now = self.clock()
+        if self._started_at is not None and now - self._started_at >= self.stable_after:
+            self._streak = 0
+        self._started_at = None
+        self._crashes.append(now)
+        self._prune(now)
+        if len(self._crashes) >= self.max_crashes:
+            self.failed = True
+            return None
+        delay = min(self.backoff_initial * (2**self._streak), self.backoff_max)
+        self._streak += 1
+        return delay
+
+    def _prune(self, now: float) -> None:
+        while self._crashes and self._crashes[0] <= now - self.window:
+            self._crashes.popleft()
+
+
+# -- process plumbing ----------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+# Process groups started by any supervisor in this interpreter and not yet reaped: killed by the
+# atexit hook, so a crashing Fortress does not leave model servers holding GPUs or ports.
+_LIVE_GROUPS: set[int] = set()
+_atexit_installed = False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to SIGKILL the child when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def setup() -> None:  # runs in the child between fork and exec: keep it tiny
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+def kill_all_now() -> None:
+    """SIGKILL every process group this interpreter's supervisors started (atexit, force quit)."""
+    for pgid in list(_LIVE_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        _LIVE_GROUPS.discard(pgid)
+
+
+def _install_atexit() -> None:
+    global _atexit_installed
+    if not _atexit_installed:
+        atexit.register(kill_all_now)
+        _atexit_installed = True
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ProcState(StrEnum):
+    STARTING = "starting"  # spawned, waiting for its health check to answer 200
+    RUNNING = "running"  # ready and registered with the router
+    BACKOFF = "backoff"  # crashed; restarting after a delay
+    FAILED = "failed"  # too many crashes: given up
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class LocalReplica:
+    """One supervised process slot: the same name across restarts, a new process each time."""
+
+    name: str
+    pool: Pool
+    rc: ReplicaConfig
+    engine: Engine
+    policy: RestartPolicy
+    stop_timeout: float
+    log_path: Path
+    port: int = 0
+    state: ProcState = ProcState.STARTING
+    detail: str = "not started"
+    proc: subprocess.Popen[bytes] | None = None
+    replica: Replica | None = None
+    restarts: int = 0
+    exit_codes: deque[int] = field(default_factory=lambda: deque(maxlen=10))
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    started_at: float | None = None  # wall clock of the current process's start
+    ready_at: float | None = None  # wall clock of the first readiness
+    first_ready: asyncio.Event = field(default_factory=asyncio.Event)  # ready once, or failed
+    exited: asyncio.Future[int] | None = None
+    task: asyncio.Task[None] | None = None
+    handler: logging.Handler | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}" if self.port else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view of the slot."""
+        return {
+            "name": self.name,
+            "engine": self.engine.kind,
+            "model": self.engine.model,
+            "tier": str(self.rc.tier),
+            "state": str(self.state),
+            "detail": self.detail,
+            "pid": self.pid if self.state in (ProcState.STARTING, ProcState.RUNNING) else None,
+            "url": self.url,
+            "restarts": self.restarts,
+            "exit_codes": list(self.exit_codes),
+            "replica": self.replica.name if self.replica is not None else None,
+            "replica_state": str(self.replica.state) if self.replica is not None else None,
+            "log": str(self.log_path),
+        }
+
+
+# -- the supervisor ------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Runs the local replicas of a ``Router``'s pools. Use on one event loop::
+
+        sup = Supervisor(router, state_dir=".fortress")
+        sup.plan()                # every local replica in the config (raises EngineError)
+        await sup.start()         # spawn, wait until ready (or failed), register
+        ...
+        await sup.stop()          # drain, SIGTERM, SIGKILL after stop_timeout
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        state_dir: str | Path = ".fortress",
+        host: str = "127.0.0.1",
+        quiet: bool = False,
+        console: Console | None = None,
+        log_max_bytes: int = 10 * 1024 * 1024,
+        log_backups: int = 3,
+        poll_interval: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router
+        self.host = host
+        self.log_dir = Path(state_dir) / "logs"
+        self.quiet = quiet
+        self.console = console or Console(stderr=True)
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.slots: list[LocalReplica] = []
+        # Called (on the loop) whenever a slot changes state: the CLI prints, tests observe.
+        self.on_change: list[Callable[[LocalReplica], None]] = []
+        self._stopping = asyncio.Event()
+        self._stop_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._names: dict[str, int] = {}
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self) -> list[LocalReplica]:
+        """Add a slot for every local replica (``count`` each) in the router's pools."""
+        added: list[LocalReplica] = []
+        for pool in self.router.pools:
+            for rc in pool.config.replicas:
+                if rc.engine in LOCAL_ENGINES:
+                    added += self.add(pool, rc)
+        return added
+
+    def add(self, pool: Pool, rc: ReplicaConfig) -> list[LocalReplica]:
+        """Add ``rc.count`` slots for one local replica config (not started yet)."""
+        if rc.engine not in LOCAL_ENGINES:
+            raise SupervisorError(f"engine {rc.engine!r} is not started by Fortress")
+        if rc.url:
+            raise SupervisorError(
+                f"a local {rc.engine} replica gets its port from Fortress: remove its url ({rc.url})"
+            )
+        engine = engine_for(rc, pool.model)
+        stop_timeout = float(rc.options.get("stop_timeout", 15.0))
+        out = []
+        for _ in range(rc.count):
+            name = self._name(engine.model or rc.engine)
+            slot = LocalReplica(
+                name=name,
+                pool=pool,
+                rc=rc,
+                engine=engine,
+                policy=RestartPolicy.from_options(rc.options, self.clock),
+                stop_timeout=stop_timeout,
+                log_path=self.log_dir / f"{name}.log",
+            )
+            self.slots.append(slot)
+            out.append(slot)
+        return out
+
+    def _name(self, base: str) -> str:
+        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base.split("/")[-1]) or "replica"
+        n = self._names.get(base, 0) + 1
+        self._names[base] = n
+        return f"{base}-{n}"
+
+    # -- starting --------------------------------------------------------------------------
+
+    async def start(self) -> list[LocalReplica]:
+        """Start every planned slot and wait until each is ready or has failed.
+
+        Returns the slots that failed (empty when all are ready). The slots keep running (and
+        restarting) until ``stop``.
+        """
+        _install_atexit()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                skip_auto_headers=("User-Agent",),
+            )
+        for slot in self.slots:
+            if slot.task is None:
+                slot.task = asyncio.create_task(self._run(slot), name=f"supervise-{slot.name}")
+        waits = [slot.first_ready.wait() for slot in self.slots]
+        if self.quiet or not self.slots:
+            await asyncio.gather(*waits)
+        else:
+            await self._progress(asyncio.gather(*waits))
+        return [s for s in self.slots if s.state is ProcState.FAILED]
+
+    async def _progress(self, done: asyncio.Future[Any]) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            ids = {s: progress.add_task(s.name, total=1) for s in self.slots}
+            while True:
+                for s, tid in ids.items():
+                    what = f"[bold]{s.name}[/bold] ({s.engine.kind}, {s.url or 'no port yet'}): {s.detail}"
+                    finished = s.first_ready.is_set()
+                    progress.update(tid, description=what, completed=1 if finished else 0)
+                    if finished:
+                        progress.stop_task(tid)
+                if done.done():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(done), 0.25)
+        await done
+
+    async def _run(self, slot: LocalReplica) -> None:
+        """One slot's life: spawn, wait ready, register, wait exit, back off, again."""
+        try:
+            while not self._stopping.is_set():
+                outcome = await self._one_incarnation(slot)
+                if self._stopping.is_set():
+                    break
+                self._deregister(slot)
+                code = slot.exit_codes[-1] if outcome == "exited" and slot.exit_codes else None
+                delay = slot.policy.crashed()
+                why = {
+                    "exited": f"exited with status {code}",
+                    "timeout": f"not ready after {slot.engine.ready_timeout:g}s",
+                    "spawn": slot.detail,
+                }[outcome]
+                if delay is None:
+                    self._set(
+                        slot,
+                        ProcState.FAILED,
+                        f"gave up after {slot.policy.max_crashes} crashes in "
+                        f"{slot.policy.window:g}s (last: {why})",
+                    )
+                    log.error(
+                        "replica %s failed: %s; last output:\n%s",
+                        slot.name,
+                        slot.detail,
+                        "\n".join(list(slot.tail)[-15:]),
+                    )
+                    slot.first_ready.set()
+                    return
+                slot.restarts += 1
+                self._set(slot, ProcState.BACKOFF, f"{why}; restarting in {delay:g}s")
+                log.warning("replica %s %s; restart %d in %gs", slot.name, why, slot.restarts, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+        finally:
+            slot.first_ready.set()
+
+    async def _one_incarnation(self, slot: LocalReplica) -> str:
+        """Run one process until it exits: "exited", "timeout" (never ready) or "spawn"."""
+        if not slot.port or not _port_free(self.host, slot.port):
+            slot.port = _free_port(self.host)
+        launch = slot.engine.launch(slot.port, self.host)
+        try:
+            self._spawn(slot, launch)
+        except OSError as exc:
+            self._set(slot, ProcState.STARTING, f"cannot start {launch.argv[0]}: {exc.strerror or exc}")
+            slot.policy.started()
+            return "spawn"
+        slot.policy.started()
+        assert slot.exited is not None
+        self._set(slot, ProcState.STARTING, f"loading (pid {slot.pid})")
+        ready = await self._until_ready(slot, launch)
+        if ready is None:  # stopping
+            await slot.exited
+            return "exited"
+        if not ready:
+            if slot.exited.done():
+                return "exited"
+            await self._kill(slot)
+            return "timeout"
+        replica = self.router.add_replica(slot.pool, launch.url, slot.rc.tier, local=True)
+        replica.labels.update({"process": slot.name, "pid": str(slot.pid), "engine": slot.engine.kind})
+        slot.replica = replica
+        if slot.ready_at is None:
+            slot.ready_at = time.time()
+        self._set(slot, ProcState.RUNNING, f"ready (pid {slot.pid}), replica {replica.name}")
+        log.info("replica %s ready at %s (pid %s) as %s", slot.name, launch.url, slot.pid, replica.name)
+        slot.first_ready.set()
+        await slot.exited
+        return "exited"
+
+    async def _until_ready(self, slot: LocalReplica, launch: Launch) -> bool | None:
+        """Poll the health URL: True once it answers 200, False on exit or timeout, None when
+        the supervisor is stopping."""
+        assert self._session is not None and slot.exited is not None
+        deadline = self.clock() + slot.engine.ready_timeout
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        while self.clock() < deadline:
+            if self._stopping.is_set():
+                return None
+            if slot.exited.done():
+                return False
+            try:
+                async with self._session.get(launch.health_url, timeout=timeout) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        return True
+                    slot.detail = f"loading (pid {slot.pid}): health {resp.status}"
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass  # not listening yet
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(slot.exited), self.poll_interval)
+        return False
+
+    def _spawn(self, slot: LocalReplica, launch: Launch) -> None:
+        """Start the process (on the loop's thread: see the module docstring on PDEATHSIG)."""
+        if slot.handler is None:
+            slot.log_path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.handlers.RotatingFileHandler(
+                slot.log_path, maxBytes=self.log_max_bytes, backupCount=self.log_backups
+            )
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            slot.handler = handler
+        _emit(slot, f"=== fortress: starting {' '.join(launch.argv)}")
+        proc = subprocess.Popen(
+            launch.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **launch.env},
+            start_new_session=True,  # own group: Ctrl-C in the terminal does not reach it
+            preexec_fn=_die_with_parent(),
+            close_fds=True,
+        )
+        _install_atexit()
+        _LIVE_GROUPS.add(proc.pid)
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[int] = loop.create_future()
+        slot.proc, slot.exited, slot.started_at = proc, exited, time.time()
+        threading.Thread(target=_pump, args=(slot, proc), name=f"log-{slot.name}", daemon=True).start()
+        threading.Thread(
+            target=_wait, args=(slot, proc, loop, exited), name=f"wait-{slot.name}", daemon=True
+        ).start()
+
+    def _deregister(self, slot: LocalReplica) -> None:
+        if slot.replica is not None:
+            self.router.remove_replica(slot.replica)
+            slot.replica = None
+
+    def _set(self, slot: LocalReplica, state: ProcState, detail: str) -> None:
+        slot.state = state
+        slot.detail = detail
+        for cb in self.on_change:
+            try:
+                cb(slot)
+            except Exception:  # an observer must not stop supervision
+                log.exception("supervisor on_change callback failed")
+
+    # -- stopping --------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Drain, then stop every process (SIGTERM, SIGKILL after ``stop_timeout``). Idempotent."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop_all())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop_all(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*(self._stop_one(s) for s in self.slots), return_exceptions=True)
+        tasks = [s.task for s in self.slots if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        for s in self.slots:
+            if s.handler is not None:
+                s.handler.close()
+
+    async def _stop_one(self, slot: LocalReplica) -> None:
+        if slot.state is not ProcState.FAILED:
+            self._set(slot, ProcState.STOPPING, "draining")
+        if slot.replica is not None:
+            await self.router.drain(slot.replica)
+            slot.replica = None
+        await self._terminate(slot)
+        if slot.state is not ProcState.FAILED:
+            self._set(slot, ProcState.STOPPED, "stopped")
+
+    async def _terminate(self, slot: LocalReplica) -> None:
+        proc, exited = slot.proc, slot.exited
+        if proc is None or exited is None:
+            return
+        if not exited.done():
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), slot.stop_timeout)
+            except TimeoutError:
+                log.warning("replica %s ignored SIGTERM for %gs: SIGKILL", slot.name, slot.stop_timeout)
+        await self._kill(slot)
+
+    async def _kill(self, slot: LocalReplica) -> None:
+        """SIGKILL the process group (what is left of it) and wait for the exit."""
+        if slot.proc is None or slot.exited is None:
+            return
+        _signal_group(slot.proc.pid, signal.SIGKILL)
+        await asyncio.shield(slot.exited)
+        _LIVE_GROUPS.discard(slot.proc.pid)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One JSON-ready row per supervised process slot."""
+        return [s.snapshot() for s in self.slots]
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _emit(slot: LocalReplica, line: str) -> None:
+    slot.tail.append(line)
+    if slot.handler is not None:
+        slot.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+
+
+def _pump(slot: LocalReplica, proc: subprocess.Popen[bytes]) -> None:
+    """Copy the child's output into its rotating log (a thread: never on the event loop)."""
+    assert proc.stdout is not None
+    with proc.stdout:
+        for raw in proc.stdout:
+            _emit(slot, raw.decode("utf-8", "replace").rstrip("\n"))
+
+
+def _wait(
+    slot: LocalReplica,
+    proc: subprocess.Popen[bytes],
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[int],
+) -> None:
+    """Wait for the child's exit in a thread and hand the status to the loop."""
+    code = proc.wait()
+    _emit(slot, f"=== fortress: pid {proc.pid} exited with status {code}")
+
+    def done() -> None:
+        slot.exit_codes.append(code)
+        # The leader is gone; kill what may be left of its group (workers of a vLLM server).
+        _signal_group(proc.pid, signal.SIGKILL)
+        _LIVE_GROUPS.discard(proc.pid)
+        if not fut.done():
+            fut.set_result(code)
+
+    with contextlib.suppress(RuntimeError):  # the loop is already closed
+        loop.call_soon_threadsafe(done)

@@ -1,0 +1,1 @@
+"""The database: engine from ``database.url``, tables, Alembic migrations run on start."""

@@ -1,0 +1,97 @@
+"""Every table Fortress keeps in its database (SQLAlchemy Core).
+
+The Alembic migrations in ``migrations/versions`` create these; keep the two in step (a test
+compares them). Timestamps are epoch seconds as DOUBLE, except ``api_keys.updated_at``, which
+is an integer of milliseconds so that the key cache can fingerprint the table exactly with
+``count``/``max``/``sum``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# API keys: only an HMAC-SHA-256 of each key is stored (``hash``); ``prefix`` is the visible
+# start of the key shown in listings. After a rotation the previous hash keeps working until
+# ``prev_expires_at``.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("prefix", Text, nullable=False),
+    Column("hash", Text, nullable=False, unique=True),
+    Column("plan", Text, nullable=False),
+    Column("models", JSON, nullable=False),  # list of model names; empty = every model
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", BigInteger, nullable=False, index=True),  # ms, strictly increasing per row
+    Column("revoked_at", Float, nullable=True),
+    Column("prev_hash", Text, nullable=True),
+    Column("prev_prefix", Text, nullable=True),
+    Column("prev_expires_at", Float, nullable=True),
+)
+
+# The audit trail (written by fortress.audit): one row per request, hash-chained per gateway.
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("seq", BigInteger, nullable=False),  # journal sequence number, unique per gateway
+    Column("gateway_id", Text, nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("key_id", Text, nullable=True),
+    Column("key_name", Text, nullable=True),
+    Column("source", Text),
+    Column("user", Text),
+    Column("request_type", Text),
+    Column("client", Text),
+    Column("model", Text),
+    Column("replica", Text),
+    Column("tier", Text),
+    Column("stream", Boolean),
+    Column("status", Integer),
+    Column("error", Text, nullable=True),
+    Column("latency_ms", Float),
+    Column("ttft_ms", Float, nullable=True),
+    Column("input_tokens", Integer),
+    Column("output_tokens", Integer),
+    Column("cached_tokens", Integer),
+    Column("bytes_in", Integer),
+    Column("bytes_out", Integer),
+    Column("retries", Integer),
+    Column("body", JSON, nullable=True),
+    Column("prev_hash", Text),
+    Column("hash", Text),
+    PrimaryKeyConstraint("gateway_id", "seq"),
+)
+
+# Chain heads recorded every ``audit.anchor_every`` seconds, to detect truncation.
+audit_anchors = Table(
+    "audit_anchors",
+    metadata,
+    Column("gateway_id", Text, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", Text, nullable=False),
+    Column("ts", Float, nullable=False),
+    PrimaryKeyConstraint("gateway_id", "seq"),
+)
+
+# How far each gateway's journal has been shipped to this database.
+shipper_offsets = Table(
+    "shipper_offsets",
+    metadata,
+    Column("gateway_id", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)

@@ -1,0 +1,136 @@
+"""API keys in the store (SQLite and PostgreSQL): lifecycle, hashing, the cache and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, select, text
+
+from fortress.access.keys import KeyCache, KeyStore, digest
+from fortress.access.secret import load_secret
+from fortress.config import parse_config
+from fortress.store import tables
+from fortress.store.db import dispose_engines, get_engine, migrate
+
+SECRET = b"test-secret"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A freshly migrated database: a SQLite file, or a new schema-less database on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fortress.db'}"
+        dispose_engines()
+        return
+    base: str = request.getfixturevalue("postgres_url")
+    name = "t_" + os.urandom(6).hex()
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = base.rsplit("/", 1)[0] + "/" + name
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def test_migration_creates_the_tables_the_model_declares(db_url: str) -> None:
+    engine = migrate(db_url)
+    migrate(db_url)  # idempotent
+    insp = inspect(engine)
+    for table in tables.metadata.sorted_tables:
+        cols = {c["name"] for c in insp.get_columns(table.name)}
+        assert cols == {c.name for c in table.columns}, table.name
+        pk = insp.get_pk_constraint(table.name)["constrained_columns"]
+        assert set(pk) == {c.name for c in table.primary_key.columns}, table.name
+    assert set(insp.get_pk_constraint("audit_records")["constrained_columns"]) == {"gateway_id", "seq"}
+
+
+def test_migrations_from_many_processes_at_once(db_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: migrate(db_url), range(4)))
+    assert "api_keys" in inspect(get_engine(db_url)).get_table_names()
+
+
+def test_key_lifecycle_in_the_store(db_url: str) -> None:
+    store = KeyStore(migrate(db_url), SECRET)
+    key, rec = store.create("bot", "default", ["m2", "m1", "m1"])
+    assert key.startswith(rec["prefix"] + "_") and len(rec["prefix"]) == len("fk_") + 8
+    assert len(key) >= len(rec["prefix"]) + 1 + 32
+    assert rec["models"] == ["m1", "m2"] and rec["status"] == "active"
+    with get_engine(db_url).connect() as conn:
+        row = conn.execute(select(tables.api_keys)).one()
+    assert key not in str(tuple(row))  # only the HMAC is stored
+    assert row.hash == digest(SECRET, key.encode()).hex()
+    assert [r["id"] for r in store.list()] == [rec["id"]]
+    new, rotated = store.rotate(rec["id"], 60)  # type: ignore[misc]
+    assert new != key and rotated["previous_prefix"] == rec["prefix"]
+    revoked = store.revoke(rec["id"])
+    assert revoked is not None and revoked["status"] == "revoked"
+    assert store.list(include_revoked=False) == []
+    with pytest.raises(ValueError, match="revoked"):
+        store.rotate(rec["id"], 60)
+    assert store.get("key_nope") is None and store.revoke("key_nope") is None
+
+
+async def test_cache_follows_creates_rotations_and_revocations(db_url: str) -> None:
+    store = KeyStore(migrate(db_url), SECRET)
+    cache = KeyCache(store, 0.05)
+    await cache.start()
+    try:
+        key, rec = await asyncio.to_thread(store.create, "a", "default", [])
+        assert cache.lookup(key.encode()) is None  # not synced yet
+        await asyncio.sleep(0.3)
+        ident = cache.lookup(key.encode())
+        assert ident is not None and ident.key_id == rec["id"] and ident.key_name == "a"
+        assert cache.lookup(b"fk_00000000_" + b"x" * 32) is None
+        done = await asyncio.to_thread(store.rotate, rec["id"], 0.5)
+        assert done is not None
+        new_key = done[0]
+        await asyncio.sleep(0.3)
+        assert cache.lookup(new_key.encode()) is not None
+        assert cache.lookup(key.encode()) is not None  # inside its grace
+        await asyncio.sleep(0.4)
+        assert cache.lookup(key.encode()) is None  # grace over
+        await asyncio.to_thread(store.revoke, rec["id"])
+        await asyncio.sleep(0.3)
+        assert cache.lookup(new_key.encode()) is None
+    finally:
+        await cache.stop()
+
+
+async def test_cache_catches_rows_committed_out_of_order(db_url: str) -> None:
+    """A write whose updated_at is older than what the cache has seen is still picked up."""
+    store = KeyStore(migrate(db_url), SECRET)
+    cache = KeyCache(store, 10)
+    key1, _ = store.create("one", "default", [])
+    key2, rec2 = store.create("two", "default", [])
+    await cache.sync()
+    with get_engine(db_url).begin() as conn:  # revoke "two" with an updated_at far in the past
+        conn.execute(
+            tables.api_keys.update()
+            .where(tables.api_keys.c.id == rec2["id"])
+            .values(revoked_at=1.0, updated_at=5)
+        )
+    assert await cache.sync()
+    assert cache.lookup(key2.encode()) is None
+    assert cache.lookup(key1.encode()) is not None
+    assert not await cache.sync()  # nothing changed since
+
+
+def test_secret_is_generated_once_with_0600(tmp_path: Path) -> None:
+    cfg = parse_config(f"state_dir: {tmp_path / 'state'}", env={})
+    first = load_secret(cfg)
+    assert load_secret(cfg) == first and len(first) >= 32
+    mode = stat.S_IMODE((tmp_path / "state" / "secret").stat().st_mode)
+    assert mode == 0o600
+    cfg2 = parse_config("auth: {secret: s3cret}", env={})
+    assert load_secret(cfg2) == b"s3cret"

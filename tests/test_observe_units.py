@@ -1,0 +1,338 @@
+"""Observability pieces in-process: the sliding window, engine metrics parsing, the metrics
+observer, the access log (and its EMF form), the dashboard's data and access rule, exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from fortress.config import AccessLog as AccessLogConfig
+from fortress.config import ConfigError, parse_config
+from fortress.gateway.app import Gateway
+from fortress.gateway.context import RequestContext
+from fortress.observe import attach
+from fortress.observe.engines import parse_engine_metrics
+from fortress.observe.grafana import grafana_dashboard
+from fortress.observe.http import COOKIE, admin_allowed, cookie_value
+from fortress.observe.logs import AccessLog
+from fortress.observe.metrics import error_kind, outcome
+from fortress.observe.rules_export import cloudwatch_alarms, prometheus_rules
+from fortress.observe.window import RecentTraffic
+from fortress.routing.replica import State
+
+CONFIG = """\
+pools:
+  - model: m
+    aliases: [gpt-4o-mini]
+    replicas:
+      - {url: 'http://127.0.0.1:9', tier: primary}
+      - {url: 'http://127.0.0.1:10', tier: secondary}
+auth: {enabled: false}
+audit: {enabled: false}
+observe: {engine_metrics_interval: 0, access_log: {enabled: false}}
+"""
+
+
+def samples(text: bytes | str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    if isinstance(text, bytes):
+        text = text.decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(all_: dict, name: str, **labels: str) -> float | None:
+    return all_.get((name, frozenset(labels.items())))
+
+
+def make_ctx(
+    status: int,
+    model: str | None = "m",
+    t0: float = 0.0,
+    stream: bool = False,
+    ttfb: float | None = None,
+    usage: dict[str, Any] | None = None,
+    attempts: int = 1,
+    error: str | None = None,
+) -> RequestContext:
+    ctx = RequestContext("req-1", "/v1/chat/completions", t0, "127.0.0.1")
+    ctx.status, ctx.model, ctx.stream, ctx.ttfb = status, model, stream, ttfb
+    ctx.usage, ctx.attempts, ctx.error = usage, attempts, error
+    return ctx
+
+
+def test_window_counts_and_percentiles() -> None:
+    now = [1000.0]
+    w = RecentTraffic(horizon=120, clock=lambda: now[0])
+    for i in range(100):  # latencies 0.1 .. 10 s, one per request, spread over 10 s
+        w.add(991.0 + i / 10, 200, 0.1 * (i + 1), ttft=0.05, tokens_in=10, tokens_out=20)
+    w.add(999.5, 503, 0.01)
+    w.add(999.5, 429, 0.01)
+    s = w.summary(10)
+    assert (s.requests, s.errors_5xx, s.errors_4xx, s.rate_limited) == (102, 1, 1, 1)
+    assert s.tokens_out == 2000 and s.tokens_per_s == 200
+    assert s.p50 is not None and 4.0 < s.p50 < 6.5
+    assert s.p99 is not None and 8.0 < s.p99 < 12.5
+    assert s.ttft_p95 is not None and 0.04 < s.ttft_p95 < 0.06
+    # Older than the window: not counted; the ring forgets what is beyond its horizon.
+    assert w.summary(5).requests == 52
+    now[0] = 1200.0
+    assert w.summary(60).requests == 0 and w.summary(60).avg_latency is None
+    assert w.totals() == {"requests": 102, "errors_4xx": 1, "errors_5xx": 1, "rate_limited": 1}
+
+
+VLLM_TEXT = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 3.0
+vllm:num_requests_running{engine="1",model_name="qwen"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 7.0
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="qwen"} 0.25
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="qwen"} 0.5
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{model_name="qwen"} 40.0
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{model_name="qwen"} 100.0
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="qwen"} 4.0
+vllm:e2e_request_latency_seconds_count{model_name="qwen"} 4.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{model_name="qwen"} 1234.0
+"""
+OLD_VLLM_TEXT = (
+    'vllm:gpu_cache_usage_perc{model_name="x"} 0.75\nvllm:num_requests_running{model_name="x"} 1\n'
+)
+LLAMACPP_TEXT = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 321
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 654
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 5
+"""
+
+
+def test_engine_metrics_both_dialects() -> None:
+    v = parse_engine_metrics(VLLM_TEXT)
+    assert v.engine == "vllm" and v.ok
+    assert (v.running, v.waiting, v.kv_usage) == (5.0, 7.0, 0.5)  # summed over engines; new name wins
+    assert (v.prefix_hits, v.prefix_queries, v.generation_tokens, v.prompt_tokens) == (40, 100, 1234, None)
+    old = parse_engine_metrics(OLD_VLLM_TEXT)
+    assert old.kv_usage == 0.75 and old.running == 1  # the deprecated name still read
+    ll = parse_engine_metrics(LLAMACPP_TEXT)
+    assert ll.engine == "llamacpp"
+    assert (ll.running, ll.waiting, ll.prompt_tokens, ll.generation_tokens, ll.kv_usage) == (
+        2,
+        5,
+        321,
+        654,
+        None,
+    )
+    assert parse_engine_metrics("# nothing here\n").engine == "unknown"
+
+
+def test_outcome_and_error_kinds() -> None:
+    assert [outcome(s) for s in (200, 400, 429, 499, 502, 503, 504, 500, 0)] == [
+        "ok", "client_error", "rate_limited", "cancelled", "upstream_error", "unavailable", "timeout",
+        "server_error", "aborted",
+    ]  # fmt: skip
+    assert error_kind(502, "Replica r1 answered 500: boom") == "status_5xx"
+    assert error_kind(502, "Replica r1 failed: connect failed (Connection refused)") == "connect"
+    assert error_kind(504, "Replica r1 did not answer within the first_byte timeout.") == "timeout"
+    assert error_kind(502, "Replica r1 ended the stream early.") == "stream_ended"
+    assert error_kind(503, None) == "no_healthy_replica"
+    assert error_kind(404, "nope") is None
+
+
+def gateway() -> tuple[Gateway, Any]:
+    cfg = parse_config(CONFIG, "test", env={})
+    gw = Gateway(cfg)
+    return gw, attach(gw, cfg)
+
+
+def test_observer_series_are_exact_and_bounded() -> None:
+    gw, obs = gateway()
+    assert gw.observers == [obs.metrics.requests.observe]
+    assert set(gw.routes) == {"/metrics", "/alarms", "/dashboard"}
+    observe = gw.observers[0]
+    clock = obs.recent.clock
+    t = clock()
+    for _ in range(5):
+        observe(make_ctx(200, t0=t - 2.0, usage={"prompt_tokens": 10, "completion_tokens": 5}))
+    observe(
+        make_ctx(200, t0=t - 3.0, stream=True, ttfb=1.0, usage={"prompt_tokens": 4, "completion_tokens": 11})
+    )
+    observe(make_ctx(502, t0=t - 1.0, attempts=3, error="Replica r2 answered 500: x"))
+    observe(make_ctx(429, t0=t - 0.001, attempts=0, error="Rate limit"))
+    observe(make_ctx(404, model=None, t0=t - 0.001, attempts=0, error="The model 'x' does not exist"))
+    observe(make_ctx(200, usage={"prompt_tokens": "many"}, t0=t - 1))  # odd usage: ignored
+    s = samples(obs.metrics.render())
+    assert value(s, "fortress_requests_total", model="m", status="200", outcome="ok") == 7
+    assert value(s, "fortress_requests_total", model="m", status="502", outcome="upstream_error") == 1
+    assert value(s, "fortress_requests_total", model="m", status="429", outcome="rate_limited") == 1
+    assert value(s, "fortress_requests_total", model="unknown", status="404", outcome="client_error") == 1
+    assert value(s, "fortress_request_duration_seconds_count", model="m") == 9
+    assert value(s, "fortress_request_duration_seconds_bucket", model="m", le="2.5") == 8  # not the 3 s one
+    assert value(s, "fortress_time_to_first_token_seconds_count", model="m") == 1
+    # (3 s - 1 s) / (11 - 1) tokens = 0.2 s between tokens
+    assert value(s, "fortress_inter_token_latency_seconds_bucket", model="m", le="0.15") == 0
+    assert value(s, "fortress_inter_token_latency_seconds_bucket", model="m", le="0.25") == 1
+    assert value(s, "fortress_tokens_total", model="m", direction="in") == 54
+    assert value(s, "fortress_tokens_total", model="m", direction="out") == 36
+    assert value(s, "fortress_retries_total", model="m") == 2
+    assert value(s, "fortress_rate_limited_total", model="m") == 1
+    assert value(s, "fortress_upstream_errors_total", kind="status_5xx") == 1
+    # A request refused before routing creates no TTFT or token series for "unknown".
+    assert value(s, "fortress_time_to_first_token_seconds_count", model="unknown") is None
+    assert value(s, "fortress_tokens_total", model="unknown", direction="in") is None
+    assert not any(name.endswith("_created") for name, _ in s)
+    # Replica series, read from the router at scrape time.
+    assert value(s, "fortress_replicas_healthy", model="m", tier="primary") == 0
+    assert value(s, "fortress_replica_state", replica="r1", model="m", tier="primary", state="initial") == 1
+    assert value(s, "fortress_alarm_firing", alarm="unhealthy_replicas", severity="page") == 0
+    r1 = next(iter(gw.router.all_replicas()))
+    r1.state, r1.in_flight = State.HEALTHY, 3
+    s = samples(obs.metrics.render())
+    assert value(s, "fortress_replicas_healthy", model="m", tier="primary") == 1
+    assert value(s, "fortress_replica_in_flight", replica=r1.name, model="m", tier="primary") == 3
+    assert value(s, "fortress_requests_in_flight", model="m") == 3
+    # The journal-lag hook: a gauge appears once a source is set.
+    obs.metrics.state.journal_lag = lambda: 1.5
+    assert value(samples(obs.metrics.render()), "fortress_audit_journal_lag_seconds") == 1.5
+    # The dashboard's window saw the same requests.
+    assert obs.recent.totals() == {"requests": 10, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}
+
+
+def test_dashboard_data_shape() -> None:
+    gw, obs = gateway()
+    t = obs.recent.clock()
+    gw.observers[0](
+        make_ctx(200, t0=t - 0.5, stream=True, ttfb=0.1, usage={"prompt_tokens": 3, "completion_tokens": 9})
+    )
+    d = obs.dashboard.data()
+    assert d["totals"]["requests"] == 1 and d["last_60s"]["tokens_out"] == 9
+    assert d["tiers"]["primary"] == {"healthy": 0, "total": 1}
+    assert [r["state"] for r in d["replicas"]] == ["initial", "initial"]
+    assert len(d["series"]) == 150 and d["series"][-1]["t"] > d["series"][0]["t"]
+    assert {a["name"] for a in d["alarms"]} >= {"unhealthy_replicas", "errors_5xx"}
+    assert "cpu_percent" in d["machine"]
+    json.dumps(d)  # JSON-ready
+
+
+def test_admin_rule_for_observability_endpoints() -> None:
+    local = {"client": ("127.0.0.1", 5), "headers": []}
+    remote = {"client": ("10.1.2.3", 5), "headers": []}
+    assert admin_allowed(local, None) and not admin_allowed(remote, None)
+    assert not admin_allowed(local, "s3cret")  # with a token, loopback is not enough
+    assert admin_allowed({**remote, "headers": [(b"authorization", b"Bearer s3cret")]}, "s3cret")
+    assert not admin_allowed({**remote, "headers": [(b"authorization", b"Bearer nope")]}, "s3cret")
+    cookie = f"a=b; {COOKIE}={cookie_value('s3cret')}".encode()
+    assert admin_allowed({**remote, "headers": [(b"cookie", cookie)]}, "s3cret")
+    assert cookie_value("s3cret") != "s3cret"  # the browser never holds the token itself
+
+
+def test_access_log_line_and_emf() -> None:
+    buf = io.StringIO()
+    logger = logging.getLogger("test.access_log")
+    handler = logging.StreamHandler(buf)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        log = AccessLog(AccessLogConfig(stream="none", emf=True), logger=logger)
+        ctx = make_ctx(
+            200, t0=0.0, stream=True, ttfb=0.25, usage={"prompt_tokens": 7, "completion_tokens": 3}
+        )
+        ctx.identity = {"key_id": "key_123", "secret": "never logged"}
+        log.observe(ctx)
+        log.emit_gauges({"UnhealthyReplicas": 1.0, "GpuUtilization": None, "Bogus": 3.0})
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in buf.getvalue().splitlines())
+    assert first["key_id"] == "key_123" and "never logged" not in buf.getvalue()
+    assert (first["model"], first["status"], first["tokens_in"], first["tokens_out"]) == ("m", 200, 7, 3)
+    assert first["ttft_ms"] == 250.0
+    directive = first["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Namespace"] == "Fortress"
+    assert directive["Dimensions"] == [["Service"], ["Service", "Model"]]
+    # Every metric the directive names is in the document, as the EMF specification requires.
+    for m in directive["Metrics"]:
+        assert isinstance(first[m["Name"]], int | float), m
+    assert first["TimeToFirstToken"] == 0.25 and first["Errors5xx"] == 0
+    assert [m["Name"] for m in second["_aws"]["CloudWatchMetrics"][0]["Metrics"]] == ["UnhealthyReplicas"]
+    assert second["UnhealthyReplicas"] == 1.0
+
+
+def test_alarm_rules_config() -> None:
+    cfg = parse_config("observe: {alarms: {rules: [{name: slow, metric: p95_latency, threshold: 5, for: 2m, "
+                       "window: 30s}]}}", env={})  # fmt: skip
+    (rule,) = cfg.observe.alarms.rules
+    assert (rule.for_, rule.window, rule.op, rule.severity) == (120.0, 30.0, ">", "warning")
+    with pytest.raises(ConfigError, match=r"observe\.alarms\.rules\.0\.metric"):
+        parse_config("observe: {alarms: {rules: [{name: x, metric: vibes, threshold: 1}]}}", env={})
+    with pytest.raises(ConfigError, match="duplicate alarm names"):
+        parse_config(
+            "observe: {alarms: {rules: [{name: x, metric: errors_5xx, threshold: 1},"
+            " {name: x, metric: errors_4xx, threshold: 1}]}}",
+            env={},
+        )
+    defaults = {r.name: r for r in parse_config("", env={}).observe.alarms.rules}
+    assert [(r.metric, r.threshold, r.for_, r.severity) for r in defaults.values()] == [
+        ("unhealthy_replicas", 0, 0, "page"),
+        ("avg_latency", 30, 180, "warning"),
+        ("avg_latency", 60, 60, "page"),
+        ("errors_5xx", 10, 120, "page"),
+        ("gpu_utilization", 95, 300, "info"),
+    ]
+    assert defaults["gpu_scale_up"].action == "scale_up"
+
+
+def test_exports() -> None:
+    cfg = parse_config(
+        "observe: {alarms: {notify: {sns_topic_arn: 'arn:aws:sns:eu-west-1:123:pager'}}}", env={}
+    )
+    prom = yaml.safe_load(yaml.safe_dump(prometheus_rules(cfg)))
+    rules = {r["alert"]: r for r in prom["groups"][0]["rules"]}
+    assert rules["unhealthy_replicas"]["expr"] == 'sum(fortress_replicas{state="unhealthy"}) > 0'
+    assert "for" not in rules["unhealthy_replicas"]
+    assert rules["latency_warning"]["for"] == "3m" and rules["latency_page"]["for"] == "1m"
+    assert rules["latency_page"]["expr"].endswith("> 60")
+    assert rules["errors_5xx"]["expr"] == 'sum(increase(fortress_requests_total{status=~"5.."}[1m])) > 10'
+    assert rules["gpu_scale_up"]["labels"] == {
+        "severity": "info",
+        "action": "scale_up",
+        "service": "fortress",
+    }
+    cw = {a["AlarmName"]: a for a in cloudwatch_alarms(cfg)}
+    warn = cw["fortress-latency_warning"]
+    assert (warn["MetricName"], warn["Statistic"], warn["Period"], warn["EvaluationPeriods"]) == (
+        "Latency", "Average", 60, 3,
+    )  # fmt: skip
+    assert warn["Threshold"] == 30 and warn["ComparisonOperator"] == "GreaterThanThreshold"
+    assert warn["AlarmActions"] == ["arn:aws:sns:eu-west-1:123:pager"]
+    assert cw["fortress-unhealthy_replicas"]["EvaluationPeriods"] == 1
+    assert cw["fortress-errors_5xx"]["EvaluationPeriods"] == 2
+    assert cw["fortress-gpu_scale_up"]["EvaluationPeriods"] == 5
+    assert cw["fortress-latency_page"]["EvaluationPeriods"] == 1
+    dash = grafana_dashboard()
+    titles = [p["title"] for p in dash["panels"]]
+    for needed in ("Healthy replicas", "Response time (average)", "Request count", "GPU utilisation",
+                   "Memory utilisation", "Latency p50 / p95 / p99", "Time to first token p50 / p95",
+                   "Tokens / s", "4xx / 5xx / 429"):  # fmt: skip
+        assert needed in titles
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    json.dumps(dash)
