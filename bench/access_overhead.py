@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fortress.access.layer import AccessControl
 from fortress.config import parse_config
@@ -97,8 +98,20 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--redis-url", default=None)
+    ap.add_argument(
+        "--no-uvloop", action="store_true", help="the stdlib loop instead of uvloop (the gateway's)"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fortress-bench-"))
+    go: Any = asyncio.run
+    loop_name = "asyncio"
+    if not args.no_uvloop:
+        try:
+            import uvloop  # the gateway's loop under uvicorn[standard]
+
+            go, loop_name = uvloop.run, "uvloop"
+        except ImportError:
+            pass
     redis_proc = None
     url = args.redis_url
     if url is None:
@@ -113,13 +126,16 @@ def main() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         time.sleep(0.3)
     try:
-        print(f"access layer per request, N={args.n}, {args.concurrency} concurrent (CPU of this process)")
+        print(
+            f"access layer per request, N={args.n}, {args.concurrency} concurrent, {loop_name} "
+            "(CPU of this process)"
+        )
         print(f"{'backend':8} {'plan':8} {'CPU µs/req':>11} {'net of loop':>12} {'wall µs/req':>12}")
         for backend in ("memory", "redis"):
             # The same loop without the layer (context creation, task switches): subtracted.
-            base, _ = asyncio.run(run(backend, "default", args.n, args.concurrency, url, tmp, baseline=True))
+            base, _ = go(run(backend, "default", args.n, args.concurrency, url, tmp, baseline=True))
             for plan in PLANS:
-                cpu, wall = asyncio.run(run(backend, plan, args.n, args.concurrency, url, tmp))
+                cpu, wall = go(run(backend, plan, args.n, args.concurrency, url, tmp))
                 print(f"{backend:8} {plan:8} {cpu:11.1f} {cpu - base:12.1f} {wall:12.1f}")
     finally:
         if redis_proc is not None:

@@ -257,6 +257,21 @@ class CpuWindow:
         return self.system / (self.user + self.system) if self.user + self.system else 0.0
 
 
+def machine_busy() -> float:
+    """CPU seconds all processes of the machine have used (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / CLK_TCK  # user..steal, without guest (counted in user)
+
+
+def own_cpu() -> float:
+    """CPU seconds of this script and of its children that have been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -1025,6 +1040,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cores": {"gateway": gw_core, "load": load_core},
     }
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None)
+    busy0, own0, t0 = machine_busy(), own_cpu(), time.monotonic()
     try:
         p_json, p_sse, p_sim, p_gw, p_floor = (free_port() for _ in range(5))
         conf = write_nginx(workdir, p_json, p_sse)
@@ -1123,6 +1139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         runner.close()
         procs.stop()
+        wall = time.monotonic() - t0
+        other = max(0.0, (machine_busy() - busy0) - (own_cpu() - own0))
+        results["other_cpu"] = {"seconds": other, "share": other / (wall * (os.cpu_count() or 1))}
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
@@ -1296,7 +1315,14 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "(off: the benchmark's requests carry neither). It (one process = one worker) and the "
         "floor relay run on "
         f"CPU {r['cores']['gateway']}; nginx, the simulator and all load on CPU "
-        f"{r['cores']['load']}. Run time {r['seconds']:.0f} s.",
+        f"{r['cores']['load']}. Run time {r['seconds']:.0f} s; other processes used "
+        f"{r['other_cpu']['share'] * 100:.0f} % of the machine's CPU meanwhile"
+        + (
+            " (a busy machine: latency percentiles and requests/s are unreliable, CPU per "
+            "request less so; rerun when it is quiet)."
+            if r["other_cpu"]["share"] > 0.05
+            else "."
+        ),
         "",
         "```",
         command,

@@ -133,3 +133,37 @@ def replica_table(gateway_url: str) -> dict[str, dict[str, Any]]:
     _, body = http_get(gateway_url + "/admin/replicas")
     data = json.loads(body)
     return {r["url"]: r for pool in data["pools"] for r in pool["replicas"]}
+
+
+# -- processes seen through /proc (no psutil) ---------------------------------------------
+
+
+def proc_state(pid: int) -> str | None:
+    """The kernel's state letter of ``pid`` (R, S, Z, ...), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    state = proc_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    """Live direct children of ``pid``, from /proc/*/stat."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.append(int(entry.name))
+    return out

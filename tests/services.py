@@ -47,13 +47,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 class RedisServer:
     """``redis-server`` bound to 127.0.0.1 on a free port, without persistence."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server") or (
             "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
         )
         if binary is None:
             pytest.fail("redis-server is missing: run `make test` (or apt-get install redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.log = workdir / f"redis-{self.port}.log"
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(workdir), "--logfile", str(self.log)]

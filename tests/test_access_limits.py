@@ -17,6 +17,7 @@ import pytest
 from helpers import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from services import RedisServer
 
 from fortress.access.limits import CONCURRENCY, OK, QUOTA, RATE, MemoryLimiter, Ticket
 from fortress.access.plans import Plan, format_reset, period_bounds
@@ -420,3 +421,23 @@ async def test_redis_down_fails_open_or_closed() -> None:
         await closed.admit("k", plan, 0, 0)
     await open_.stop()
     await closed.stop()
+
+
+async def test_redis_restart_and_script_flush_are_survived(tmp_path: Any) -> None:
+    server = RedisServer(tmp_path)
+    plan = Plan.compile("p", UsagePlan(rate=None, requests={"day": 100}))
+    limiter = RedisLimiter(server.url, "r:", timeout=1.0)
+    try:
+        await limiter.start()
+        assert (await limiter.admit("k", plan, 0, 0)).used[0] == 1
+        await limiter.conn.call(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
+        assert (await limiter.admit("k", plan, 0, 0)).used[0] == 2  # NOSCRIPT: loaded again
+        server.stop()
+        d = await limiter.admit("k", plan, 0, 0)
+        assert d.ticket is not None and d.ticket.done  # fail open, nothing reserved
+        server = RedisServer(tmp_path, port=server.port)  # back, empty
+        d = await limiter.admit("k", plan, 0, 0)
+        assert d.ticket is not None and d.used[0] == 1
+    finally:
+        await limiter.stop()
+        server.stop()

@@ -186,7 +186,7 @@ def test_llamacpp_binary_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_unknown_llamacpp_option_is_rejected() -> None:
-    with pytest.raises(EngineError, match="unknown llamacpp option.*ctx.*known:"):
+    with pytest.raises(EngineError, match=r"unknown llamacpp option.*ctx.*known:"):
         LlamaCppEngine.from_options({"ctx": 4096})
 
 

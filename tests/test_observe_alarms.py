@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import boto3
+import orjson
 import pytest
 from aiohttp import web
 from botocore.stub import Stubber
@@ -259,6 +260,7 @@ async def test_sns_publish_with_stubber() -> None:
     arn = "arn:aws:sns:eu-west-1:123456789012:fortress-pager"
     clock, _, _, ev = setup(router=router, notifiers=[SnsNotifier(arn, client=client)])
     clock.t = 0
+    message = orjson.dumps(AlarmEvent(ev.alarms[0].rule, FIRING, 1.0, WALL0, WALL0).payload()).decode()
     with Stubber(client) as stub:
         stub.add_response(
             "publish",
@@ -266,12 +268,7 @@ async def test_sns_publish_with_stubber() -> None:
             {
                 "TopicArn": arn,
                 "Subject": "[FIRING] unhealthy_replicas (page)",
-                "Message": json.dumps(
-                    ev.alarms[0].rule and AlarmEvent(
-                        ev.alarms[0].rule, FIRING, 1.0, WALL0, WALL0
-                    ).payload(),
-                    separators=(",", ":"),
-                ),
+                "Message": message,
                 "MessageAttributes": {
                     "severity": {"DataType": "String", "StringValue": "page"},
                     "state": {"DataType": "String", "StringValue": "firing"},

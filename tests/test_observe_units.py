@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -49,8 +50,8 @@ def samples(text: bytes | str) -> dict[tuple[str, frozenset[tuple[str, str]]], f
     return out
 
 
-def value(all_: dict, name: str, **labels: str) -> float | None:
-    return all_.get((name, frozenset(labels.items())))
+def value(all_: dict, metric: str, /, **labels: str) -> float | None:
+    return all_.get((metric, frozenset(labels.items())))
 
 
 def make_ctx(
@@ -202,9 +203,11 @@ def test_observer_series_are_exact_and_bounded() -> None:
     assert not any(name.endswith("_created") for name, _ in s)
     # Replica series, read from the router at scrape time.
     assert value(s, "fortress_replicas_healthy", model="m", tier="primary") == 0
-    assert value(s, "fortress_replica_state", replica="r1", model="m", tier="primary", state="initial") == 1
+    r1 = next(iter(gw.router.all_replicas()))  # names count up per process: r1 only when run alone
+    assert (
+        value(s, "fortress_replica_state", replica=r1.name, model="m", tier="primary", state="initial") == 1
+    )
     assert value(s, "fortress_alarm_firing", alarm="unhealthy_replicas", severity="page") == 0
-    r1 = next(iter(gw.router.all_replicas()))
     r1.state, r1.in_flight = State.HEALTHY, 3
     s = samples(obs.metrics.render())
     assert value(s, "fortress_replicas_healthy", model="m", tier="primary") == 1
@@ -213,6 +216,11 @@ def test_observer_series_are_exact_and_bounded() -> None:
     # The journal-lag hook: a gauge appears once a source is set.
     obs.metrics.state.journal_lag = lambda: 1.5
     assert value(samples(obs.metrics.render()), "fortress_audit_journal_lag_seconds") == 1.5
+    stats = {"journal_seq": 9, "journal_fsyncs": 4, "store_seq": 7, "backlog": 2, "shipper_error": "db down"}
+    obs.metrics.state.audit_stats = lambda: stats
+    s = samples(obs.metrics.render())
+    assert value(s, "fortress_audit_backlog_records") == 2 and value(s, "fortress_audit_shipper_ok") == 0
+    assert value(s, "fortress_audit_journal_records_total") == 9
     # The dashboard's window saw the same requests.
     assert obs.recent.totals() == {"requests": 10, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}
 
@@ -227,7 +235,11 @@ def test_dashboard_data_shape() -> None:
     assert d["totals"]["requests"] == 1 and d["last_60s"]["tokens_out"] == 9
     assert d["tiers"]["primary"] == {"healthy": 0, "total": 1}
     assert [r["state"] for r in d["replicas"]] == ["initial", "initial"]
-    assert len(d["series"]) == 150 and d["series"][-1]["t"] > d["series"][0]["t"]
+    assert len(d["series"]) <= 1  # no points from before the gateway started
+    obs.dashboard.series_start -= 600
+    series = obs.dashboard.data()["series"]
+    assert len(series) == 150 and series[-1]["t"] > series[0]["t"]
+    assert sum(p["requests"] for p in series) in (0, 1)  # the current, unfinished step may hold it
     assert {a["name"] for a in d["alarms"]} >= {"unhealthy_replicas", "errors_5xx"}
     assert "cpu_percent" in d["machine"]
     json.dumps(d)  # JSON-ready
@@ -336,3 +348,55 @@ def test_exports() -> None:
         assert needed in titles
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     json.dumps(dash)
+
+
+class _FakeNvml:
+    """The few pynvml calls GpuProbe makes, for machines without a GPU (like CI's)."""
+
+    class _Util:
+        def __init__(self, gpu: int) -> None:
+            self.gpu = gpu
+
+    class _Mem:
+        def __init__(self, used: int, total: int) -> None:
+            self.used, self.total = used, total
+
+    def __init__(self) -> None:
+        self.shutdown = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA A10G"
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        return self._Util(90 + 8 * h)
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return self._Mem(20 * 2**30, 24 * 2**30)
+
+
+def test_gpu_series_through_nvml(monkeypatch) -> None:
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _, obs = gateway()
+    assert obs.gpus.available
+    s = samples(obs.metrics.render())
+    assert value(s, "fortress_gpu_utilization_ratio", gpu="1", name="NVIDIA A10G") == pytest.approx(0.98)
+    assert value(s, "fortress_gpu_memory_total_bytes", gpu="0", name="NVIDIA A10G") == 24 * 2**30
+    obs.sample(obs.recent.clock())  # what the sampler task does every 5 s
+    assert obs.gpu_series.last() == pytest.approx(94.0)  # mean of 90 % and 98 %
+    assert obs.dashboard.data()["machine"]["gpus"][1]["utilization"] == 98.0
+    assert obs.gauges()["GpuUtilization"] == pytest.approx(94.0)
+    obs.gpus.close()
+    assert fake.shutdown

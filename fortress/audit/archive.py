@@ -6,14 +6,16 @@ from the usual AWS chain, ``AWS_ENDPOINT_URL_S3`` for an S3-compatible store). L
     <archive>/<YYYY-MM-DD>/<gateway_id>-<first seq>-<last seq>.jsonl.gz
 
 Records are compressed as they arrive and written as one immutable part file per day every
-``audit.archive_every`` seconds (or at 8 MiB compressed, or on shutdown); a day's archive is
-the concatenation of its parts in seq order (``zcat 2025-01-31/*.jsonl.gz``; gzip members
-concatenate). Each line is exactly the journal's sealed record, so the archive can be verified
-like the store.
+``audit.archive_every`` seconds (or at 8 MiB compressed, or on shutdown). In a local directory
+the parts of a closed day are then merged into one file per gateway and day (gzip members
+concatenate); in S3 the part objects stay as they are. Either way ``zcat <day>/*.jsonl.gz`` is
+that day's records. Each line is exactly the journal's sealed record, so the archive can be
+verified like the store.
 
-Exactly once: the archive keeps its own position in ``<journal_dir>/archive-state.json``,
-updated after each part lands (local: write, fsync, rename; S3: one PUT, atomic), together with
-the last seq archived per day, so parts written just before a crash are not written again.
+Exactly once: the archive keeps its own position in ``<journal_dir>/archive-state.json``
+(with the last seq archived per day). Before a part is written its name is saved there as
+pending; parts land atomically (local: write, fsync, rename; S3: one PUT), so after a crash a
+pending part either exists, and its records are not archived again, or does not, and they are.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +38,8 @@ from fortress.audit.journal import Entry
 log = logging.getLogger("fortress.audit.archive")
 
 _MAX_BUFFER = 8 << 20  # compressed bytes buffered per day before a part is written early
+_COMPACT_EVERY = 600.0  # seconds between looks for closed days to merge
+_CLOSE_AFTER = 3600.0  # a UTC day is closed this long after it ends
 
 
 class Target(Protocol):
@@ -42,7 +48,8 @@ class Target(Protocol):
     url: str
 
     def put(self, key: str, data: bytes) -> None: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def exists(self, key: str) -> bool: ...
+    def keys(self, prefix: str) -> list[str]: ...
     def get(self, key: str) -> bytes: ...
 
 
@@ -57,18 +64,18 @@ class LocalTarget:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "wb") as fh:
+        # 0600 like the journal: records may hold captured request bodies.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path.parent)
 
-    def list(self, prefix: str) -> list[str]:
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
         parent = base if prefix.endswith("/") else base.parent
         if not parent.is_dir():
@@ -82,6 +89,80 @@ class LocalTarget:
 
     def get(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
+
+    def days(self) -> list[str]:
+        """The day directories present, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _DAY.fullmatch(p.name))
+
+    def compact(self, day: str, gateway_id: str) -> int:
+        """Merge one gateway's parts of a closed day into one part spanning them all.
+
+        The merged file is written (fsync, rename) before the parts are deleted, and a part
+        whose seq range lies inside another's is known to be merged already: a crash in between
+        leaves nothing counted twice (``read_day`` skips such parts; the next run deletes them).
+        Returns how many parts went away.
+        """
+        folder = self.root / day
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)  # a merge or a put cut short by a crash
+        parts = _without_contained(
+            [(key, *_range(key)) for key in self.keys(f"{day}/") if _ours(key, gateway_id)]
+        )
+        removed = 0
+        for key in {k for k in self.keys(f"{day}/") if _ours(k, gateway_id)} - {k for k, _, _ in parts}:
+            (self.root / key).unlink(missing_ok=True)  # merged before a crash
+            removed += 1
+        if len(parts) < 2:
+            return removed
+        first, last = parts[0][1], max(p[2] for p in parts)
+        merged = self.root / part_key(day, gateway_id, first, last)
+        tmp = folder / f".{merged.name}.tmp"
+        with open(tmp, "wb") as out:
+            for key, _, _ in parts:
+                with open(self.root / key, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)  # gzip members concatenate
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, merged)
+        _fsync_dir(folder)
+        for key, _, _ in parts:
+            (self.root / key).unlink(missing_ok=True)
+        return removed + len(parts)
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_PART = re.compile(r"(?P<gw>.+)-(?P<first>\d{12})-(?P<last>\d{12})\.jsonl\.gz")
+
+
+def _ours(key: str, gateway_id: str) -> bool:
+    m = _PART.fullmatch(key.rsplit("/", 1)[-1])
+    return m is not None and m.group("gw") == gateway_id
+
+
+def _range(key: str) -> tuple[int, int]:
+    m = _PART.fullmatch(key.rsplit("/", 1)[-1])
+    assert m is not None
+    return int(m.group("first")), int(m.group("last"))
+
+
+def _without_contained(parts: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Parts (key, first, last) of one gateway and day, minus those inside another's range."""
+    keep: list[tuple[str, int, int]] = []
+    for part in sorted(parts, key=lambda p: (p[1], -p[2])):
+        if keep and part[2] <= keep[-1][2]:
+            continue
+        keep.append(part)
+    return keep
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class S3Target:
@@ -103,11 +184,25 @@ class S3Target:
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(
-            Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType="application/x-ndjson",
+            Bucket=self.bucket,
+            Key=self.prefix + key,
+            Body=data,
+            ContentType="application/x-ndjson",
             ContentEncoding="gzip",
         )
 
-    def list(self, prefix: str) -> list[str]:
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def keys(self, prefix: str) -> list[str]:
         out: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
@@ -176,6 +271,7 @@ class ArchiveSink:
         self._days_done: dict[str, int] = {}  # day -> last seq written for it (see module doc)
         self._buffers: dict[str, _DayBuffer] = {}
         self._since = 0.0
+        self._compacted_at = 0.0
 
     def open(self) -> int:
         """Load the position; return it (0 for a new archive)."""
@@ -187,6 +283,12 @@ class ArchiveSink:
             state = {}
         self.durable = self.accepted = int(state.get("seq", 0))
         self._days_done = {str(k): int(v) for k, v in state.get("days", {}).items()}
+        pending = state.get("pending")
+        if pending:
+            # A part was being written when the process died: if it landed, it counts.
+            key, day, last = pending
+            if self.target.exists(key):
+                self._days_done[day] = max(self._days_done.get(day, 0), int(last))
         self._buffers.clear()
         return self.durable
 
@@ -212,30 +314,52 @@ class ArchiveSink:
             self._save(self.accepted)  # everything was in parts already
 
     def tick(self) -> None:
-        """Write parts when the oldest buffered record has waited ``every`` seconds."""
-        if self._buffers and time.monotonic() - self._since >= self.every:
+        """Write parts when the oldest buffered record has waited ``every`` seconds; now and
+        then, merge the parts of closed days (local directories only)."""
+        now = time.monotonic()
+        if self._buffers and now - self._since >= self.every:
             self.flush()
+        if now - self._compacted_at >= _COMPACT_EVERY:
+            self._compacted_at = now
+            self.compact_closed_days()
+
+    def compact_closed_days(self, now: float | None = None) -> int:
+        """Merge each closed day's parts into one ``.jsonl.gz`` per day (local target only).
+
+        A day is closed an hour after it ends: records are stamped with their request's start,
+        so a long request may still add to the day before.
+        """
+        target = self.target
+        if not isinstance(target, LocalTarget):
+            return 0  # S3 keeps its part objects: merging would mean downloading them
+        cutoff = day_of((time.time() if now is None else now) - _CLOSE_AFTER)
+        removed = 0
+        for day in target.days():
+            if day < cutoff and day not in self._buffers:
+                removed += target.compact(day, self.gateway_id)
+        return removed
 
     def flush(self) -> None:
         """Write every buffered day as a part file, then record the new position."""
         for day in sorted(self._buffers):
             buf = self._buffers[day]
-            self.target.put(part_key(day, self.gateway_id, buf.first, buf.last), buf.finish())
+            key = part_key(day, self.gateway_id, buf.first, buf.last)
+            self._save(None, pending=(key, day, buf.last))  # intent first: see open()
+            self.target.put(key, buf.finish())
             self.parts += 1
             del self._buffers[day]
             self._days_done[day] = buf.last
-            self._save(None)  # this day's part is in: never write it twice
         self._save(self.accepted)
 
     def close(self) -> None:
         self.flush()
 
-    def _save(self, seq: int | None) -> None:
+    def _save(self, seq: int | None, pending: tuple[str, str, int] | None = None) -> None:
         if seq is not None:
             self.durable = seq
             # Per-day marks are only needed above the position.
             self._days_done = {d: s for d, s in self._days_done.items() if s > seq}
-        state = {"target": self.target.url, "seq": self.durable, "days": self._days_done}
+        state = {"target": self.target.url, "seq": self.durable, "days": self._days_done, "pending": pending}
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         with open(tmp, "wb") as fh:
             fh.write(orjson.dumps(state))
@@ -249,10 +373,14 @@ def read_day(target: Target, day: str, gateway_id: str | None = None) -> list[di
     import gzip
 
     records: list[dict[str, Any]] = []
-    for key in target.list(f"{day}/"):
-        name = key.rsplit("/", 1)[-1]
-        if gateway_id is not None and not name.startswith(gateway_id + "-"):
+    by_gateway: dict[str, list[tuple[str, int, int]]] = {}
+    for key in target.keys(f"{day}/"):
+        m = _PART.fullmatch(key.rsplit("/", 1)[-1])
+        if m is None or (gateway_id is not None and m.group("gw") != gateway_id):
             continue
+        by_gateway.setdefault(m.group("gw"), []).append((key, *_range(key)))
+    keys = [k for parts in by_gateway.values() for k, _, _ in _without_contained(parts)]
+    for key in keys:
         for line in gzip.decompress(target.get(key)).splitlines():
             if line:
                 records.append(orjson.loads(line))

@@ -198,13 +198,11 @@ class ChainVerifier:
         if self._region:
             self._diagnose()
         last = self.expected - 1
-        for seq in sorted(s for s in self.anchors if s > last):
-            self._problem(
-                seq,
-                "truncated",
-                f"the anchor at seq {seq} has no record: records after seq {last} are missing",
-            )
-            break
+        beyond = [s for s in self.anchors if s > last]
+        if beyond:
+            top = max(beyond)
+            missing = f"record {top} is" if top == last + 1 else f"records {last + 1}-{top} are"
+            self._problem(last + 1, "truncated", f"{missing} missing: the anchor at seq {top} has no record")
         self.anchors.clear()
         return self.problems
 
@@ -232,8 +230,9 @@ class ChainVerifier:
         stored = row["seq"]
         cands = [stored]
         pred = by_hash.get(row["prev_hash"])
-        if pred is not None and known.get(id(pred)) is not None:
-            cands.append(known[id(pred)] + 1)  # type: ignore[operator]
+        pred_seq = known.get(id(pred)) if pred is not None else None
+        if pred_seq is not None:
+            cands.append(pred_seq + 1)
         if row["prev_hash"] == self.prev:
             cands.append(self.expected)
         if row["prev_hash"] == GENESIS:
@@ -301,13 +300,17 @@ class ChainVerifier:
         for r in bad:
             s = r["seq"]
             if s in genuine:
-                self._problem(s, "inserted", f"not part of the chain (record {s} is stored at seq "
-                              f"{genuine[s]['seq']})")
+                self._problem(
+                    s, "inserted", f"not part of the chain (record {s} is stored at seq {genuine[s]['seq']})"
+                )
             elif r["hash"] in referenced or s <= top:
                 self._problem(s, "changed", "its content does not match its hash")
             else:
-                self._problem(s, "changed", "its content does not match its hash (changed, or appended "
-                              "without the secret)")
+                self._problem(
+                    s,
+                    "changed",
+                    "its content does not match its hash (changed, or appended without the secret)",
+                )
         for t in range(start, top + 1):
             if t not in genuine and t not in bad_slots:
                 self._problem(t, "deleted", f"record {t} is missing")
@@ -330,6 +333,10 @@ class ChainVerifier:
         self._recent.extend(r for r in region if known[id(r)] is not None)
 
 
+def _shift(p: Problem) -> int | None:
+    return None if p.true_seq is None else p.true_seq - p.seq
+
+
 def summarize(problems: list[Problem]) -> list[str]:
     """Human lines, with runs of the same kind of problem on consecutive seqs folded into one."""
     out: list[str] = []
@@ -343,8 +350,7 @@ def summarize(problems: list[Problem]) -> list[str]:
             and ps[j + 1].gateway_id == p.gateway_id
             and ps[j + 1].kind == p.kind
             and ps[j + 1].seq == ps[j].seq + 1
-            and (p.true_seq is None) == (ps[j + 1].true_seq is None)
-            and (p.true_seq is None or ps[j + 1].true_seq - ps[j + 1].seq == p.true_seq - p.seq)  # type: ignore[operator]
+            and _shift(ps[j + 1]) == _shift(p)
         ):
             j += 1
         if j - i >= 2:

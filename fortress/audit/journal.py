@@ -196,7 +196,9 @@ class Journal:
         if floor is not None and floor[0] > self.head_seq:
             log.warning(
                 "journal %s ends at seq %d but the store has seq %d: continuing after the store",
-                self.dir, self.head_seq, floor[0],
+                self.dir,
+                self.head_seq,
+                floor[0],
             )
             self.head_seq, self.head_hash = floor
             if self._fd >= 0:
@@ -241,7 +243,9 @@ class Journal:
                 if rec.get("gateway_id") != self.gateway_id:
                     log.warning(
                         "journal %s belongs to gateway %s, not %s: keeping its id",
-                        self.dir, rec.get("gateway_id"), self.gateway_id,
+                        self.dir,
+                        rec.get("gateway_id"),
+                        self.gateway_id,
                     )
                     self.gateway_id = str(rec["gateway_id"])
                 self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -379,10 +383,10 @@ def _wake(futs: list[tuple[asyncio.Future[int], int | None]], error: BaseExcepti
     for fut, seq in futs:
         if fut.done():
             continue
-        if error is not None:
-            fut.set_exception(error)
+        if error is not None or seq is None:
+            fut.set_exception(error or JournalError("record not written"))
         else:
-            fut.set_result(seq)  # type: ignore[arg-type]
+            fut.set_result(seq)
 
 
 # -- the reader -------------------------------------------------------------------------------
@@ -422,8 +426,12 @@ class JournalReader:
         segs = list_segments(self.dir)
         start = [f for f, _ in segs if f <= after + 1]
         if segs and not start:
-            log.warning("journal %s starts at seq %d, after %d: records in between are gone", self.dir,
-                        segs[0][0], after + 1)
+            log.warning(
+                "journal %s starts at seq %d, after %d: records in between are gone",
+                self.dir,
+                segs[0][0],
+                after + 1,
+            )
         self._first = start[-1] if start else (segs[0][0] if segs else -1)
         self._pos = 0
         self._last = after

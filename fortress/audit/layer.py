@@ -108,9 +108,8 @@ class AuditTrail:
         store.gateway_id = journal.gateway_id
         archive = None
         if a.archive_dir:
-            archive = ArchiveSink(
-                open_target(a.archive_dir), journal.gateway_id, journal.dir / "archive-state.json", a.archive_every
-            )
+            state = journal.dir / "archive-state.json"
+            archive = ArchiveSink(open_target(a.archive_dir), journal.gateway_id, state, a.archive_every)
         shipper = Shipper(journal, store, archive, a.ship_batch, a.anchor_every)
         shipper.start()
         self.journal, self.shipper = journal, shipper

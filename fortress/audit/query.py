@@ -102,7 +102,7 @@ def _select(filters: Filters, newest_first: bool) -> Select[Any]:
 def query_records(engine: Engine, filters: Filters, limit: int = 50) -> list[dict[str, Any]]:
     """The newest ``limit`` records matching ``filters``."""
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(_select(filters, True).limit(limit))]
+        return [dict(zip(COLUMNS, r, strict=True)) for r in conn.execute(_select(filters, True).limit(limit))]
 
 
 def iter_records(engine: Engine, filters: Filters) -> Iterator[dict[str, Any]]:
@@ -110,7 +110,7 @@ def iter_records(engine: Engine, filters: Filters) -> Iterator[dict[str, Any]]:
     with engine.connect() as conn:
         result = conn.execution_options(yield_per=2000).execute(_select(filters, False))
         for r in result:
-            yield dict(r._mapping)
+            yield dict(zip(COLUMNS, r, strict=True))
 
 
 def export(engine: Engine, filters: Filters, fmt: str, out: IO[str]) -> int:
@@ -124,8 +124,9 @@ def export(engine: Engine, filters: Filters, fmt: str, out: IO[str]) -> int:
         writer = csv.writer(out)
         writer.writerow(COLUMNS)
         for rec in iter_records(engine, filters):
-            row = [orjson.dumps(rec[c]).decode() if c == "body" and rec[c] is not None else rec[c] for c in COLUMNS]
-            writer.writerow(row)
+            if rec["body"] is not None:
+                rec["body"] = orjson.dumps(rec["body"]).decode()
+            writer.writerow([rec[c] for c in COLUMNS])
             n += 1
     else:
         raise ValueError(f"unknown format {fmt!r}: use jsonl or csv")
@@ -185,7 +186,7 @@ def verify(
         anchors = dict(stored.get(g, {}))
         for seq, h in local.get(g, {}).items():
             if anchors.setdefault(seq, h) != h:
-                problems.append(Problem(g, seq, "anchor", "the store's anchor and the local anchors file differ"))
+                problems.append(Problem(g, seq, "anchor", "the store's and the local anchors file's differ"))
         anchor_counts[g] = len(anchors)
         verifier = ChainVerifier(secret, g, anchors)
         with engine.connect() as conn:
@@ -193,7 +194,8 @@ def verify(
                 select(*(t.c[c] for c in COLUMNS)).where(t.c.gateway_id == g).order_by(t.c.seq)
             )
             for r in result:
-                verifier.feed(dict(r._mapping))
+                # Plain str keys (SQLAlchemy's key objects are str subclasses orjson refuses).
+                verifier.feed(dict(zip(COLUMNS, r, strict=True)))
         problems += verifier.finish()
         counts[g] = verifier.count
     return VerifyReport(counts, anchor_counts, problems)

@@ -49,14 +49,31 @@ HEADER_COLUMNS = {b"x-llm-source": "source", b"x-llm-user": "user", b"x-llm-requ
 
 # Request fields that carry content: never part of the metadata capture.
 CONTENT_FIELDS = frozenset(
-    {"messages", "prompt", "input", "suffix", "tools", "functions", "tool_choice", "response_format",
-     "logit_bias", "metadata", "prediction", "audio"}
+    {
+        "messages",
+        "prompt",
+        "input",
+        "suffix",
+        "tools",
+        "functions",
+        "tool_choice",
+        "response_format",
+        "logit_bias",
+        "metadata",
+        "prediction",
+        "audio",
+    }
 )
 REDACTED = "[redacted]"
 
 
 def _int(v: Any) -> int | None:
     return int(v) if isinstance(v, int | float) else None
+
+
+def _clean(text: str | None) -> str | None:
+    # An upstream error snippet may hold NUL, which PostgreSQL text refuses (a poison record).
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -108,7 +125,7 @@ class RecordBuilder:
             "tier": str(replica.tier) if replica is not None else None,
             "stream": bool(ctx.stream),
             "status": int(ctx.status),
-            "error": ctx.error,
+            "error": _clean(ctx.error),
             "latency_ms": round(latency * 1000.0, 3),
             "ttft_ms": round(ctx.ttfb * 1000.0, 3) if ctx.ttfb is not None else None,
             "input_tokens": inp,

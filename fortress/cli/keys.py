@@ -42,10 +42,15 @@ def _config(path: Path | None) -> Any:
 
 def _store(path: Path | None) -> tuple[Any, Any]:
     from fortress.access.keys import KeyStore
-    from fortress.access.secret import load_secret
+    from fortress.access.secret import load_secret, secret_path
     from fortress.store.db import database_url, migrate
 
     cfg = _config(path)
+    if not cfg.auth.secret and not secret_path(cfg).exists():
+        err_console.print(
+            f"[yellow]note:[/yellow] creating a new server secret at {secret_path(cfg).resolve()}; "
+            "gateways must use the same state_dir (or set auth.secret) to accept these keys"
+        )
     try:
         engine = migrate(database_url(cfg))
     except Exception as exc:
@@ -207,7 +212,7 @@ def revoke(
 def rotate(
     key_id: str = typer.Argument(..., help="The key's id (key_...)."),
     grace: float | None = typer.Option(
-        None, "--grace", help="Seconds the old key keeps working [default: auth.rotation_grace, 24 h]."
+        None, "--grace", help="Seconds the old key keeps working (default: auth.rotation_grace, 24 h)."
     ),
     config: Path | None = ConfigOption,
 ) -> None:

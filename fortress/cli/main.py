@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from fortress.cli.alarms import alarms_app
+from fortress.cli.audit import audit_app
 from fortress.cli.keys import keys_app
 from fortress.cli.sim import sim
 from fortress.cli.up import up
@@ -26,6 +27,7 @@ app.command("sim")(sim)
 app.command("up")(up)
 app.add_typer(alarms_app, name="alarms")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 
 def _load(

@@ -17,15 +17,13 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import typer
-import uvicorn
-import yaml
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -88,6 +86,8 @@ def up(
 def _config(
     path: Path | None, replicas: int | None, model: str | None, engine: EngineChoice, port: int | None
 ) -> Any:
+    import yaml
+
     from fortress.config import ConfigError, Server, load_config, parse_config
     from fortress.replicas.engines import EngineError, LlamaCppEngine, VllmEngine
 
@@ -128,20 +128,26 @@ def _config(
 
 
 def _fail(message: str, code: int = 2) -> Any:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
 # -- running -------------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: ``fortress up`` handles signals for both phases
-    (uvicorn's would only act once startup completes, and re-raise the signal on exit)."""
+def _server(gateway: Any, cfg: Any) -> Any:
+    """A uvicorn server without its own signal handlers: ``fortress up`` handles signals for both
+    phases (uvicorn's would act only once startup completes, and re-raise the signal on exit)."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    from fortress.gateway.server import build_server
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    return Server(build_server(gateway, cfg).config)
 
 
 def _run(cfg: Any, quiet: bool) -> int:
@@ -167,10 +173,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock  # not inheritable: the replica processes must not hold the gateway's port
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _display_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # what to paste on this machine
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def _main(cfg: Any, quiet: bool) -> int:
     from fortress.gateway.app import Gateway
     from fortress.gateway.layers import build_layers
-    from fortress.gateway.server import build_server
     from fortress.replicas.engines import EngineError
     from fortress.replicas.supervisor import Supervisor, SupervisorError, kill_all_now
     from fortress.routing.pool import Router
@@ -181,13 +195,15 @@ async def _main(cfg: Any, quiet: bool) -> int:
         supervisor.plan()
     except (EngineError, SupervisorError) as exc:
         _fail(str(exc))
-    sock = _bind(cfg.server.host, cfg.server.port)
-    url = "http://{}:{}".format(*sock.getsockname()[:2])
     access, audit = build_layers(cfg)
     gateway = Gateway(cfg, router, access=access, audit=audit)
+    sock = _bind(cfg.server.host, cfg.server.port)
+    url = _display_url(cfg.server.host, sock.getsockname()[1])
+    if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
+        err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
     # Drain and stop the replicas first on shutdown, while the relay is still there.
     gateway.on_shutdown.insert(0, supervisor.stop)
-    server = _Server(build_server(gateway, cfg).config)
+    server = _server(gateway, cfg)
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -218,7 +234,9 @@ async def _main(cfg: Any, quiet: bool) -> int:
             failed = await supervisor.start()
             if len(failed) == len(supervisor.slots):
                 for slot in failed:
-                    err_console.print(f"[red]{slot.name} failed:[/red] {slot.detail}; log: {slot.log_path}")
+                    err_console.print(
+                        f"[red]{slot.name} failed:[/red] {escape(slot.detail)}; log: {slot.log_path}"
+                    )
                     print("\n".join(list(slot.tail)[-20:]), file=sys.stderr)
                 return 1
         serving = True
@@ -242,7 +260,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
 # -- the banner ----------------------------------------------------------------------------
 
 
-async def _announce(server: uvicorn.Server, router: Any, cfg: Any, url: str, supervisor: Any) -> None:
+async def _announce(server: Any, router: Any, cfg: Any, url: str, supervisor: Any) -> None:
     """Print where to send requests once the gateway listens and every model has a healthy
     replica (or after 60 s, with a warning)."""
     for _ in range(1200):

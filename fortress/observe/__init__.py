@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -52,13 +51,12 @@ class Observability:
     the audit layer's lag is read from its ``journal_lag()`` method when it has one.
     """
 
-    def __init__(
-        self, gateway: Gateway, config: FortressConfig, clock: Callable[[], float] = time.perf_counter
-    ):
+    def __init__(self, gateway: Gateway, config: FortressConfig) -> None:
         cfg = config.observe
         router = gateway.router
         self.config = config
-        self.clock = clock
+        # perf_counter: the clock of ctx.t0, so one reading serves the latency and the window.
+        self.clock = clock = time.perf_counter
         self.admin_token = config.server.admin_token
         self.metrics_public = cfg.metrics_public
         self.recent = RecentTraffic(clock=clock)
@@ -83,6 +81,9 @@ class Observability:
         lag = getattr(gateway.audit, "journal_lag", None)
         if callable(lag):
             self.metrics.state.journal_lag = lag
+        stats = getattr(gateway.audit, "stats", None)
+        if callable(stats):
+            self.metrics.state.audit_stats = stats
         self.dashboard = Dashboard(
             router,
             self.recent,
@@ -162,12 +163,18 @@ class Observability:
     # -- routes -------------------------------------------------------------------------------
 
     async def serve_metrics(self, scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
+        if scope["path"] != "/metrics":
+            await http.not_found(send, scope["path"])
+            return
         if not (self.metrics_public or http.admin_allowed(scope, self.admin_token)):
             await http.forbidden(send)
             return
         await http.respond(send, 200, self.metrics.render(), CONTENT_TYPE_LATEST)
 
     async def serve_alarms(self, scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
+        if scope["path"] != "/alarms":
+            await http.not_found(send, scope["path"])
+            return
         if not http.admin_allowed(scope, self.admin_token):
             await http.forbidden(send)
             return

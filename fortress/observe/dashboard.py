@@ -95,6 +95,8 @@ class Dashboard:
         self.cpu = CpuMeter()
         self.static = _load_static()
         self.started = time.time()
+        # No series points from before the gateway started (a restart shows no fake idle minutes).
+        self.series_start = int(recent.clock())
         # Finished steps of the series never change: keep them (end second → point).
         self._points: dict[int, dict[str, Any]] = {}
 
@@ -175,6 +177,8 @@ class Dashboard:
         ends = range(end - SERIES_SECONDS + SERIES_STEP, end + 1, SERIES_STEP)
         wall_offset = time.time() - now
         for e in ends:
+            if e <= self.series_start:
+                continue
             p = self._points.get(e)
             if p is None:
                 # The step ending at second `e` covers seconds e-2 and e-1.

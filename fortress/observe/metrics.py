@@ -249,6 +249,8 @@ class StateCollector(Collector):
         self.gpus = gpus
         # Hooks set by other layers: seconds of audit records not yet shipped; alarm states.
         self.journal_lag: Callable[[], float | None] | None = None
+        # The audit layer's ``stats()``: journal head, store position, backlog, shipper error.
+        self.audit_stats: Callable[[], dict[str, Any]] | None = None
         self.alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
 
     def describe(self) -> Iterable[Metric]:
@@ -268,6 +270,8 @@ class StateCollector(Collector):
                 )
                 g.add_metric([], float(lag))
                 yield g
+        if self.audit_stats is not None:
+            yield from self._audit(self.audit_stats())
         if self.alarm_states is not None:
             firing = GaugeMetricFamily(
                 "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
@@ -281,6 +285,20 @@ class StateCollector(Collector):
                     states.add_metric([name, s], 1.0 if state == s else 0.0)
             yield firing
             yield states
+
+    @staticmethod
+    def _audit(stats: dict[str, Any]) -> Iterable[Metric]:
+        backlog = GaugeMetricFamily(
+            "fortress_audit_backlog_records", "Audit records in the journal not yet in the store."
+        )
+        backlog.add_metric([], float(stats.get("backlog") or 0))
+        journal = CounterMetricFamily("fortress_audit_journal_records", "Audit records made durable.")
+        journal.add_metric([], float(stats.get("journal_seq") or 0))
+        fsyncs = CounterMetricFamily("fortress_audit_journal_fsyncs", "Group commits of the audit journal.")
+        fsyncs.add_metric([], float(stats.get("journal_fsyncs") or 0))
+        ok = GaugeMetricFamily("fortress_audit_shipper_ok", "0 while shipping records to the store fails.")
+        ok.add_metric([], 0.0 if stats.get("shipper_error") else 1.0)
+        yield from (backlog, journal, fsyncs, ok)
 
     def _replicas(self) -> Iterable[Metric]:
         labels = ["replica", "model", "tier"]

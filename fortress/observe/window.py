@@ -7,7 +7,7 @@ latency bins) and fixed memory, whatever the request rate. Percentiles come from
 they are exact to within one bin (12 %).
 
 Time is whatever clock the caller passes in (``time.perf_counter`` in the gateway, a fake one
-in tests); nothing here reads a clock on its own except ``summary``/``series`` defaults.
+in tests); nothing here reads a clock on its own except ``summary``'s default.
 """
 
 from __future__ import annotations
@@ -169,15 +169,6 @@ class RecentTraffic:
         last = int(now)
         span = max(1, round(seconds))
         return _merge(self._buckets(last - span + 1, last), float(span), quantiles)
-
-    def series(self, seconds: int, step: int, width: int, now: float | None = None) -> list[Summary]:
-        """``seconds // step`` points, oldest first, each summarising the ``width`` s before it."""
-        now = self.clock() if now is None else now
-        last = int(now)
-        points = []
-        for end in range(last - seconds + step, last + 1, step):
-            points.append(_merge(self._buckets(end - width + 1, end), float(width)))
-        return points
 
 
 def _merge(buckets: list[_Bucket], seconds: float, quantiles: bool = True) -> Summary:

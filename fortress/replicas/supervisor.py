@@ -280,13 +280,11 @@ class LocalReplica:
 
 
 class Supervisor:
-    """Runs the local replicas of a ``Router``'s pools. Use on one event loop::
+    """Runs the local replicas of a ``Router``'s pools, on one event loop.
 
-        sup = Supervisor(router, state_dir=".fortress")
-        sup.plan()                # every local replica in the config (raises EngineError)
-        await sup.start()         # spawn, wait until ready (or failed), register
-        ...
-        await sup.stop()          # drain, SIGTERM, SIGKILL after stop_timeout
+    ``plan()`` adds a slot per local process the config asks for (engine errors surface here),
+    ``start()`` spawns them and waits until each is ready or failed, ``stop()`` drains and stops
+    them. In between, crashed processes are restarted according to their ``RestartPolicy``.
     """
 
     def __init__(
@@ -387,6 +385,7 @@ class Supervisor:
         return [s for s in self.slots if s.state is ProcState.FAILED]
 
     async def _progress(self, done: asyncio.Future[Any]) -> None:
+        from rich.markup import escape
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         with Progress(
@@ -399,7 +398,7 @@ class Supervisor:
             ids = {s: progress.add_task(s.name, total=1) for s in self.slots}
             while True:
                 for s, tid in ids.items():
-                    what = f"[bold]{s.name}[/bold] ({s.engine.kind}, {s.url or 'no port yet'}): {s.detail}"
+                    what = f"[bold]{s.name}[/bold] {s.engine.kind} :{s.port or '?'} {escape(s.detail)}"
                     finished = s.first_ready.is_set()
                     progress.update(tid, description=what, completed=1 if finished else 0)
                     if finished:

@@ -1,0 +1,299 @@
+"""The audit journal: group commit, durability, torn-tail recovery, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from audit_support import SECRET, fill, sample
+
+from fortress.audit.chain import GENESIS, is_sealed
+from fortress.audit.journal import (
+    Journal,
+    JournalError,
+    JournalReader,
+    frame,
+    list_segments,
+    load_gateway_id,
+    unframe,
+)
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+def read_all(journal: Journal) -> list[dict]:
+    return [rec for rec, _ in JournalReader(journal.dir).read(0, 10**9, journal.durable)]
+
+
+def check_chain(records: list[dict], first: int = 1) -> None:
+    prev = records[0]["prev_hash"] if first != 1 else GENESIS
+    for i, rec in enumerate(records):
+        assert rec["seq"] == first + i
+        assert rec["prev_hash"] == prev
+        assert is_sealed(SECRET, rec)
+        prev = rec["hash"]
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    j = Journal(tmp_path / "journal", "gw-test", SECRET, group_commit_ms=5)
+    j.open()
+    yield j
+    j.close()
+
+
+async def test_concurrent_appends_share_fsyncs(journal: Journal) -> None:
+    n = 2000
+    seqs = await asyncio.gather(*(journal.append(sample(i)) for i in range(n)))
+    assert sorted(seqs) == list(range(1, n + 1))
+    # Every append waited for an fsync covering it, yet they shared very few.
+    assert journal.fsyncs <= n // 20, journal.fsyncs
+    records = read_all(journal)
+    assert len(records) == n
+    check_chain(records)
+    assert {r["request_id"] for r in records} == {f"req-{i}" for i in range(n)}
+
+
+async def test_lone_append_does_not_wait_for_company(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=200)
+    j.open()
+    try:
+        t0 = time.perf_counter()
+        await fill(j, 5)
+        per_append = (time.perf_counter() - t0) / 5
+        # Without concurrent appends there is nobody to wait for: well under the 200 ms delay.
+        assert per_append < 0.1, per_append
+        assert j.fsyncs == 5
+    finally:
+        j.close()
+
+
+async def test_append_returns_only_after_fsync(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        real(fd)
+        synced.append(journal.fsyncs + 1)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    await journal.append(sample(0))
+    assert synced and journal.durable_seq == 1
+
+
+async def test_seq_and_chain_continue_after_restart(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    j = Journal(d, "gw-test", SECRET)
+    j.open()
+    await fill(j, 10)
+    head = j.head_hash
+    j.close()
+    j2 = Journal(d, "gw-test", SECRET)
+    j2.open()
+    try:
+        assert (j2.head_seq, j2.head_hash) == (10, head)
+        assert await j2.append(sample(10)) == 11
+        check_chain(read_all(j2))
+    finally:
+        j2.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'0badc0de {"seq": 11, "partial',  # cut mid-line, no newline
+        frame(b'{"seq":11}')[:-5],  # a valid frame cut short
+        b"deadbeef " + b'{"seq": 11}' + b"\n",  # complete line, wrong CRC
+        b"\x00" * 300,  # zeros from a file extended before the data reached the disk
+    ],
+)
+async def test_torn_tail_is_truncated_on_recovery(tmp_path: Path, tail: bytes) -> None:
+    d = tmp_path / "j"
+    j = Journal(d, "gw-test", SECRET)
+    j.open()
+    await fill(j, 10)
+    j.close()
+    (_, seg), *_ = list_segments(d)
+    good = seg.stat().st_size
+    append_bytes(seg, tail)
+    j2 = Journal(d, "gw-test", SECRET)
+    j2.open()
+    try:
+        assert seg.stat().st_size == good  # the torn bytes are gone
+        assert j2.head_seq == 10
+        assert await j2.append(sample(10)) == 11
+        records = read_all(j2)
+        assert len(records) == 11
+        check_chain(records)
+    finally:
+        j2.close()
+
+
+async def test_empty_segment_left_by_a_crash_is_removed(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    j = Journal(d, "gw-test", SECRET, segment_bytes=4096)
+    j.open()
+    await fill(j, 3)
+    j.close()
+    (d / "seg-0000000000000004.log").write_bytes(b"0000")  # created, torn before any line
+    j2 = Journal(d, "gw-test", SECRET)
+    j2.open()
+    try:
+        assert j2.head_seq == 3
+        assert not (d / "seg-0000000000000004.log").exists()
+        assert await j2.append(sample(3)) == 4
+    finally:
+        j2.close()
+
+
+async def test_segments_rotate_and_shipped_ones_are_deleted(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "gw-test", SECRET, segment_bytes=4096)
+    j.open()
+    try:
+        await fill(j, 60)
+        segs = list_segments(j.dir)
+        assert len(segs) >= 4
+        records = read_all(j)
+        assert [r["seq"] for r in records] == list(range(1, 61))
+        check_chain(records)
+        # Delete what is shipped up to seq 30: whole segments only, never the active one.
+        j.delete_through(30)
+        left = list_segments(j.dir)
+        assert left[0][0] <= 31 and len(left) < len(segs)
+        remaining = [rec for rec, _ in JournalReader(j.dir).read(30, 10**9, j.durable)]
+        assert [r["seq"] for r in remaining] == list(range(31, 61))
+        j.delete_through(10**9)
+        assert list_segments(j.dir)[-1] == segs[-1]  # the active segment stays
+    finally:
+        j.close()
+
+
+async def test_reader_never_reads_past_durable(journal: Journal) -> None:
+    await fill(journal, 5)
+    first, size = journal.durable
+    # Bytes after the synced size (a write in progress) are not handed out.
+    append_bytes(list_segments(journal.dir)[-1][1], frame(b'{"seq": 6, "hash": "x"}'))
+    reader = JournalReader(journal.dir)
+    assert [r["seq"] for r, _ in reader.read(0, 100, (first, size))] == [1, 2, 3, 4, 5]
+
+
+async def test_one_process_per_journal(journal: Journal) -> None:
+    other = Journal(journal.dir, "gw-test", SECRET)
+    with pytest.raises(JournalError, match="in use"):
+        other.open()
+
+
+async def test_floor_from_the_store_avoids_reusing_seqs(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "gw-test", SECRET)
+    j.open(floor=(41, "ab" * 32))
+    try:
+        assert await j.append(sample(0)) == 42
+        (rec,) = read_all(j)
+        assert rec["prev_hash"] == "ab" * 32
+    finally:
+        j.close()
+
+
+async def test_write_failure_fails_the_append_and_keeps_seqs_dense(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fill(journal, 2)
+    real = os.fdatasync
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full)
+    with pytest.raises(JournalError, match="No space"):
+        await journal.append(sample(2))
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert await journal.append(sample(3)) == 3
+    records = read_all(journal)
+    assert [r["request_id"] for r in records] == ["req-0", "req-1", "req-3"]
+    check_chain(records)
+
+
+async def test_unserialisable_record_fails_alone(journal: Journal) -> None:
+    bad = sample(1, body={"x": object()})
+    results = await asyncio.gather(journal.append(sample(0)), journal.append(bad), return_exceptions=True)
+    assert results[0] == 1 and isinstance(results[1], JournalError)
+    assert await journal.append(sample(2)) == 2
+
+
+def test_frame_roundtrip() -> None:
+    body = orjson.dumps({"seq": 1, "x": "é"})
+    line = frame(body)
+    assert line.endswith(b"\n") and unframe(line[:-1]) == body
+    assert unframe(line[:-2]) is None
+    assert unframe(b"zzzzzzzz " + body) is None
+
+
+def test_gateway_id_is_stable(tmp_path: Path) -> None:
+    a = load_gateway_id(tmp_path)
+    assert a.startswith("gw-") and load_gateway_id(tmp_path) == a
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {tests!r})
+    from audit_support import SECRET, sample
+    from fortress.audit.journal import Journal
+
+    async def main():
+        j = Journal({dir!r}, "gw-test", SECRET, group_commit_ms=1)
+        j.open()
+        async def worker(w):
+            i = 0
+            while True:
+                seq = await j.append(sample(w * 1_000_000 + i))
+                sys.stdout.write(f"{{seq}}\\n")
+                sys.stdout.flush()
+                i += 1
+        await asyncio.gather(*(worker(w) for w in range(32)))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_kill_9_loses_no_acknowledged_record(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent), dir=str(d)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    acked: list[int] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while len(acked) < 3000 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked.append(int(line))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(acked) >= 3000, "the child did not acknowledge enough appends"
+    j = Journal(d, "gw-test", SECRET)
+    j.open()
+    try:
+        records = read_all(j)
+        check_chain(records)
+        assert records[-1]["seq"] >= max(acked)  # every acknowledged record survived
+        assert await_append(j) == records[-1]["seq"] + 1
+    finally:
+        j.close()
+
+
+def await_append(j: Journal) -> int:
+    return asyncio.run(j.append(sample(-1)))
