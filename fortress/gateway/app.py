@@ -166,7 +166,10 @@ class Gateway:
             await self._complete(ctx, receive, send, content_length)
         finally:
             for observe in self.observers:
-                observe(ctx)
+                try:
+                    observe(ctx)
+                except Exception:  # one broken observer must not hide the others
+                    log.exception("observer %r failed", observe)
 
     async def _complete(self, ctx: RequestContext, receive: Receive, send: Send, content_length: int) -> None:
         if content_length > self.max_body:

@@ -147,6 +147,7 @@ class Relay:
                         )
                     )
                 wd.expect(self.config.timeouts.idle, "idle")
+                ctx.error = None  # an earlier attempt's failure is not this answer's
                 if ctx.stream and status == 200:
                     started = True
                     await self._relay_stream(ctx, replica, resp, send, wd)
