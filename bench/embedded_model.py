@@ -9,7 +9,8 @@ Method
   2 slots, 2048 context) and pinned to one core (``--server-core``, default 0).
 * **The gateway** is ``fortress serve -c <config>`` with that server as the only replica of pool
   ``smollm2`` (API keys and audit off, so the relay itself is measured), pinned to the other core
-  together with this script's client (``--gateway-core``, default 1).
+  (``--gateway-core``, default 1); this script's client runs on ``--client-core`` (default: the
+  gateway's core).
 * **Requests**: streamed chat completions with ``stream_options.include_usage``, ``max_tokens``
   fixed and ``ignore_eos`` so every answer has the same length, temperature 0. Each round uses
   one prompt from a fixed list: an unmeasured 1-token request warms llama-server's prompt cache
@@ -201,13 +202,18 @@ def machine() -> str:
     return f"{model} ({os.cpu_count()} cores, Linux {platform.release()}), Python {platform.python_version()}"
 
 
+def client_core(args: argparse.Namespace) -> int:
+    return int(args.gateway_core if args.client_core is None else args.client_core)
+
+
 def report(res: dict[str, Any], args: argparse.Namespace, command: str, seconds: float) -> str:
     t, dec, e2e = res["ttft"], res["decode_tps"], res["e2e_tps"]
     ok_tps = res["decode_ratio"] >= 0.99
     ok_ttft = max(res["ttft_added_ms"], res["ttft_added_paired_ms"]) <= 2.0
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     pin = (
-        f"llama-server pinned to CPU {args.server_core}; gateway and client to CPU {args.gateway_core}"
+        f"llama-server pinned to CPU {args.server_core}, the gateway to CPU {args.gateway_core}, "
+        f"the client to CPU {client_core(args)}"
         if not args.no_pin
         else "no CPU pinning"
     )
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30, help="requests per path [30]")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per answer [48]")
     ap.add_argument("--server-core", type=int, default=0, help="CPU for llama-server [0]")
-    ap.add_argument("--gateway-core", type=int, default=1, help="CPU for the gateway and client [1]")
+    ap.add_argument("--gateway-core", type=int, default=1, help="CPU for the gateway [1]")
+    ap.add_argument("--client-core", type=int, default=None, help="CPU for the client [gateway's]")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--write-docs", action="store_true", help="replace this section of docs/benchmarks.md")
     ap.add_argument("--json", metavar="FILE", help="write the raw samples and summary as JSON")
@@ -263,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/embedded_model.py", *map(shlex.quote, argv)])
     server_core = None if args.no_pin else args.server_core
     gateway_core = None if args.no_pin else args.gateway_core
-    if gateway_core is not None:
-        os.sched_setaffinity(0, {gateway_core})
+    if not args.no_pin:
+        os.sched_setaffinity(0, {client_core(args)})
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fortress-bench-") as tmp_dir:
         tmp = Path(tmp_dir)

@@ -257,10 +257,11 @@ class CpuWindow:
         return self.system / (self.user + self.system) if self.user + self.system else 0.0
 
 
-def machine_busy() -> float:
-    """CPU seconds all processes of the machine have used (from /proc/stat)."""
+def machine_busy(cpu: int | None = None) -> float:
+    """CPU seconds all processes have used, on one CPU or on all (from /proc/stat)."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
     with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
+        fields = next(line.split() for line in f if line.split()[0] == name)[1:]
     ticks = [int(x) for x in fields]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     return (sum(ticks[:8]) - idle) / CLK_TCK  # user..steal, without guest (counted in user)
@@ -1041,6 +1042,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None)
     busy0, own0, t0 = machine_busy(), own_cpu(), time.monotonic()
+    core0, relays_cpu = machine_busy(gw_core), 0.0
     try:
         p_json, p_sse, p_sim, p_gw, p_floor = (free_port() for _ in range(5))
         conf = write_nginx(workdir, p_json, p_sse)
@@ -1136,12 +1138,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.profile, gw.pid, p_gw, b_json, b_sim, plan, load_core, workdir, runner
             )
         procs.check_alive()
+        relays_cpu = cpu_time(gw.pid) + cpu_time(floor.pid)
     finally:
         runner.close()
         procs.stop()
         wall = time.monotonic() - t0
         other = max(0.0, (machine_busy() - busy0) - (own_cpu() - own0))
-        results["other_cpu"] = {"seconds": other, "share": other / (wall * (os.cpu_count() or 1))}
+        on_core = max(0.0, machine_busy(gw_core) - core0 - relays_cpu)
+        results["other_cpu"] = {
+            "seconds": other,
+            "share": other / (wall * (os.cpu_count() or 1)),
+            "gateway_core_share": on_core / wall,
+        }
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
@@ -1316,11 +1324,12 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "floor relay run on "
         f"CPU {r['cores']['gateway']}; nginx, the simulator and all load on CPU "
         f"{r['cores']['load']}. Run time {r['seconds']:.0f} s; other processes used "
-        f"{r['other_cpu']['share'] * 100:.0f} % of the machine's CPU meanwhile"
+        f"{r['other_cpu']['share'] * 100:.0f} % of the machine's CPU meanwhile, "
+        f"{r['other_cpu']['gateway_core_share'] * 100:.0f} % of the gateway's"
         + (
             " (a busy machine: latency percentiles and requests/s are unreliable, CPU per "
             "request less so; rerun when it is quiet)."
-            if r["other_cpu"]["share"] > 0.05
+            if r["other_cpu"]["share"] > 0.05 or r["other_cpu"]["gateway_core_share"] > 0.05
             else "."
         ),
         "",

@@ -15,6 +15,7 @@ from fortress.audit.journal import Journal
 from fortress.audit.query import verify
 from fortress.audit.sql import SqlSink
 from fortress.config import parse_config
+from fortress.secret import SecretMissing, load_secret
 
 N = 30
 
@@ -203,15 +204,19 @@ def test_hash_is_hmac_of_prev_and_canonical_bytes() -> None:
 
 def test_secret_shared_with_access_layer(tmp_path: Path) -> None:
     cfg = parse_config(f"state_dir: {tmp_path}", env={})
-    with pytest.raises(chain.SecretMissing):
-        chain.load_secret(cfg, create=False)
+    with pytest.raises(SecretMissing):
+        load_secret(cfg, create=False)
     from fortress.access.secret import load_secret as access_secret
 
     first = access_secret(cfg)
-    assert chain.load_secret(cfg) == first == chain.load_secret(cfg, create=False)
+    assert load_secret(cfg) == first == load_secret(cfg, create=False)
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    other = parse_config(f"state_dir: {tmp_path / 'a'}", env={})
+    created = load_secret(other)  # the audit layer first this time
+    assert access_secret(other) == created
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name != "secret"]  # no temp left
     cfg2 = parse_config(f"state_dir: {tmp_path / 'b'}\nauth: {{secret: s3cr3t}}", env={})
-    assert chain.load_secret(cfg2) == b"s3cr3t"
+    assert load_secret(cfg2) == b"s3cr3t"
 
 
 def test_secret_created_once_under_concurrency(tmp_path: Path) -> None:
@@ -219,7 +224,7 @@ def test_secret_created_once_under_concurrency(tmp_path: Path) -> None:
 
     cfg = parse_config(f"state_dir: {tmp_path}", env={})
     with ThreadPoolExecutor(8) as pool:
-        values = set(pool.map(lambda _: chain.load_secret(cfg), range(16)))
+        values = set(pool.map(lambda _: load_secret(cfg), range(16)))
     assert len(values) == 1 and len(values.pop()) == 64
 
 

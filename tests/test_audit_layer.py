@@ -176,7 +176,7 @@ async def test_layer_lifecycle(tmp_path: Path) -> None:
     assert stats["journal_seq"] == 6
     await layer2.stop()
     assert sql(db, "SELECT max(seq), count(DISTINCT gateway_id) FROM audit_records") == [(6, 1)]
-    from fortress.audit.chain import load_secret
+    from fortress.secret import load_secret
 
     report = verify(get_engine(database_url(cfg)), load_secret(cfg))
     assert report.ok, report.problems

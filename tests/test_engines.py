@@ -225,3 +225,24 @@ pools:
     with pytest.raises(EngineError, match="not started by Fortress"):
         ext.launch(1)
     assert engine_for(ReplicaConfig(engine="llamacpp")).model == "smollm2"
+
+
+# -- `fortress up` refuses a bad engine setup before starting anything -----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model.gguf"], "is not a file"),
+        (["--engine", "vllm"], "--engine vllm needs --model"),
+        (["-c", "fortress.yaml", "--replicas", "2"], "drop --replicas/--model/--engine"),
+    ],
+)
+def test_up_rejects_bad_engine_setup(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from fortress.cli.main import app
+
+    result = CliRunner().invoke(app, ["up", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())

@@ -104,7 +104,11 @@ FAST = {"backoff_initial": 0.1, "backoff_max": 0.5, "stop_timeout": 5}
 
 
 def make_supervisor(
-    tmp: Path, options: dict[str, Any], count: int = 1, deregistration_delay: float = 5.0
+    tmp: Path,
+    options: dict[str, Any],
+    count: int = 1,
+    deregistration_delay: float = 5.0,
+    **supervisor_kw: Any,
 ) -> tuple[Router, Supervisor]:
     doc = {
         "pools": [
@@ -116,7 +120,7 @@ def make_supervisor(
         ]
     }
     router = Router(parse_config(yaml.safe_dump(doc), env={}))
-    sup = Supervisor(router, state_dir=tmp, quiet=True, poll_interval=0.05)
+    sup = Supervisor(router, state_dir=tmp, quiet=True, poll_interval=0.05, **supervisor_kw)
     sup.plan()
     return router, sup
 
@@ -223,6 +227,18 @@ async def test_gives_up_after_too_many_crashes_and_marks_failed(supervised: Call
     assert time.monotonic() - t0 < 15
     await asyncio.sleep(0.5)
     assert slot.restarts == 2 and list(slot.exit_codes) == [2, 2, 2]  # and it stays given up
+
+
+async def test_logs_rotate_by_size(supervised: Callable[..., Any], tmp_path: Path) -> None:
+    # Each failed start writes the simulator's usage error (~1 kB): 4 starts, 1.5 kB per file.
+    options = {"extra_args": ["--tokens", "0"], "max_crashes": 4}
+    _, sup = supervised(options, log_max_bytes=1500, log_backups=2)
+    await sup.start()
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["sim-model-1.log", "sim-model-1.log.1", "sim-model-1.log.2"]  # only 2 kept
+    for name in logs:
+        assert (tmp_path / "logs" / name).stat().st_size <= 1500 + 1024
+    assert "exited with status 2" in (tmp_path / "logs" / "sim-model-1.log").read_text()
 
 
 async def test_graceful_stop_drains_first_and_leaves_no_process(supervised: Callable[..., Any]) -> None:

@@ -15,73 +15,18 @@ store and in a local file) catch a cut-off tail.
 from __future__ import annotations
 
 import hmac
-import os
-import secrets
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
-
-from fortress.config import FortressConfig
 
 GENESIS = "0" * 64
 _SORT = orjson.OPT_SORT_KEYS
 
 
-# -- the secret -------------------------------------------------------------------------------
-
-
-class SecretMissing(RuntimeError):
-    """No ``auth.secret`` and no ``<state_dir>/secret``: the chain cannot be checked."""
-
-
-def secret_path(config: FortressConfig) -> Path:
-    return Path(config.state_dir).expanduser() / "secret"
-
-
-def load_secret(config: FortressConfig, create: bool = True) -> bytes:
-    """The chain's HMAC secret: ``auth.secret``, else the contents of ``<state_dir>/secret``.
-
-    The file is shared with the access layer (API key hashes). Whoever comes first creates it
-    exclusively (32 random bytes as hex, mode 0600); the other reads it, waiting briefly if it
-    was created a moment ago and is still empty. ``create=False`` (the CLI) never makes one: a
-    fresh secret could not verify anything.
-    """
-    if config.auth.secret:
-        return config.auth.secret.encode()
-    path = secret_path(config)
-    if not create:
-        if not path.exists():
-            raise SecretMissing(
-                f"no audit secret: {path} does not exist and auth.secret (FORTRESS__AUTH__SECRET) is unset"
-            )
-        return _read_secret(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_secret(path)
-    value = secrets.token_hex(32).encode()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(value)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return value
-
-
-def _read_secret(path: Path) -> bytes:
-    deadline = time.monotonic() + 5
-    while True:
-        value = path.read_bytes().strip()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SecretMissing(f"{path} is empty: delete it or set auth.secret")
-        time.sleep(0.01)  # created by another process that has not written it yet
+# -- the secret lives in fortress.secret (shared with the access layer) -------------------
 
 
 # -- hashing ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from fortress.audit.archive import ArchiveSink, open_target
-from fortress.audit.chain import load_secret
 from fortress.audit.journal import Journal, JournalError, load_gateway_id
 from fortress.audit.records import RecordBuilder
 from fortress.audit.shipper import Shipper
@@ -23,6 +22,7 @@ from fortress.audit.sql import SqlSink
 from fortress.config import FortressConfig
 from fortress.gateway.context import RequestContext
 from fortress.gateway.errors import GatewayError
+from fortress.secret import load_secret
 from fortress.store.db import database_url
 
 log = logging.getLogger("fortress.audit")

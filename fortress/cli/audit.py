@@ -34,9 +34,15 @@ def _config(path: Path | None) -> Any:
 
 
 def _engine(cfg: Any) -> Any:
+    from sqlalchemy.engine import make_url
+
     from fortress.store.db import database_url, migrate
 
     url = database_url(cfg)
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and not Path(u.database).exists():
+        err_console.print(f"[red]error:[/red] no audit store at {u.database} (wrong -c or state_dir?)")
+        raise typer.Exit(2)
     try:
         return migrate(url)
     except Exception as exc:
@@ -205,9 +211,10 @@ def verify(
     """
     import orjson
 
-    from fortress.audit.chain import SecretMissing, load_secret, summarize
+    from fortress.audit.chain import summarize
     from fortress.audit.layer import journal_dir
     from fortress.audit.query import verify as run_verify
+    from fortress.secret import SecretMissing, load_secret
 
     cfg = _config(config)
     try:

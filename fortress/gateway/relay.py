@@ -106,8 +106,8 @@ class Relay:
         await self.send_error(send, ctx, last_error)
 
     def _upstream_body(self, ctx: RequestContext, route: Route, raw: bytes) -> bytes:
-        body = ctx.body
-        assert body is not None
+        assert ctx.body is not None
+        body = dict(ctx.body)  # ctx.body stays what the client sent (audit captures it)
         changed = False
         if route.is_alias:
             body["model"] = route.upstream_model

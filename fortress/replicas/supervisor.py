@@ -337,7 +337,12 @@ class Supervisor:
                 f"a local {rc.engine} replica gets its port from Fortress: remove its url ({rc.url})"
             )
         engine = engine_for(rc, pool.model)
-        stop_timeout = float(rc.options.get("stop_timeout", 15.0))
+        opts = {str(k).replace("-", "_"): v for k, v in rc.options.items()}
+        try:
+            stop_timeout = float(opts.get("stop_timeout", 15.0))
+        except (TypeError, ValueError):
+            bad = opts["stop_timeout"]
+            raise EngineError(f"option stop_timeout must be a number of seconds, got {bad!r}") from None
         out = []
         for _ in range(rc.count):
             name = self._name(engine.model or rc.engine)
