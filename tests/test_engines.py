@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,20 @@ def test_up_rejects_bad_engine_setup(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["up", *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_up_fails_fast_when_the_engine_binary_is_missing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fortress.cli.main import app
+
+    config = tmp_path / "fortress.yaml"
+    config.write_text(
+        "pools:\n  - model: q\n    replicas:\n"
+        "      - {engine: vllm, options: {model: Qwen/Qwen2.5-7B-Instruct, binary: /nonexistent/vllm}}\n"
+    )
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, ["up", "-c", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "/nonexistent/vllm" in result.output and "options.binary" in " ".join(result.output.split())
+    assert time.monotonic() - t0 < 5  # no crash loop first

@@ -38,6 +38,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -310,8 +311,6 @@ class Supervisor:
         self.poll_interval = poll_interval
         self.clock = clock
         self.slots: list[LocalReplica] = []
-        # Called (on the loop) whenever a slot changes state: the CLI prints, tests observe.
-        self.on_change: list[Callable[[LocalReplica], None]] = []
         self._stopping = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -337,6 +336,12 @@ class Supervisor:
                 f"a local {rc.engine} replica gets its port from Fortress: remove its url ({rc.url})"
             )
         engine = engine_for(rc, pool.model)
+        program = engine.launch(1, self.host).argv[0]
+        if shutil.which(program) is None:  # fail now, not after a crash loop of "not found"
+            raise EngineError(
+                f"{rc.engine}: {program!r} is not an executable (nor on PATH); install it "
+                "or set the replica's options.binary"
+            )
         opts = {str(k).replace("-", "_"): v for k, v in rc.options.items()}
         try:
             stop_timeout = float(opts.get("stop_timeout", 15.0))
@@ -544,14 +549,10 @@ class Supervisor:
             self.router.remove_replica(slot.replica)
             slot.replica = None
 
-    def _set(self, slot: LocalReplica, state: ProcState, detail: str) -> None:
+    @staticmethod
+    def _set(slot: LocalReplica, state: ProcState, detail: str) -> None:
         slot.state = state
         slot.detail = detail
-        for cb in self.on_change:
-            try:
-                cb(slot)
-            except Exception:  # an observer must not stop supervision
-                log.exception("supervisor on_change callback failed")
 
     # -- stopping --------------------------------------------------------------------------
 
