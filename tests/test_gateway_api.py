@@ -246,3 +246,17 @@ async def test_body_and_unknown_fields_pass_through_untouched(make_gateway) -> N
         await ac.close()
     finally:
         await runner.cleanup()
+
+
+def test_stream_then_non_stream_on_one_replica_never_fails(gw: str) -> None:
+    """llama-server closes its connection after a stream without saying so; the pooled
+    connection is dead. The gateway retries once on a fresh connection, without ejecting."""
+    c = client(gw)
+    for _ in range(6):
+        for _chunk in c.chat.completions.create(model="smollm2", messages=PROMPT, max_tokens=2, stream=True):
+            pass
+        resp = c.chat.completions.with_raw_response.create(model="smollm2", messages=PROMPT, max_tokens=2)
+        assert resp.http_response.status_code == 200
+    code, body = http_get(gw + "/admin/replicas")
+    replica = json.loads(body)["pools"][0]["replicas"][0]
+    assert replica["state"] == "healthy" and replica["failures"] == 0

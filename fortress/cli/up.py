@@ -183,8 +183,7 @@ def _display_url(host: str, port: int) -> str:
 
 
 async def _main(cfg: Any, quiet: bool) -> int:
-    from fortress.gateway.app import Gateway
-    from fortress.gateway.layers import build_layers
+    from fortress.gateway.server import build_gateway
     from fortress.replicas.engines import EngineError
     from fortress.replicas.supervisor import Supervisor, SupervisorError, kill_all_now
     from fortress.routing.pool import Router
@@ -195,8 +194,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
         supervisor.plan()
     except (EngineError, SupervisorError) as exc:
         _fail(str(exc))
-    access, audit = build_layers(cfg)
-    gateway = Gateway(cfg, router, access=access, audit=audit)
+    gateway = build_gateway(cfg, router)
     sock = _bind(cfg.server.host, cfg.server.port)
     url = _display_url(cfg.server.host, sock.getsockname()[1])
     if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:

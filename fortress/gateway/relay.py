@@ -40,8 +40,11 @@ _SSE_HEADERS = [
 class _Retry(Exception):
     """This attempt failed before anything reached the client; another replica may try."""
 
-    def __init__(self, error: errors.GatewayError) -> None:
+    def __init__(self, error: errors.GatewayError, same_replica: bool = False) -> None:
         self.error = error
+        # The replica had closed the pooled keep-alive connection (llama-server does so after
+        # every stream without saying so): not its fault, try it again on a fresh connection.
+        self.same_replica = same_replica
 
 
 class Relay:
@@ -57,6 +60,7 @@ class Relay:
             total=None, sock_connect=t.connect, connect=None, sock_read=None
         )
         self.session: aiohttp.ClientSession | None = None
+        self.fresh_session: aiohttp.ClientSession | None = None
         self.conform = config.server.conform_responses
         # Awaited once per request before its last byte goes out (the audit journal's commit).
         self.finish: Callable[[RequestContext], Awaitable[None]] | None = None
@@ -71,9 +75,18 @@ class Relay:
             timeout=self._timeout,
         )
 
+        # Never reuses a connection: for the one retry after a pooled connection turned out dead.
+        self.fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=self._timeout,
+        )
+
     async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.fresh_session):
+            if session is not None:
+                await session.close()
 
     async def handle(self, ctx: RequestContext, route: Route, raw: bytes, send: Send) -> None:
         """Pick, relay, retry. Ends with a complete response sent to the client."""
@@ -82,20 +95,23 @@ class Relay:
         wd = Watchdog(ctx, self.config.timeouts.total)
         tried: tuple[Replica, ...] = ()
         last_error: errors.GatewayError | None = None
+        again: Replica | None = None
         try:
             while ctx.attempts < rcfg.max_attempts:
-                replica = self.router.pick(route, tried)
+                replica = again or self.router.pick(route, tried)
                 if replica is None:
                     break
-                tried += (replica,)
-                ctx.attempts += 1
+                if again is None:
+                    tried += (replica,)
+                    ctx.attempts += 1
                 ctx.replica = replica
                 try:
-                    await self._attempt(ctx, replica, body, send, wd)
+                    await self._attempt(ctx, replica, body, send, wd, fresh=again is not None)
                     return
                 except _Retry as r:
                     last_error = r.error
                     ctx.error = r.error.message
+                    again = replica if r.same_replica and again is None else None
         finally:
             wd.stop()
         if last_error is None:
@@ -121,7 +137,13 @@ class Relay:
         return orjson.dumps(body) if changed else raw
 
     async def _attempt(
-        self, ctx: RequestContext, replica: Replica, body: bytes, send: Send, wd: Watchdog
+        self,
+        ctx: RequestContext,
+        replica: Replica,
+        body: bytes,
+        send: Send,
+        wd: Watchdog,
+        fresh: bool = False,
     ) -> None:
         assert self.session is not None
         t_up = perf_counter()
@@ -133,7 +155,9 @@ class Relay:
         wd.expect(self.config.timeouts.first_byte, "first_byte")
         started = False  # has anything reached the client?
         try:
-            async with self.session.post(replica.url + ctx.path, data=body, headers=headers) as resp:
+            session = self.fresh_session if fresh else self.session
+            assert session is not None
+            async with session.post(replica.url + ctx.path, data=body, headers=headers) as resp:
                 status = resp.status
                 if status >= 500:
                     text = await resp.read()
@@ -188,6 +212,8 @@ class Relay:
             await self._fail(ctx, send, started, err)
         except (aiohttp.ClientError, OSError) as exc:
             err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
+            if not started and not fresh and isinstance(exc, aiohttp.ServerDisconnectedError):
+                raise _Retry(err, same_replica=True) from None
             self._eject(replica, _describe(exc), err)
             if not started:
                 raise _Retry(err) from None

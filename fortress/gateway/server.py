@@ -10,6 +10,15 @@ from fortress.config import FortressConfig
 from fortress.gateway.app import Gateway
 from fortress.gateway.layers import build_layers
 from fortress.observe import attach
+from fortress.routing.pool import Router
+
+
+def build_gateway(config: FortressConfig, router: Router | None = None) -> Gateway:
+    """The gateway with every layer the config asks for: access, audit and observability."""
+    access, audit = build_layers(config)
+    gateway = Gateway(config, router, access=access, audit=audit)
+    attach(gateway, config)  # metrics, alarms, dashboard, access log
+    return gateway
 
 
 def build_server(gateway: Gateway, config: FortressConfig) -> uvicorn.Server:
@@ -37,8 +46,5 @@ def serve(config: FortressConfig) -> None:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    access, audit = build_layers(config)
-    gateway = Gateway(config, access=access, audit=audit)
-    attach(gateway, config)  # metrics, alarms, dashboard, access log
-    server = build_server(gateway, config)
+    server = build_server(build_gateway(config), config)
     server.run()
