@@ -27,8 +27,10 @@ Method
   relayed SSE events) completed in it. The total comes from ``/proc/<pid>/task/*/schedstat``
   (run time in ns, all threads) rather than utime+stime of ``/proc/<pid>/stat`` (fields 14, 15),
   which this kernel keeps in 10 ms ticks; stat still gives the user/system split. CPU time is
-  hardly affected by other work on the machine; requests/s are, so the table shows how busy the
-  gateway's core was (CPU s / wall s; well under 100 % at saturation means something else ran).
+  less affected by other work on the machine than requests/s and latencies are, not immune: the
+  report says how busy the gateway's core was (CPU s / wall s; well under 100 % at saturation
+  means something else ran) and how much CPU other processes used during the run (from
+  /proc/stat), and warns when that was more than 5 %.
 * **Saturation**: ``wrk -t1 -c32`` with a Lua script that POSTs the request body and prints
   wrk's summary as JSON, direct to nginx and through the gateway.
 * **Added latency at half saturation**: an open-loop client (asyncio + uvloop + httptools) sends

@@ -257,6 +257,6 @@ def test_stream_then_non_stream_on_one_replica_never_fails(gw: str) -> None:
             pass
         resp = c.chat.completions.with_raw_response.create(model="smollm2", messages=PROMPT, max_tokens=2)
         assert resp.http_response.status_code == 200
-    code, body = http_get(gw + "/admin/replicas")
+    _code, body = http_get(gw + "/admin/replicas")
     replica = json.loads(body)["pools"][0]["replicas"][0]
     assert replica["state"] == "healthy" and replica["failures"] == 0
