@@ -10,6 +10,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fortress.cli.common import CONFIG_OPTION, load_cli_config
+
 audit_app = typer.Typer(
     help="Query, export and verify the audit trail (the store named by database.url).",
     no_args_is_help=True,
@@ -18,19 +20,10 @@ audit_app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-_CONFIG = typer.Option(
-    None, "--config", "-c", help="fortress.yaml (default: built-in defaults + FORTRESS__* env)."
-)
+_CONFIG = CONFIG_OPTION
 
 
-def _config(path: Path | None) -> Any:
-    from fortress.config import ConfigError, load_config, parse_config
-
-    try:
-        return load_config(path) if path is not None else parse_config("", "(no config file)")
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+_config = load_cli_config
 
 
 def _engine(cfg: Any) -> Any:

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fortress.cli.common import CONFIG_OPTION, load_cli_config
+
 keys_app = typer.Typer(
     name="keys",
     help="Manage API keys: create, list, show, revoke, rotate.",
@@ -25,19 +27,10 @@ keys_app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOption = typer.Option(
-    None, "--config", "-c", help="fortress.yaml (default: defaults + FORTRESS__* env)."
-)
+ConfigOption = CONFIG_OPTION
 
 
-def _config(path: Path | None) -> Any:
-    from fortress.config import ConfigError, load_config, parse_config
-
-    try:
-        return load_config(path) if path is not None else parse_config("", "(no config file)")
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+_config = load_cli_config
 
 
 def _store(path: Path | None) -> tuple[Any, Any]:
