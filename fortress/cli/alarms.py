@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from fortress.cli.common import get_gateway_json
 
 alarms_app = typer.Typer(
     help="Alarms: list them with their state, or export them (Prometheus, CloudWatch, Grafana).",
@@ -45,18 +45,7 @@ def list_alarms(
         return
     from rich.table import Table
 
-    req = urllib.request.Request(url.rstrip("/") + "/alarms")
-    if admin_token:
-        req.add_header("Authorization", f"Bearer {admin_token}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            data = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        err_console.print(f"[red]error:[/red] {url} answered {exc.code}: {exc.read().decode()[:200]}")
-        raise typer.Exit(1) from None
-    except (urllib.error.URLError, OSError) as exc:
-        err_console.print(f"[red]error:[/red] cannot reach the gateway at {url}: {exc}")
-        raise typer.Exit(1) from None
+    data = get_gateway_json(url, "/alarms", admin_token)
     if as_json:
         console.print_json(data=data)
         return

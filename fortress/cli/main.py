@@ -113,25 +113,13 @@ def status(
 
     Example: [bold]fortress status --url http://127.0.0.1:8080[/bold]
     """
-    import json
     import time
-    import urllib.error
-    import urllib.request
 
     from rich.table import Table
 
-    req = urllib.request.Request(url.rstrip("/") + "/admin/replicas")
-    if admin_token:
-        req.add_header("Authorization", f"Bearer {admin_token}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            data = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        err_console.print(f"[red]error:[/red] {url} answered {exc.code}: {exc.read().decode()[:200]}")
-        raise typer.Exit(1) from None
-    except (urllib.error.URLError, OSError) as exc:
-        err_console.print(f"[red]error:[/red] cannot reach the gateway at {url}: {exc}")
-        raise typer.Exit(1) from None
+    from fortress.cli.common import get_gateway_json
+
+    data = get_gateway_json(url, "/admin/replicas", admin_token)
     if as_json:
         console.print_json(data=data)
         return
