@@ -49,6 +49,23 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def http_post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, bytes]:
+    """POST a JSON body; (status, body) for any status."""
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+AUDIT_HEADERS = {"x-llm-source": "tests", "x-llm-user": "alice", "x-llm-request-type": "chat"}
+
+
 def wait_http(url: str, status: int = 200, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last: object = None

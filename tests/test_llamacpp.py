@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import openai
 import pytest
 import yaml
 from helpers import (
+    AUDIT_HEADERS,
     PYTHON,
     Proc,
     alive,
@@ -31,6 +33,7 @@ from helpers import (
     fortress_argv,
     free_port,
     http_get,
+    http_post,
     replica_table,
     wait_for,
     wait_http,
@@ -339,9 +342,22 @@ def test_zero_config_up_prints_a_working_snippet_and_stops_on_ctrl_c(tmp_path: P
             out.index("from openai import OpenAI") : out.index("print(reply.choices[0].message.content)")
         ]
         snippet += "print(reply.choices[0].message.content)"
+        # Keys and the audit trail are on: the banner carries the first key, printed once.
+        key = re.search(r"^    (fk_\w+)$", out, re.M)
+        assert key is not None, out[-3000:]
+        assert f'api_key="{key.group(1)}"' in snippet and "x-llm-user" in snippet
         ran = Proc([PYTHON, "-c", snippet], tmp_path / "snippet.log")
         assert ran.p.wait(60) == 0, ran.output()
         assert ran.output().strip()
+        curl = out[out.index("curl:\n") + 6 :].split("\n\n", 1)[0]
+        assert f"Authorization: Bearer {key.group(1)}" in curl
+        ran = Proc(["bash", "-c", curl + " -sS -o /dev/null -w '%{http_code}'"], tmp_path / "curl.log")
+        assert ran.p.wait(60) == 0 and ran.output().strip() == "200", ran.output()
+        body = json.dumps({"model": "smollm2", "messages": MESSAGES}).encode()
+        status, _ = http_post(url + "/v1/chat/completions", body)
+        assert status == 401  # no key
+        status, _ = http_post(url + "/v1/chat/completions", body, {"Authorization": f"Bearer {key.group(1)}"})
+        assert status == 400  # the key, but no audit headers
         assert (tmp_path / "state" / "logs" / "smollm2-1.log").stat().st_size > 0
         pids = children_of(proc.pid)
         assert len(pids) == 1
@@ -350,5 +366,27 @@ def test_zero_config_up_prints_a_working_snippet_and_stops_on_ctrl_c(tmp_path: P
         assert not alive(pids[0])
         with pytest.raises(OSError):  # the gateway is gone too
             http_get(url + "/health", timeout=0.5)
+        # Every request above has its audit record: 2 answered (SDK, curl), 401 and 400.
+        env = {**os.environ, "FORTRESS__STATE_DIR": str(tmp_path / "state")}
+        q = subprocess.run(
+            fortress_argv("audit", "query", "--json"), env=env, capture_output=True, text=True, timeout=60
+        )
+        assert q.returncode == 0, q.stderr
+        statuses = sorted(r["status"] for r in json.loads(q.stdout))
+        assert statuses == [200, 200, 400, 401], statuses
+        # A second start on the same state keeps the key and does not print a new one.
+        again = Proc(fortress_argv("up", "--port", str(port), "-q"), tmp_path / "up2.log", env=env)
+        try:
+            wait_for(lambda: "print(reply.choices" in again.output(), timeout=60, what="the second banner")
+            assert key.group(1) not in again.output() and "fk_" in again.output()
+            assert re.search(r"^    fk_\w+$", again.output(), re.M) is None
+            status, _ = http_post(
+                url + "/v1/chat/completions",
+                body,
+                {"Authorization": f"Bearer {key.group(1)}", **AUDIT_HEADERS},
+            )
+            assert status == 200
+        finally:
+            again.stop()
     finally:
         proc.stop()

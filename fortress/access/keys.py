@@ -196,6 +196,25 @@ class KeyStore:
             return list(conn.execute(q))
 
 
+FIRST_KEY_NAME = "first-key"
+
+
+def ensure_first_key(store: KeyStore, plans: list[str]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Create a first key when the store has no active key (what ``fortress up`` does).
+
+    Returns (plaintext of the new key, or None when active keys already exist; the active keys).
+    The key gets the plan named ``default`` when there is one, else the first plan by name.
+    """
+    active = store.list(include_revoked=False)
+    if active:
+        return None, active
+    if not plans:
+        raise ValueError("no usage plans are configured: add one under `plans:`")
+    plan = "default" if "default" in plans else sorted(plans)[0]
+    key, rec = store.create(FIRST_KEY_NAME, plan)
+    return key, [rec]
+
+
 class _Entry:
     __slots__ = ("expires_at", "hash", "record")
 

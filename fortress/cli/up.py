@@ -56,7 +56,7 @@ def up(
 ) -> None:
     """Start a model and the OpenAI-compatible gateway in front of it, on this machine.
 
-    With no options it runs the embedded model (SmolLM2-135M-Instruct via llama.cpp) on 127.0.0.1 with API keys and audit off, prints the URL and ready-to-paste curl and Python snippets, restarts the model server if it crashes, and stops everything on Ctrl-C.
+    With no options it runs the embedded model (SmolLM2-135M-Instruct via llama.cpp) on 127.0.0.1 with API keys and the audit trail on; the first run creates an API key and prints it once, with the URL and ready-to-paste curl and Python snippets. It restarts the model server if it crashes and stops everything on Ctrl-C.
 
     Examples:
 
@@ -104,11 +104,10 @@ def _config(
                 served = VllmEngine.from_options(options).model
             else:
                 served = LlamaCppEngine.from_options(options).model  # resolves binary and GGUF now
-            # A quick local start: loopback only, no keys, no audit headers to send. Anything
-            # else is a config file away; FORTRESS__* environment overrides still apply.
+            # A quick local start on loopback with the defaults: API keys (a first one is created
+            # and printed), audit headers and the audit trail are on. Anything else is a config
+            # file away; FORTRESS__* environment overrides still apply.
             doc = {
-                "auth": {"enabled": False},
-                "audit": {"enabled": False},
                 "pools": [
                     {
                         "model": served,
@@ -196,6 +195,9 @@ async def _main(cfg: Any, quiet: bool) -> int:
         _fail(str(exc))
     gateway = build_gateway(cfg, router)
     sock = _bind(cfg.server.host, cfg.server.port)
+    keys: tuple[str | None, list[dict[str, Any]]] = (None, [])
+    if cfg.auth.enabled:
+        keys = await asyncio.to_thread(_first_key, cfg)
     url = _display_url(cfg.server.host, sock.getsockname()[1])
     if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
         err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
@@ -238,7 +240,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
                     print("\n".join(list(slot.tail)[-20:]), file=sys.stderr)
                 return 1
         serving = True
-        announce = asyncio.create_task(_announce(server, router, cfg, url, supervisor))
+        announce = asyncio.create_task(_announce(server, router, cfg, url, supervisor, keys))
         await server.serve(sockets=[sock])
         return 0
     except asyncio.CancelledError:
@@ -255,10 +257,26 @@ async def _main(cfg: Any, quiet: bool) -> int:
             loop.remove_signal_handler(sig)
 
 
+def _first_key(cfg: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """Create the first API key when the store has none (the plaintext is printed once)."""
+    from fortress.access.keys import KeyStore, ensure_first_key
+    from fortress.access.secret import load_secret
+    from fortress.store.db import database_url, migrate
+
+    url = database_url(cfg)
+    try:
+        store = KeyStore(migrate(url), load_secret(cfg))
+        return ensure_first_key(store, list(cfg.plans))
+    except Exception as exc:  # a database we cannot reach: say so before any model loads
+        return _fail(f"cannot prepare API keys in {url}: {exc}", 1)
+
+
 # -- the banner ----------------------------------------------------------------------------
 
 
-async def _announce(server: Any, router: Any, cfg: Any, url: str, supervisor: Any) -> None:
+async def _announce(
+    server: Any, router: Any, cfg: Any, url: str, supervisor: Any, keys: tuple[str | None, list[Any]]
+) -> None:
     """Print where to send requests once the gateway listens and every model has a healthy
     replica (or after 60 s, with a warning)."""
     for _ in range(1200):
@@ -268,20 +286,24 @@ async def _announce(server: Any, router: Any, cfg: Any, url: str, supervisor: An
     else:
         err_console.print("[yellow]warning:[/yellow] not every model has a healthy replica yet")
     models = router.configured_models() or sorted(router.index)
-    print(_banner(cfg, url, models, supervisor), flush=True)
+    print(_banner(cfg, url, models, supervisor, keys), flush=True)
 
 
-def _banner(cfg: Any, url: str, models: list[str], supervisor: Any) -> str:
+def _banner(
+    cfg: Any, url: str, models: list[str], supervisor: Any, keys: tuple[str | None, list[Any]] = (None, [])
+) -> str:
     model = models[0] if models else "MODEL"
     api = url + "/v1"
+    new_key, active = keys
     key = "unused"
     headers: dict[str, str] = {}
     if cfg.auth.enabled:
-        key = "YOUR_KEY"  # fortress keys create
-        headers["Authorization"] = "Bearer YOUR_KEY"
+        key = new_key or "YOUR_KEY"
+        headers["Authorization"] = f"Bearer {key}"
     if cfg.audit.enabled:
+        values = {"x-llm-source": "quickstart", "x-llm-user": "me", "x-llm-request-type": "chat"}
         for h in cfg.audit.required_headers:
-            headers[h] = "demo"
+            headers[h] = values.get(h, "demo")
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}]})
     curl = [f"curl {api}/chat/completions -H 'Content-Type: application/json'"]
     curl += [f"  -H '{k}: {v}'" for k, v in headers.items()]
@@ -296,8 +318,24 @@ def _banner(cfg: Any, url: str, models: list[str], supervisor: Any) -> str:
         f"  local replicas: {procs}",
         f"  logs: {supervisor.log_dir}/   status: fortress status --url {url}   stop: Ctrl-C",
     ]
-    if cfg.auth.enabled:
-        lines.append("  API keys are on: create one with `fortress keys create` and use it as YOUR_KEY")
+    if new_key:
+        rec = active[0]
+        lines += [
+            "",
+            f"  Your first API key ({rec['name']}, plan {rec['plan']}; stored only as a hash, "
+            "shown this once):",
+            f"    {new_key}",
+        ]
+    elif cfg.auth.enabled:
+        prefixes = ", ".join(f"{r['prefix']}… ({r['name']})" for r in active[:3])
+        more = f" and {len(active) - 3} more" if len(active) > 3 else ""
+        lines += [
+            "",
+            f"  API keys are on; active keys: {prefixes or 'none'}{more}.",
+            "  Use one as YOUR_KEY, or create another: fortress keys create --name me",
+        ]
+    if cfg.audit.enabled:
+        lines.append(f"  Every request must send the audit headers: {', '.join(cfg.audit.required_headers)}")
     lines += [
         "",
         "curl:",

@@ -89,7 +89,10 @@ class HealthChecker:
         before = replica.state
         changed = replica.record_check(ok, detail, self.router.clock(), time.time())
         if changed:
-            log.warning(
+            # Becoming healthy is good news; losing health (or failing the first check) is not.
+            level = logging.INFO if replica.state is State.HEALTHY else logging.WARNING
+            log.log(
+                level,
                 "replica %s (%s) %s -> %s: %s",
                 replica.name,
                 replica.url,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from fortress.config import FortressConfig
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK_ID = 0x466F7274  # "Fort": the advisory lock that serialises migrations
 
+log = logging.getLogger("fortress.store")
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
@@ -110,8 +112,15 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
 
 def migrate(url: str, revision: str = "head") -> Engine:
     """Upgrade the database at ``url`` to ``revision`` and return its engine."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = get_engine(url)
     with _migration_lock(engine) as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
         command.upgrade(alembic_config(conn), revision)
         conn.commit()
+        after = MigrationContext.configure(conn).get_current_revision()
+    if before != after:
+        where = make_url(url).render_as_string(hide_password=True)
+        log.info("database %s: schema %s -> %s", where, before or "(empty)", after)
     return engine
