@@ -356,6 +356,9 @@ class AccessLog(_Model):
 class Observe(_Model):
     """Metrics, alarms, the dashboard and the access log."""
 
+    # false: none of them (no observers on the request path, no /metrics, /alarms, /dashboard);
+    # for a gateway observed by other means, and the overhead benchmark's baseline.
+    enabled: bool = True
     metrics: bool = Field(True, description="serve GET /metrics")
     # Without it /metrics follows the admin rule (admin token, or this machine only).
     metrics_public: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 
 import aiohttp
@@ -188,3 +189,22 @@ def test_access_log_lines_on_stdout(cluster) -> None:
         "m", 200, "r1", "primary", 3,
     )  # fmt: skip
     assert rec["latency_ms"] > 0 and rec["attempts"] == 1 and rec["error"] is None
+
+
+def test_observe_off_leaves_only_the_relay(cluster) -> None:
+    sim, _ = cluster.sim("m", "--tokens", "3")
+    gw, proc = cluster.gateway(
+        "observe: {enabled: false}\n"
+        f"pools:\n  - model: m\n    {FAST}\n    replicas:\n      - {{url: '{sim}'}}\n"
+    )
+    req = urllib.request.Request(
+        gw + "/v1/chat/completions",
+        data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"content-type": "application/json", "x-request-id": "unobserved-1"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200 and json.load(resp)["usage"]["completion_tokens"] == 3
+    for path in ("/metrics", "/alarms", "/dashboard"):
+        assert http_get(gw + path)[0] == 404, path
+    time.sleep(0.5)  # longer than the access log's buffering
+    assert "unobserved-1" not in proc.output()

@@ -17,7 +17,8 @@ def build_gateway(config: FortressConfig, router: Router | None = None) -> Gatew
     """The gateway with every layer the config asks for: access, audit and observability."""
     access, audit = build_layers(config)
     gateway = Gateway(config, router, access=access, audit=audit)
-    attach(gateway, config)  # metrics, alarms, dashboard, access log
+    if config.observe.enabled:
+        attach(gateway, config)  # metrics, alarms, dashboard, access log
     return gateway
 
 
