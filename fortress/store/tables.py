@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -44,6 +45,8 @@ api_keys = Table(
 )
 
 # The audit trail (written by fortress.audit): one row per request, hash-chained per gateway.
+# The indexes serve ``fortress audit query`` filters (migration 0002 says why these); the
+# primary key serves ``--gateway`` and ``fortress audit verify``.
 audit_records = Table(
     "audit_records",
     metadata,
@@ -75,6 +78,11 @@ audit_records = Table(
     Column("prev_hash", Text),
     Column("hash", Text),
     PrimaryKeyConstraint("gateway_id", "seq"),
+    Index("ix_audit_records_ts", "ts"),
+    Index("ix_audit_records_request_id", "request_id"),
+    Index("ix_audit_records_key_id_ts", "key_id", "ts"),
+    Index("ix_audit_records_key_name_ts", "key_name", "ts"),
+    Index("ix_audit_records_user_ts", "user", "ts"),
 )
 
 # Chain heads recorded every ``audit.anchor_every`` seconds, to detect truncation.
