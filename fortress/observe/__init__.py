@@ -101,6 +101,7 @@ class Observability:
         gateway.observers.append(self.metrics.requests.observe)
         if self.access_log is not None:
             gateway.observers.append(self.access_log.observe)
+            gateway.on_shutdown.append(self.access_log.shutdown)  # write the buffered lines
         if cfg.metrics:
             gateway.routes["/metrics"] = self.serve_metrics
         gateway.routes["/alarms"] = self.serve_alarms

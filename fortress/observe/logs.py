@@ -6,14 +6,24 @@ With ``emf: true`` every line is also a CloudWatch Embedded Metric Format docume
 agent or a Lambda/ECS log driver turns it into metrics (namespace ``Fortress``, dimensions
 ``Service`` and ``Service, Model``) without any API call from the gateway. ``emit_gauges`` writes
 the periodic gauges (replicas, GPU, memory) that the CloudWatch alarm export refers to.
+
+Batched, because a line per request costs more than it seems: ``AccessLog.observe`` only queues
+the finished request; every ``FLUSH_DELAY`` seconds (or ``MAX_PENDING`` requests) the queue is
+turned into JSON lines and ``LogRecord``s, and the handler Fortress installs (a
+``BufferedStreamHandler``) writes them with one write+flush. Measured in the gateway benchmark
+(``bench/gateway_layers.py``), the same work done per request cost ~36 µs of gateway CPU. The
+queue is written on the gateway's shutdown; a crash can lose at most the last ``FLUSH_DELAY``
+seconds of access-log lines (the audit trail is the record that loses nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
-from typing import Any
+import traceback
+from typing import IO, Any
 
 import orjson
 
@@ -22,6 +32,9 @@ from fortress.gateway.context import RequestContext
 
 LOGGER = "fortress.access_log"
 SERVICE = "fortress"
+FLUSH_DELAY = 0.2  # seconds a line may wait in the buffer
+FLUSH_BYTES = 64 * 1024  # buffered characters that force a write at once
+MAX_PENDING = 1024  # queued access-log requests that force a write at once
 
 _REQUEST_METRICS = [
     {"Name": "Requests", "Unit": "Count"},
@@ -52,6 +65,102 @@ def key_id(identity: Any) -> str | None:
     return None if value is None else str(value)
 
 
+class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
+    """A ``StreamHandler`` that writes its lines in batches.
+
+    Under a running asyncio loop a formatted line goes to an in-memory buffer; the buffer is
+    written with one ``write`` + ``flush`` ``delay`` seconds after its first line, as soon as it
+    holds ``max_bytes`` characters, on ``flush()``/``close()`` (``logging.shutdown`` calls both at
+    exit), and before any record at WARNING or above. Without a running loop in the emitting thread
+    (a script, another thread), or from a thread whose loop is not the one the flush is scheduled
+    on, pending lines and the new one are written at once: order is kept, nothing waits for a
+    timer that may never run. Everything happens under the handler's lock, as in ``StreamHandler``.
+    """
+
+    def __init__(self, stream: IO[str], delay: float = FLUSH_DELAY, max_bytes: int = FLUSH_BYTES) -> None:
+        super().__init__(stream)
+        self.delay = delay
+        self.max_bytes = max_bytes
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._generation = 0  # a timer whose generation is not current has nothing left to do
+        self._closed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self.lock:  # type: ignore[union-attr]  # handle() holds it already; an RLock
+            self._lines.append(line)
+            self._size += len(line)
+            if (
+                loop is None
+                or self._closed
+                or record.levelno >= logging.WARNING
+                or self._size >= self.max_bytes
+                or (self._timer is not None and self._timer_loop is not loop)
+            ):
+                self._write()
+            elif self._timer is None:
+                self._timer = loop.call_later(self.delay, self._on_timer, self._generation)
+                self._timer_loop = loop
+
+    def _on_timer(self, generation: int) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if generation == self._generation:  # else flushed already: a newer timer, or none
+                self._timer = self._timer_loop = None  # it has run: nothing to cancel
+                self._write()
+
+    def _write(self) -> None:
+        """Write the buffer in one call and flush the stream (the lock is held)."""
+        if self._timer is not None:
+            try:
+                on_timer_loop = asyncio.get_running_loop() is self._timer_loop
+            except RuntimeError:
+                on_timer_loop = False
+            if on_timer_loop:  # cancelling is only safe from the loop's own thread
+                self._timer.cancel()
+            self._timer = self._timer_loop = None
+        self._generation += 1
+        if not self._lines:
+            return
+        data = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            self.stream.write(data)
+            super().flush()
+        except RecursionError:
+            raise
+        except Exception:  # as StreamHandler: report the failure, never raise into the caller
+            if logging.raiseExceptions and sys.stderr:
+                sys.stderr.write("--- Logging error in BufferedStreamHandler ---\n")
+                traceback.print_exc(file=sys.stderr)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._lines:
+                self._write()  # flushes the stream too
+            else:
+                super().flush()
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.flush()
+            self._closed = True  # lines logged after close are written at once
+            super().close()
+
+
 class AccessLog:
     """The gateway observer that writes the access log."""
 
@@ -60,21 +169,29 @@ class AccessLog:
         self.namespace = cfg.emf_namespace
         self.logger = logger or logging.getLogger(LOGGER)
         if cfg.stream != "none" and not any(getattr(h, "_fortress", False) for h in self.logger.handlers):
-            handler = logging.StreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
+            handler = BufferedStreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
             handler.setFormatter(logging.Formatter("%(message)s"))
             handler._fortress = True  # type: ignore[attr-defined]
             self.logger.addHandler(handler)
             self.logger.propagate = False  # one line per request, not also through the root logger
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
+        # Requests observed but not yet logged: (context, perf_counter at the end, wall time).
+        self.delay = FLUSH_DELAY
+        self.max_pending = MAX_PENDING
+        self._pending: list[tuple[RequestContext, float, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
         # The two EMF directives a request line can need, built once.
         dims = [["Service"], ["Service", "Model"]]
         self._directive = {"Namespace": self.namespace, "Dimensions": dims, "Metrics": _REQUEST_METRICS}
         self._directive_ttft = {**self._directive, "Metrics": [*_REQUEST_METRICS, _TTFT_METRIC]}
 
-    def record(self, ctx: RequestContext, now: float | None = None) -> dict[str, Any]:
-        """The log record of one request (a dict; ``observe`` writes it as one JSON line)."""
-        wall = time.time()
+    def record(
+        self, ctx: RequestContext, now: float | None = None, wall: float | None = None
+    ) -> dict[str, Any]:
+        """The log record of one request (a dict, written as one JSON line); ``now`` is the
+        ``perf_counter`` reading and ``wall`` the ``time.time()`` when the request ended."""
+        wall = time.time() if wall is None else wall
         end = time.perf_counter() if now is None else now
         latency = end - ctx.t0
         usage = ctx.usage or {}
@@ -123,9 +240,57 @@ class AccessLog:
         return rec
 
     def observe(self, ctx: RequestContext) -> None:
-        """Write the request's line (the gateway observer)."""
-        if self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(orjson.dumps(self.record(ctx)).decode())
+        """Queue the request's line (the gateway observer); ``write_pending`` logs the queue.
+
+        On the request path this only notes the end time. The lines are built, logged and
+        written in one batch every ``FLUSH_DELAY`` seconds (or ``MAX_PENDING`` requests): the
+        same work done in a tight loop costs a fraction of what it costs spread between
+        requests, where every line would start from cold caches.
+        """
+        pending = self._pending
+        pending.append((ctx, time.perf_counter(), time.time()))
+        if len(pending) >= self.max_pending:
+            self.write_pending()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: write at once
+                self.write_pending()
+                return
+            self._timer = loop.call_later(self.delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        """Log every queued request (one ``LogRecord`` each, stamped with the request's end
+        time), then write the installed handler's buffer in one call."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        logger = self.logger
+        if batch and logger.isEnabledFor(logging.INFO):
+            make, handle, name, record = logger.makeRecord, logger.handle, logger.name, self.record
+            for ctx, end, wall in batch:
+                msg = orjson.dumps(record(ctx, end, wall)).decode()
+                # What logger.info does, less the caller lookup (a stack walk): the caller is
+                # always this method, and the record carries the request's own end time.
+                rec = make(name, logging.INFO, __file__, 0, msg, (), None, "observe")
+                rec.created = wall
+                rec.msecs = (wall - int(wall)) * 1000.0
+                handle(rec)
+        self.flush()
+
+    def flush(self) -> None:
+        """Flush the logger's handlers (a ``BufferedStreamHandler`` writes its lines in one call)."""
+        for handler in self.logger.handlers:
+            handler.flush()
+
+    async def shutdown(self) -> None:
+        """The gateway's shutdown hook: log what is queued and write it out."""
+        self.write_pending()
 
     def emit_gauges(self, values: dict[str, float | None]) -> None:
         """One EMF line with the periodic gauges (names from ``GAUGE_METRICS``); None skipped."""

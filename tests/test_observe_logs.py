@@ -1,0 +1,240 @@
+"""The access log's buffered handler: lines wait on the event loop for a short delay (or a size
+limit) and are written in one call; nothing is lost on flush, close, shutdown or a warning."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from fortress.config import AccessLog as AccessLogConfig
+from fortress.config import parse_config
+from fortress.gateway.app import Gateway
+from fortress.gateway.context import RequestContext
+from fortress.observe import attach
+from fortress.observe.logs import LOGGER, AccessLog, BufferedStreamHandler
+
+
+class Stream(io.StringIO):
+    """A text stream that remembers each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+    def lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.getvalue().splitlines()]
+
+
+def make_ctx(status: int, error: str | None = None) -> RequestContext:
+    ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, "127.0.0.1")
+    ctx.status, ctx.model, ctx.error = status, "m", error
+    return ctx
+
+
+@pytest.fixture
+def logger() -> Iterator[logging.Logger]:
+    lg = logging.getLogger("test.buffered_access_log")
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    yield lg
+    for h in list(lg.handlers):
+        if isinstance(h, BufferedStreamHandler):  # not pytest's own capture handlers
+            lg.removeHandler(h)
+            with contextlib.suppress(ValueError):  # a stream already closed (capsys's)
+                h.close()
+
+
+def attach_handler(lg: logging.Logger, stream: Stream, **kw: float) -> BufferedStreamHandler:
+    handler = BufferedStreamHandler(stream, **kw)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lg.addHandler(handler)
+    return handler
+
+
+async def wait_until(cond: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 5.0
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_lines_wait_for_the_delay_then_go_in_one_write(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=0.3)
+    t0 = time.monotonic()
+    for i in range(5):
+        logger.info(json.dumps({"n": i}))
+    await asyncio.sleep(0.1)
+    assert stream.getvalue() == "" and stream.writes == []  # still buffered
+    await wait_until(lambda: stream.writes)
+    assert time.monotonic() - t0 >= 0.29
+    assert len(stream.writes) == 1  # the five lines, one write call
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3, 4]
+    # A later line starts a new window of its own.
+    logger.info(json.dumps({"n": 5}))
+    await asyncio.sleep(0.1)
+    assert len(stream.writes) == 1
+    await wait_until(lambda: len(stream.writes) == 2)
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_size_limit_writes_at_once(logger: logging.Logger) -> None:
+    stream = Stream()
+    line = json.dumps({"pad": "x" * 40})  # 52 characters with its newline
+    attach_handler(logger, stream, delay=60.0, max_bytes=150)
+    logger.info(line)
+    logger.info(line)
+    assert stream.writes == []
+    logger.info(line)  # 156 characters buffered: over the limit
+    assert stream.writes == [(line + "\n") * 3]
+    logger.info(line)  # the next batch waits again
+    assert len(stream.writes) == 1
+
+
+async def test_flush_and_close_write_pending_lines(logger: logging.Logger) -> None:
+    stream = Stream()
+    handler = attach_handler(logger, stream, delay=60.0)
+    logger.info('{"n": 0}')
+    logger.info('{"n": 1}')
+    assert stream.getvalue() == ""
+    handler.flush()
+    assert stream.writes == ['{"n": 0}\n{"n": 1}\n']
+    logger.info('{"n": 2}')
+    logger.removeHandler(handler)
+    handler.close()
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2]
+    # What the interpreter does at exit: logging.shutdown flushes and closes every handler.
+    handler = attach_handler(logger, stream, delay=60.0)
+    logger.info('{"n": 3}')
+    logging.shutdown([weakref.ref(handler)])
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3]
+    # A timer left behind by a flush writes nothing twice.
+    await asyncio.sleep(0)
+    assert stream.getvalue().count('"n": 3') == 1
+
+
+def test_no_running_loop_writes_at_once(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    logger.info('{"n": 0}')
+    assert stream.writes == ['{"n": 0}\n']
+    logger.info('{"n": 1}')
+    assert [rec["n"] for rec in stream.lines()] == [0, 1]
+
+
+async def test_warning_flushes_pending_lines_first(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    logger.info('{"n": 0}')
+    logger.info('{"n": 1}')
+    assert stream.writes == []
+    logger.warning('{"n": 2}')
+    assert stream.writes == ['{"n": 0}\n{"n": 1}\n{"n": 2}\n']
+
+
+async def test_other_thread_writes_at_once_in_order(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    logger.info('{"n": 0}')  # buffered on this loop
+    thread = threading.Thread(target=logger.info, args=('{"n": 1}',))
+    thread.start()
+    thread.join()
+    assert [rec["n"] for rec in stream.lines()] == [0, 1]
+
+
+async def test_access_log_buffers_and_flushes_on_gateway_shutdown(
+    logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = AccessLog(AccessLogConfig(stream="stdout"), logger=logger)
+    (handler,) = [h for h in logger.handlers if getattr(h, "_fortress", False)]
+    assert isinstance(handler, BufferedStreamHandler)
+    log.observe(make_ctx(200))
+    log.observe(make_ctx(502, error="upstream"))
+    assert capsys.readouterr().out == ""
+    await log.shutdown()
+    logger.removeHandler(handler)  # it writes to capsys's stream, closed before our fixture ends
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (first["status"], second["status"], second["error"]) == (200, 502, "upstream")
+
+    # The gateway calls it on shutdown when the access log is on.
+    access_logger = logging.getLogger(LOGGER)
+    level, handlers = access_logger.level, list(access_logger.handlers)
+    config = parse_config(
+        "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
+        "auth: {enabled: false}\naudit: {enabled: false}\n"
+        "observe: {engine_metrics_interval: 0, access_log: {stream: none}}\n"
+    )
+    try:
+        gateway = Gateway(config)
+        obs = attach(gateway, config)
+        assert obs.access_log is not None and obs.access_log.shutdown in gateway.on_shutdown
+    finally:
+        access_logger.setLevel(level)
+        access_logger.handlers[:] = handlers
+
+
+class Records(logging.Handler):
+    """A user's own handler: gets every access-log record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_access_log_queues_requests_and_logs_them_in_one_batch(logger: logging.Logger) -> None:
+    stream = Stream()
+    handler = attach_handler(logger, stream, delay=60.0)
+    mine = Records()
+    logger.addHandler(mine)
+    log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
+    log.delay = 0.1
+    ended = []
+    for status in (200, 429, 502):
+        log.observe(make_ctx(status))
+        ended.append(time.time())
+    assert stream.writes == [] and mine.records == []  # nothing formatted on the request path
+    await asyncio.sleep(0.3)
+    assert len(stream.writes) == 1  # one write for the batch
+    assert [rec["status"] for rec in stream.lines()] == [200, 429, 502]
+    # Users' handlers get one LogRecord per request, stamped with the request's end, not the batch's.
+    assert [json.loads(r.getMessage())["status"] for r in mine.records] == [200, 429, 502]
+    for r, t in zip(mine.records, ended, strict=True):
+        assert t - 0.05 <= r.created <= t and r.created < time.time() - 0.1
+    logger.removeHandler(mine)
+    assert handler in logger.handlers
+
+
+async def test_access_log_writes_a_full_queue_at_once(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
+    log.delay, log.max_pending = 60.0, 3
+    log.observe(make_ctx(200))
+    log.observe(make_ctx(200))
+    assert stream.writes == []
+    log.observe(make_ctx(500))
+    assert [rec["status"] for rec in stream.lines()] == [200, 200, 500]
+
+
+def test_access_log_without_a_loop_writes_each_line_at_once(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
+    log.observe(make_ctx(404))
+    assert [rec["status"] for rec in stream.lines()] == [404]
