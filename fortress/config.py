@@ -209,6 +209,9 @@ class Audit(_Model):
     anchor_every: float = Field(60.0, gt=0, description="seconds between chain-head anchors")
     segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="journal segment size before rotation")
     ship_batch: int = Field(1000, ge=1, le=100_000, description="records per store transaction")
+    ship_interval: float = Field(
+        0.25, ge=0, le=60, description="least seconds between store transactions (gathers records)"
+    )
     archive_every: float = Field(300.0, gt=0, description="seconds between archive part files")
 
     @field_validator("required_headers")

@@ -204,3 +204,27 @@ def test_postgres_and_sqlite_store_the_same_values(tmp_path: Path, postgres_url:
             count = conn.execute(select(func.count()).select_from(t)).scalar()
         assert count >= 1
         assert {k: row._mapping[k] for k in rec} == rec
+
+
+async def test_ship_interval_gathers_trickling_records_into_few_transactions(tmp_path: Path) -> None:
+    """Records committed one by one for ~1 s go to the store in about 1 s / interval transactions,
+    and stop() still ships the last ones at once."""
+    g = gid()
+    url = sqlite_url(tmp_path / "a.db")
+    j = Journal(tmp_path / "j", g, SECRET, group_commit_ms=0)
+    j.open()
+    sh = Shipper(j, SqlSink(url, g), interval=0.3)
+    sh.start()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    n = 0
+    while loop.time() - t0 < 1.0:
+        await j.append(sample(n))
+        n += 1
+        await asyncio.sleep(0.01)
+    await wait_for(lambda: sh.store_pos >= n, 5)  # within about one interval of the last commit
+    assert n > 50 and sh.batches <= 6, (n, sh.batches)  # ~1 s / 0.3 s, not one per commit
+    await j.append(sample(n))
+    j.close()
+    sh.stop()
+    assert stored(url, g) == list(range(1, n + 2))

@@ -110,7 +110,7 @@ class AuditTrail:
         if a.archive_dir:
             state = journal.dir / "archive-state.json"
             archive = ArchiveSink(open_target(a.archive_dir), journal.gateway_id, state, a.archive_every)
-        shipper = Shipper(journal, store, archive, a.ship_batch, a.anchor_every)
+        shipper = Shipper(journal, store, archive, a.ship_batch, a.anchor_every, interval=a.ship_interval)
         shipper.start()
         self.journal, self.shipper = journal, shipper
         log.info("audit journal %s at seq %d (gateway %s)", journal.dir, journal.head_seq, journal.gateway_id)

@@ -1,8 +1,11 @@
 """Moves journaled records to the store and the archive, in the background.
 
 One thread (SQLAlchemy and SQLite are synchronous; keeping them off the event loop keeps the
-request path free of database latency). It wakes after each journal commit, reads what is
-durable from the journal in batches of ``audit.ship_batch`` records and:
+request path free of database latency). It wakes after a journal commit, waits until
+``audit.ship_interval`` has passed since its last store transaction (so that a busy gateway
+pays one transaction per interval, not one per group commit: each has a fixed cost in the
+gateway's CPU), reads what is durable from the journal in batches of ``audit.ship_batch``
+records and:
 
 * inserts them into the store in one transaction with its offset (``shipper_offsets``), and an
   anchor (the chain head) every ``audit.anchor_every`` seconds, also appended to
@@ -43,11 +46,13 @@ class Shipper:
         batch: int = 1000,
         anchor_every: float = 60.0,
         anchors_file: str | Path | None = None,
+        interval: float = 0.0,
     ) -> None:
         self.journal = journal
         self.store = store
         self.archive = archive
         self.batch = batch
+        self.interval = interval  # least time between store transactions while records trickle in
         self.anchor_every = anchor_every
         self.anchors_file = Path(anchors_file) if anchors_file else journal.dir / "anchors.jsonl"
         self.reader = JournalReader(journal.dir)
@@ -57,6 +62,8 @@ class Shipper:
         self.last_error: str | None = None
         self._ready = False
         self._event = threading.Event()
+        self._stop_event = threading.Event()
+        self._last_ship = 0.0
         self._stopping = False
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -78,6 +85,7 @@ class Shipper:
         """Ship what the journal holds (for up to ``timeout`` seconds), flush the archive, stop."""
         self._deadline = time.monotonic() + timeout
         self._stopping = True
+        self._stop_event.set()
         self._event.set()
         if self._thread is not None:
             self._thread.join(timeout + 5)
@@ -118,12 +126,18 @@ class Shipper:
                 self._event.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            if moved:
-                continue
+            if moved >= self.batch:
+                continue  # a backlog: ship the next full batch at once
             if self._stopping:
+                if moved:
+                    continue
                 self._finish()
                 return
-            self._event.wait(1.0)
+            if self.journal.durable_seq <= self.store_pos:
+                self._event.wait(1.0)  # caught up: until the next commit
+            gap = self.interval - (time.monotonic() - self._last_ship)
+            if gap > 0:
+                self._stop_event.wait(gap)  # gather more records for the next transaction
 
     def _open(self) -> None:
         self.store_pos = self.store.offset()
@@ -148,6 +162,7 @@ class Shipper:
             if now - self._last_anchor >= self.anchor_every:
                 anchor = (last["seq"], last["hash"], time.time())
             self.store.write(records, anchor)
+            self._last_ship = time.monotonic()
             self.store_pos = last["seq"]
             self.shipped += len(records)
             self.batches += 1
