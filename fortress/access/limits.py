@@ -56,6 +56,7 @@ class Ticket:
         ends: tuple[int, ...],
         amounts: tuple[int, ...],
         slot: str | None,
+        reserved: tuple[int, int] | None = None,
     ) -> None:
         self.key_id = key_id
         self.plan = plan
@@ -65,11 +66,12 @@ class Ticket:
         self.slot = slot  # concurrency slot (Redis), None when the plan has no concurrency limit
         self.done = False
         self.prepared: Any = None  # backend data for settle (Redis: the packed key names)
-        by_metric = [0, 0, 0]
-        for c, a in zip(plan.counters, amounts, strict=False):
-            by_metric[c.metric] = a
-        self.reserved_in = by_metric[INPUT]
-        self.reserved_out = by_metric[OUTPUT]
+        if reserved is None:  # (input, output) tokens, from the amounts when not given
+            by_metric = [0, 0, 0]
+            for c, a in zip(plan.counters, amounts, strict=False):
+                by_metric[c.metric] = a
+            reserved = by_metric[INPUT], by_metric[OUTPUT]
+        self.reserved_in, self.reserved_out = reserved
 
 
 class Decision:
@@ -158,19 +160,20 @@ class Decision:
         plan = self.plan
         now = self.now
         used = self.used
+        bounds = self.bounds
         best: tuple[int, int, float] | None = None  # (limit, remaining, reset seconds)
         if self.tokens is not None and plan.rate is not None and plan.burst is not None:
             best = (plan.burst, int(self.tokens), (plan.burst - self.tokens) / plan.rate)
         tok: tuple[int, int, float] | None = None
-        for i, c in enumerate(plan.counters):
-            if c.limit is None:
-                continue
-            cand = (c.limit, max(0, c.limit - used[i]), self.bounds[i][1] - now)
-            if c.metric == REQUESTS:
-                if best is None or cand[1] < best[1]:
-                    best = cand
-            elif tok is None or cand[1] < tok[1]:
-                tok = cand
+        for i, metric, limit in plan.limited:
+            left = limit - used[i]
+            if left < 0:
+                left = 0
+            if metric == REQUESTS:
+                if best is None or left < best[1]:
+                    best = (limit, left, bounds[i][1] - now)
+            elif tok is None or left < tok[1]:
+                tok = (limit, left, bounds[i][1] - now)
         out: list[tuple[bytes, bytes]] = []
         if best is not None:
             out += [
@@ -228,7 +231,7 @@ def usage_report(plan: Plan, values: list[int]) -> dict[str, dict[str, int]]:
 
 
 class _KeyState:
-    __slots__ = ("inflight", "plan", "tokens", "ts", "used", "windows")
+    __slots__ = ("aligned", "inflight", "plan", "tokens", "ts", "used", "windows")
 
     def __init__(self, plan: Plan, now: float, windows: list[int]) -> None:
         self.plan = plan.name
@@ -237,6 +240,7 @@ class _KeyState:
         self.inflight = 0
         self.windows = windows
         self.used = [0] * len(windows)
+        self.aligned: Any = None  # the PlanPeriods the windows were last checked against
 
 
 class MemoryLimiter:
@@ -259,20 +263,24 @@ class MemoryLimiter:
     def admit_now(self, key_id: str, plan: Plan, reserve_in: int, reserve_out: int) -> Decision:
         """``admit`` without the coroutine: the memory backend never waits."""
         now = self.clock()
-        bounds = [self.periods.bounds(c.period, now) for c in plan.counters]
+        periods = self.periods.for_plan(plan, now)
+        bounds = periods.bounds
         st = self.states.get(key_id)
         if st is None or st.plan != plan.name:
-            st = self.states[key_id] = _KeyState(plan, now, [b[0] for b in bounds])
+            st = self.states[key_id] = _KeyState(plan, now, list(periods.starts))
         used = st.used
         windows = st.windows
-        for i, b in enumerate(bounds):
-            if b[0] > windows[i]:  # a new calendar period: its counter starts at zero
-                windows[i] = b[0]
-                used[i] = 0
-        amounts = amounts_for(plan, reserve_in, reserve_out)
+        if st.aligned is not periods:  # periods may have rolled over since this key's last request
+            for i, b in enumerate(bounds):
+                if b[0] > windows[i]:  # a new calendar period: its counter starts at zero
+                    windows[i] = b[0]
+                    used[i] = 0
+            st.aligned = periods
+        by_metric = (1, reserve_in, reserve_out)
+        amounts = tuple(map(by_metric.__getitem__, plan.metrics))
         reason, failed = OK, 0
-        for i, c in enumerate(plan.counters):
-            if c.limit is not None and (used[i] >= c.limit or used[i] + amounts[i] > c.limit):
+        for i, _metric, limit in plan.limited:
+            if used[i] >= limit or used[i] + amounts[i] > limit:
                 reason, failed = QUOTA, i
                 break
         tokens: float | None = None
@@ -290,7 +298,7 @@ class MemoryLimiter:
         st.inflight += 1
         for i, a in enumerate(amounts):
             used[i] += a
-        ticket = Ticket(key_id, plan, tuple(windows), tuple(b[1] for b in bounds), amounts, None)
+        ticket = Ticket(key_id, plan, tuple(windows), periods.ends, amounts, None, (reserve_in, reserve_out))
         after = st.tokens if tokens is not None else None
         return Decision(plan, now, OK, 0, after, st.inflight, list(used), bounds, ticket)
 

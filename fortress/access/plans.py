@@ -46,6 +46,10 @@ class Plan:
     limits_input: bool  # some input-token quota exists: reserve an estimate at admission
     limits_output: bool
     limits_tokens: bool
+    # Derived for the request path: each counter's metric, and (index, metric, limit) of the
+    # counters that have a limit.
+    metrics: tuple[int, ...] = ()
+    limited: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def compile(cls, name: str, plan: UsagePlan) -> Plan:
@@ -72,6 +76,8 @@ class Plan:
             limits_input=bool(plan.input_tokens),
             limits_output=bool(plan.output_tokens),
             limits_tokens=bool(plan.input_tokens or plan.output_tokens),
+            metrics=tuple(c.metric for c in counters),
+            limited=tuple((i, c.metric, c.limit) for i, c in enumerate(counters) if c.limit is not None),
         )
 
     def describe(self) -> dict[str, object]:
@@ -114,19 +120,48 @@ def period_bounds(period: str, now: float) -> tuple[int, int]:
     return int(start.timestamp()), int(end.timestamp())
 
 
+class PlanPeriods:
+    """The periods of every counter of a plan at some moment, valid while ``start <= now < end``.
+
+    The tuples are shared until a period rolls over, so ``is`` tells whether a key's counters
+    were last aligned with the current periods.
+    """
+
+    __slots__ = ("bounds", "end", "ends", "start", "starts")
+
+    def __init__(self, bounds: tuple[tuple[int, int], ...]) -> None:
+        self.bounds = bounds
+        self.starts = tuple(b[0] for b in bounds)
+        self.ends = tuple(b[1] for b in bounds)
+        self.start = max(self.starts, default=0)
+        self.end = min(self.ends, default=2**62)
+
+
 class PeriodClock:
     """``period_bounds`` cached until the period ends: the request path pays one comparison."""
 
-    __slots__ = ("_bounds",)
+    __slots__ = ("_bounds", "_plans")
 
     def __init__(self) -> None:
         self._bounds: dict[str, tuple[int, int]] = {}
+        self._plans: dict[str, tuple[tuple[Counter, ...], PlanPeriods]] = {}
 
     def bounds(self, period: str, now: float) -> tuple[int, int]:
         b = self._bounds.get(period)
         if b is None or not (b[0] <= now < b[1]):
             b = self._bounds[period] = period_bounds(period, now)
         return b
+
+    def for_plan(self, plan: Plan, now: float) -> PlanPeriods:
+        """The bounds of each of ``plan``'s counters at ``now`` (cached while they hold)."""
+        hit = self._plans.get(plan.name)
+        if hit is not None and hit[0] is plan.counters:
+            periods = hit[1]
+            if periods.start <= now < periods.end:
+                return periods
+        periods = PlanPeriods(tuple(self.bounds(c.period, now) for c in plan.counters))
+        self._plans[plan.name] = (plan.counters, periods)
+        return periods
 
 
 def format_reset(seconds: float) -> str:

@@ -266,8 +266,9 @@ class RedisLimiter:
         ticket = None
         if reason == OK:
             by_metric = (1, reserve_in, reserve_out)
-            amounts = tuple(by_metric[c.metric] for c in plan.counters)
-            ticket = Ticket(key_id, plan, prep.windows, prep.ends, amounts, slot or None)
+            amounts = tuple(map(by_metric.__getitem__, plan.metrics))
+            reserved = (reserve_in, reserve_out)
+            ticket = Ticket(key_id, plan, prep.windows, prep.ends, amounts, slot or None, reserved)
             ticket.prepared = prep
         return Decision(plan, now, reason, max(0, r[1] - 1), tokens, r[3], r[4:], prep.bounds, ticket)
 
