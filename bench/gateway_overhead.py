@@ -74,6 +74,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -530,7 +531,7 @@ def floor_relay(port: int, routes: dict[bytes, int]) -> None:
 WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[{body}]==]
+{headers}wrk.body = [==[{body}]==]
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -556,11 +557,20 @@ class WrkResult:
 
 
 def run_wrk(
-    url: str, body: bytes, seconds: float, conns: int, core: int | None, workdir: Path, watch: Sequence[int]
+    url: str,
+    body: bytes,
+    seconds: float,
+    conns: int,
+    core: int | None,
+    workdir: Path,
+    watch: Sequence[int],
+    headers: dict[str, str] | None = None,
 ) -> WrkResult:
-    """Run wrk (POST ``body``) and return its summary plus the CPU used by ``watch``."""
-    script = workdir / f"wrk-{len(body)}-{body.count(b'stream')}.lua"
-    script.write_text(WRK_LUA.format(body=body.decode()))
+    """Run wrk (POST ``body`` with ``headers``) and return its summary plus the CPU used by ``watch``."""
+    lines = "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items())
+    tag = zlib.crc32(body + lines.encode())
+    script = workdir / f"wrk-{tag:08x}.lua"
+    script.write_text(WRK_LUA.format(body=body.decode(), headers=lines))
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "-s", str(script), url]
     if core is not None:
         argv = ["taskset", "-c", str(core), *argv]
