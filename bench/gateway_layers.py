@@ -226,6 +226,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fortress-layers-"))
     procs = go.Procs(workdir)
     vs = variants()
+    if args.only:
+        wanted = set(args.only.split(","))
+        names = {v.name for v in vs}
+        if not wanted <= names:
+            unknown = sorted(wanted - names)
+            raise SystemExit(f"--only: unknown configurations {unknown}; known: {sorted(names)}")
+        keep = wanted | {v.baseline for v in vs if v.name in wanted and v.baseline}
+        vs = [v for v in vs if v.name in keep]
     by_name = {v.name: v for v in vs}
     results: dict[str, Any] = {"machine": go.machine(), "plan": plan.__dict__, "variants": {}}
     busy0, own0, t0 = go.machine_busy(), go.own_cpu(), time.monotonic()
@@ -316,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             requests=v.requests,
             errors=v.errors,
         )
-        if v.baseline:
+        if v.baseline in by_name:
             base = by_name[v.baseline]
             entry["delta_us"] = [a - b for a, b in zip(v.cpu_us, base.cpu_us, strict=True)]
     return results
@@ -384,12 +392,15 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, float,
         for name, v in r["variants"].items()
         if "audit_records" in v
     ]
-    lines.append(
-        f"wrk errors and non-2xx answers: {errors}. Audit records in each store after the run: "
-        + "; ".join(stored)
-        + " (the store can hold a few more: requests in flight when a wrk run stopped are "
-        "answered and recorded, but not counted by wrk)."
-    )
+    line = f"wrk errors and non-2xx answers: {errors}."
+    if stored:
+        line += (
+            " Audit records in each store after the run: "
+            + "; ".join(stored)
+            + " (the store can hold a few more: requests in flight when a wrk run stopped are "
+            "answered and recorded, but not counted by wrk)."
+        )
+    lines.append(line)
     share = r["other_cpu_share"]
     lines.append(
         f"Other processes used {share * 100:.1f} % of the machine's CPU during the run"
@@ -425,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the raw results as JSON")
     ap.add_argument("--gateway-core", type=int, default=1, help="CPU for the gateways [1]")
     ap.add_argument("--load-core", type=int, default=0, help="CPU for nginx, Redis and wrk [0]")
+    ap.add_argument(
+        "--only", metavar="NAMES", help="only these configurations (and their baselines), comma-separated"
+    )
     ap.add_argument("--profile", metavar="DIR", help="also sample each gateway with py-spy; stacks to DIR")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
