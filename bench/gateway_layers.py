@@ -235,7 +235,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keep = wanted | {v.baseline for v in vs if v.name in wanted and v.baseline}
         vs = [v for v in vs if v.name in keep]
     by_name = {v.name: v for v in vs}
-    results: dict[str, Any] = {"machine": go.machine(), "plan": plan.__dict__, "variants": {}}
+    results: dict[str, Any] = {
+        "machine": go.machine(),
+        "plan": plan.__dict__,
+        "variants": {v.name: {} for v in vs},  # the report's order
+    }
     busy0, own0, t0 = go.machine_busy(), go.own_cpu(), time.monotonic()
     try:
         p_json, p_sse, p_redis = (go.free_port() for _ in range(3))
