@@ -264,3 +264,20 @@ def test_up_fails_fast_when_the_engine_binary_is_missing(tmp_path: Path) -> None
     assert result.exit_code == 2, result.output
     assert "/nonexistent/vllm" in result.output and "options.binary" in " ".join(result.output.split())
     assert time.monotonic() - t0 < 5  # no crash loop first
+
+
+def test_serve_refuses_local_engines_it_would_not_start(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fortress.cli.main import app
+
+    config = tmp_path / "fortress.yaml"
+    config.write_text(
+        "pools:\n  - model: q\n    replicas:\n"
+        "      - {url: 'http://127.0.0.1:9'}\n"
+        "      - {engine: llamacpp, count: 2}\n"
+    )
+    result = CliRunner().invoke(app, ["serve", "-c", str(config)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "pools[0] (q) replicas[1]: engine llamacpp" in out and f"fortress up -c {config}" in out

@@ -79,6 +79,20 @@ def _load(
             "[red]error:[/red] no replicas: give a config file (-c fortress.yaml) or --replica URL"
         )
         raise typer.Exit(2)
+    local = [
+        f"pools[{i}] ({pool.model or 'any model'}) replicas[{j}]: engine {r.engine}"
+        for i, pool in enumerate(cfg.pools)
+        for j, r in enumerate(pool.replicas)
+        if r.engine != "external"
+    ]
+    if local:
+        # A replica nobody starts would sit in the config doing nothing: say so instead.
+        err_console.print(
+            "[red]error:[/red] `fortress serve` routes to replicas that already run, but the config "
+            f"asks for local engines ({'; '.join(local)}). Start them with the gateway: "
+            f"fortress up -c {config or 'fortress.yaml'}"
+        )
+        raise typer.Exit(2)
     return cfg
 
 
