@@ -38,8 +38,9 @@ lint: $(VENV)/.package
 	$(BIN)/ruff check fortress tests bench
 
 bench: setup
-	bash scripts/system-deps.sh nginx:nginx-light wrk:wrk
+	bash scripts/system-deps.sh nginx:nginx-light wrk:wrk redis-server:redis-server
 	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/gateway_layers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -46,6 +46,10 @@ Method
   product, it is a yardstick: what the kernel's loopback TCP and the event loop alone cost on
   this machine, the least any Python relay can spend.
 
+What each layer adds (metrics and alarms, the access log, API keys + usage plans + audit) is
+measured by ``bench/gateway_layers.py`` with the same method and helpers; ``python
+bench/gateway_overhead.py --layers [its options]`` runs it.
+
 Run ``python bench/gateway_overhead.py`` (about 2.5 minutes; ``--quick`` for ~45 s with rougher
 figures; ``--write-docs`` replaces the "Gateway overhead" section of ``docs/benchmarks.md``;
 ``--profile DIR`` also samples the gateway with py-spy under load and prints where its time
@@ -1526,6 +1530,11 @@ def main(argv: list[str] | None = None) -> int:
         routes = {f'"model":"{m}"'.encode(): int(p) for m, p in (a.split("=", 1) for a in argv[2:])}
         floor_relay(int(argv[1]), routes)
         return 0
+    if argv[:1] == ["--layers"]:  # the per-layer comparison lives in its own script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import gateway_layers
+
+        return gateway_layers.main(argv[1:])
     ap = argparse.ArgumentParser(
         description="Measure Fortress's gateway overhead (see the module docstring for the method)."
     )
