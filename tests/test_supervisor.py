@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -350,5 +351,38 @@ def test_sigterm_of_fortress_stops_everything_cleanly(tmp_path: Path) -> None:
         assert not any(alive(k) for k in kids)
         out = proc.output()
         assert "SIGTERM: stopping" in out and "Traceback" not in out
+    finally:
+        proc.stop()
+
+
+def test_status_shows_the_supervised_processes_and_their_restarts(tmp_path: Path) -> None:
+    proc, url, kids = start_up(tmp_path)
+    try:
+        os.kill(kids[0], signal.SIGKILL)
+
+        def processes() -> list[dict]:
+            out = subprocess.run(
+                fortress_argv("status", "--url", url, "--json"), capture_output=True, text=True, timeout=30
+            )
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)["processes"]
+
+        wait_for(
+            lambda: (
+                sum(p["restarts"] for p in processes()) == 1
+                and all(p["state"] == "running" for p in processes())
+            ),
+            timeout=20,
+            what="the killed replica to be restarted",
+        )
+        procs = processes()
+        assert sorted(p["name"] for p in procs) == ["sim-model-1", "sim-model-2"]
+        assert {p["pid"] for p in procs} == set(children_of(proc.pid)) and kids[0] not in {
+            p["pid"] for p in procs
+        }
+        table = subprocess.run(
+            fortress_argv("status", "--url", url), capture_output=True, text=True, timeout=30
+        )
+        assert "Local processes" in table.stdout and "sim-model-1" in table.stdout, table.stdout
     finally:
         proc.stop()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fortress.cli.alarms import alarms_app
 from fortress.cli.audit import audit_app
@@ -162,6 +163,25 @@ def status(
                 check,
             )
     console.print(table)
+    procs = data.get("processes")
+    if procs:  # replicas `fortress up` started and supervises
+        pt = Table(title="Local processes")
+        for col in ("process", "engine", "state", "pid", "restarts", "replica", "log"):
+            pt.add_column(col)
+        pcolours = {"running": "green", "starting": "yellow", "backoff": "red", "failed": "red"}
+        for p in procs:
+            state = p["state"]
+            detail = f" ({p['detail']})" if state != "running" and p.get("detail") else ""
+            pt.add_row(
+                p["name"],
+                p["engine"],
+                f"[{pcolours.get(state, 'white')}]{state}[/]{escape(detail)}",
+                str(p["pid"] or "-"),
+                str(p["restarts"]),
+                p["replica"] or "-",
+                p["log"],
+            )
+        console.print(pt)
 
 
 @app.command()

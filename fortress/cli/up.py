@@ -201,6 +201,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
     url = _display_url(cfg.server.host, sock.getsockname()[1])
     if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
         err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
+    gateway.processes = lambda: [slot.snapshot() for slot in supervisor.slots]  # fortress status
     # Drain and stop the replicas first on shutdown, while the relay is still there.
     gateway.on_shutdown.insert(0, supervisor.stop)
     server = _server(gateway, cfg)

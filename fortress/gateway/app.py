@@ -67,6 +67,8 @@ class Gateway:
         # Hooks for later layers: called on startup/shutdown of the serving process.
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+        # The local processes behind the replicas (``fortress up`` sets it): pid, restarts, log.
+        self.processes: Callable[[], list[dict[str, Any]]] | None = None
 
     async def startup(self) -> None:
         for layer in (self.audit, self.access):
@@ -378,7 +380,10 @@ class Gateway:
                 }
             )
         ready, missing = self.router.ready()
-        return {"ready": ready, "models_without_healthy_replica": missing, "pools": pools}
+        out: dict[str, Any] = {"ready": ready, "models_without_healthy_replica": missing, "pools": pools}
+        if self.processes is not None:
+            out["processes"] = self.processes()
+        return out
 
     # -- helpers ---------------------------------------------------------------------------
 
