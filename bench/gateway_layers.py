@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import shlex
 import shutil
 import sqlite3
 import statistics
@@ -338,14 +336,10 @@ def inclusive(raw: Path, n: int = 25) -> list[tuple[str, float]]:
     """Share of samples (all threads) whose stack holds each Fortress function (inclusive)."""
     counts: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        k = int(count)
+    for frames, k in go.stacks(raw):
         total += k
         seen = set()
-        for frame in stack.split(";"):
+        for frame in frames:
             fn, where = go._frame(frame)
             if where.startswith("fortress/") and fn not in seen:
                 seen.add(fn)
@@ -446,14 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", help="also sample each gateway with py-spy; stacks to DIR")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
-    command = " ".join(["python bench/gateway_layers.py", *map(shlex.quote, argv)])
-    t0 = time.monotonic()
-    results = run(args)
-    results["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results["seconds"] = time.monotonic() - t0
-    body, checks = report(results, command)
-    print()
-    print(body)
+    results, body, checks = go.measure("gateway_layers.py", argv, args, run, report)
     for name, v in results["variants"].items():
         if v.get("profile"):
             print(f"\n{name}: Fortress functions by inclusive share of samples (all threads)")

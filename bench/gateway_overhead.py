@@ -79,7 +79,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -906,18 +906,22 @@ def _package(where: str) -> str:
     return "other"
 
 
+def stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames, samples) of each line of py-spy's raw (collapsed) output."""
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack.split(";"), int(count)
+
+
 def top_frames(raw: Path, n: int = 12) -> dict[str, Any]:
     """From py-spy's collapsed stacks: share of samples per package and per function (self)."""
     by_pkg: collections.Counter[str] = collections.Counter()
     by_fn: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        k = int(count)
+    for frames, k in stacks(raw):
         total += k
-        fn, where = _frame(stack.split(";")[-1])
+        fn, where = _frame(frames[-1])
         by_pkg[_package(where)] += k
         by_fn[fn] += k
     if not total:
@@ -1524,6 +1528,25 @@ def write_docs(body: str) -> None:
     DOCS.write_text(text)
 
 
+def measure(
+    script: str,
+    argv: list[str],
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any], str], tuple[str, Any]],
+) -> tuple[dict[str, Any], str, Any]:
+    """Run a benchmark, stamp its results with the date and duration, print its report."""
+    command = " ".join([f"python bench/{script}", *map(shlex.quote, argv)])
+    t0 = time.monotonic()
+    results = run(args)
+    results["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results["seconds"] = time.monotonic() - t0
+    body, checks = report(results, command)
+    print()
+    print(body)
+    return results, body, checks
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--floor-relay"]:  # internal: the floor relay process
@@ -1552,14 +1575,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-core", type=int, default=0, help="CPU for upstreams and load [0]")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
-    command = " ".join(["python bench/gateway_overhead.py", *map(shlex.quote, argv)])
-    t0 = time.monotonic()
-    results = run(args)
-    results["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results["seconds"] = time.monotonic() - t0
-    body, checks = report(results, command)
-    print()
-    print(body)
+    results, body, checks = measure("gateway_overhead.py", argv, args, run, report)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.write_docs:

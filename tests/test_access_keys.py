@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import inspect, select
 
 from fortress.access.keys import KeyCache, KeyStore, digest
 from fortress.access.secret import load_secret
 from fortress.config import parse_config
 from fortress.store import tables
-from fortress.store.db import dispose_engines, get_engine, migrate
+from fortress.store.db import get_engine, migrate
 
 SECRET = b"test-secret"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A freshly migrated database: a SQLite file, or a new schema-less database on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fortress.db'}"
-        dispose_engines()
-        return
-    base: str = request.getfixturevalue("postgres_url")
-    name = "t_" + os.urandom(6).hex()
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = base.rsplit("/", 1)[0] + "/" + name
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 def test_migration_creates_the_tables_the_model_declares(db_url: str) -> None:

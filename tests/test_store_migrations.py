@@ -3,17 +3,15 @@ down, in step with tables.py, and used by the queries ``fortress audit`` issues.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import Engine, event, func, inspect, select
 from typer.testing import CliRunner
 
 from fortress.audit.query import Filters, query_records, verify
@@ -29,35 +27,6 @@ AUDIT_INDEXES = {
     "ix_audit_records_user_ts": ["user", "ts"],
 }
 KEY_INDEXES = {"ix_audit_records_key_id_ts", "ix_audit_records_key_name_ts"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a new database of its own on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fortress.db'}"
-        dispose_engines()
-        return
-    yield from _postgres_database(request.getfixturevalue("postgres_url"))
-
-
-@pytest.fixture
-def pg_url(postgres_url: str) -> Iterator[str]:
-    yield from _postgres_database(postgres_url)
-
-
-def _postgres_database(base: str) -> Iterator[str]:
-    name = "t_" + os.urandom(6).hex()
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def audit_indexes(engine: Engine) -> dict[str, list[str]]:
