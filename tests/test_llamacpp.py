@@ -296,7 +296,13 @@ def test_sigkill_all_under_load_and_while_loading_then_serves_again(up: Up) -> N
             lambda: set(up.llama_pids()) - before, timeout=20, interval=0.01, what="a replacement process"
         )
         loading = next(iter(set(up.llama_pids()) - before))
-        argv = Path(f"/proc/{loading}/cmdline").read_bytes().split(b"\0")
+
+        def cmdline() -> list[bytes]:
+            return Path(f"/proc/{loading}/cmdline").read_bytes().split(b"\0")
+
+        # Between fork and exec the child still shows the parent's command line.
+        wait_for(lambda: b"--port" in cmdline(), timeout=5, interval=0.005, what="llama-server's exec")
+        argv = cmdline()
         port = int(argv[argv.index(b"--port") + 1])
         try:
             still_loading = http_get(f"http://127.0.0.1:{port}/health", timeout=0.5)[0] != 200
