@@ -310,9 +310,16 @@ class MemoryLimiter:
         if st is None or st.plan != ticket.plan.name:
             return
         st.inflight -= 1
-        for i, d in enumerate(settle_deltas(ticket, used_in, used_out)):
-            if d and st.windows[i] == ticket.windows[i]:  # a period that rolled over stays closed
-                st.used[i] += d
+        # Per counter: real usage minus the reservation (what settle_deltas computes), inline.
+        d_in = used_in - ticket.reserved_in
+        d_out = used_out - ticket.reserved_out
+        if not (d_in or d_out):
+            return
+        windows, used, then = st.windows, st.used, ticket.windows
+        for i, metric in enumerate(ticket.plan.metrics):
+            d = d_in if metric == INPUT else d_out if metric == OUTPUT else 0
+            if d and windows[i] == then[i]:  # a period that rolled over stays closed
+                used[i] += d
 
     async def usage(self, key_id: str, plan: Plan) -> dict[str, dict[str, int]]:
         now = self.clock()
