@@ -238,3 +238,37 @@ def test_access_log_without_a_loop_writes_each_line_at_once(logger: logging.Logg
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
     log.observe(make_ctx(404))
     assert [rec["status"] for rec in stream.lines()] == [404]
+
+
+def test_access_log_queue_moves_on_to_a_new_loop(logger: logging.Logger) -> None:
+    """A timer left on a loop that stopped must not hold the next loop's lines forever."""
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
+    log.delay = 30.0
+
+    async def first() -> None:
+        log.observe(make_ctx(200))  # its timer dies with this loop
+
+    async def second() -> None:
+        log.delay = 0.05
+        log.observe(make_ctx(201))
+        await asyncio.sleep(0.3)
+
+    asyncio.run(first())
+    assert stream.writes == []
+    asyncio.run(second())
+    assert [rec["status"] for rec in stream.lines()] == [200, 201]
+
+
+async def test_a_line_that_fails_does_not_cost_the_batch(logger: logging.Logger) -> None:
+    stream = Stream()
+    attach_handler(logger, stream, delay=60.0)
+    log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
+    bad = make_ctx(200)
+    bad.usage = {"prompt_tokens": object()}  # not JSON
+    log.observe(make_ctx(200))
+    log.observe(bad)
+    log.observe(make_ctx(503))
+    log.write_pending()
+    assert [rec["status"] for rec in stream.lines()] == [200, 503]

@@ -181,6 +181,7 @@ class AccessLog:
         self.max_pending = MAX_PENDING
         self._pending: list[tuple[RequestContext, float, float]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         # The two EMF directives a request line can need, built once.
         dims = [["Service"], ["Service", "Model"]]
         self._directive = {"Namespace": self.namespace, "Dimensions": dims, "Metrics": _REQUEST_METRICS}
@@ -251,16 +252,19 @@ class AccessLog:
         pending.append((ctx, time.perf_counter(), time.time()))
         if len(pending) >= self.max_pending:
             self.write_pending()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on an event loop: write at once
-                self.write_pending()
-                return
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: write at once
+            self.write_pending()
+            return
+        # A timer of another (stopped) loop would never fire: schedule on this one.
+        if self._timer is None or self._timer_loop is not loop:
             self._timer = loop.call_later(self.delay, self._on_timer)
+            self._timer_loop = loop
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer = self._timer_loop = None
         self.write_pending()
 
     def write_pending(self) -> None:
@@ -268,13 +272,17 @@ class AccessLog:
         time), then write the installed handler's buffer in one call."""
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer = self._timer_loop = None
         batch, self._pending = self._pending, []
         logger = self.logger
         if batch and logger.isEnabledFor(logging.INFO):
             make, handle, name, record = logger.makeRecord, logger.handle, logger.name, self.record
             for ctx, end, wall in batch:
-                msg = orjson.dumps(record(ctx, end, wall)).decode()
+                try:
+                    msg = orjson.dumps(record(ctx, end, wall)).decode()
+                except Exception:  # one odd request must not cost the batch its lines
+                    logging.getLogger("fortress.observe").exception("access log line failed")
+                    continue
                 # What logger.info does, less the caller lookup (a stack walk): the caller is
                 # always this method, and the record carries the request's own end time.
                 rec = make(name, logging.INFO, __file__, 0, msg, (), None, "observe")
