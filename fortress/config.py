@@ -525,4 +525,46 @@ pools:
         tier: primary      # primary | secondary | standby
       - url: http://127.0.0.1:8082
         tier: secondary
+      # - engine: llamacpp     # a local llama-server started by `fortress up -c` (not `serve`)
+      #   count: 1
+
+state_dir: .fortress       # server secret, audit journal, SQLite store, logs
+
+auth:                      # API keys: Authorization: Bearer <key> or x-api-key: <key>
+  enabled: true            # off only when written here: enabled: false
+  cache_refresh: 2         # seconds; a revoked key stops working within this on every gateway
+  rotation_grace: 86400    # seconds an old key keeps working after `fortress keys rotate`
+  # secret: ...            # gateways sharing a database must share it (FORTRESS__AUTH__SECRET)
+
+plans:                     # usage plans; a key belongs to one (fortress keys create --plan)
+  default:
+    rate: 5                # requests per second (token bucket refill)
+    burst: 10              # bucket size
+    max_concurrent: null   # requests in flight per key
+    requests: {day: 5000}  # quotas per UTC day / week / month
+    input_tokens: {}       # e.g. {month: 10000000}
+    output_tokens: {}
+    default_max_tokens: 2048   # output tokens reserved when a request sets no max_tokens
+
+limits:
+  backend: memory          # memory (one gateway) | redis (several gateways share the limits)
+  redis_url: redis://127.0.0.1:6379/0
+  fail_open: true          # Redis unreachable: admit (true) or answer 503 (false)
+
+audit:
+  enabled: true
+  required_headers: [x-llm-source, x-llm-user, x-llm-request-type]
+  body_capture: none       # none | metadata | full (with redact_fields replaced)
+  redact_fields: [messages, prompt]
+  archive_dir: null        # JSONL.gz per day: a directory, or s3://bucket/prefix
+
+database:
+  url: null                # default sqlite:///<state_dir>/fortress.db; or postgresql+psycopg://user:pass@host/db
+
+observe:
+  metrics: true            # GET /metrics (admin token, or this machine only, unless metrics_public)
+  dashboard: true          # GET /dashboard
+  access_log: {enabled: true, stream: stdout}
+  alarms:
+    notify: {log: true, webhooks: []}   # Slack-compatible webhooks; sns_topic_arn for AWS SNS
 """

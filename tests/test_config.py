@@ -22,6 +22,15 @@ def test_example_is_valid_and_shaped_like_the_seed_deployment():
     assert cfg.routing.when_all_unhealthy == "fail_open"
 
 
+def test_example_documents_the_real_defaults():
+    """The example's access, audit and observe sections say what a config without them gets."""
+    example = parse_config(EXAMPLE_CONFIG, env={})
+    defaults = parse_config("", env={})
+    for section in ("state_dir", "auth", "plans", "limits", "audit", "database", "observe"):
+        assert getattr(example, section) == getattr(defaults, section), section
+    assert example.plans["default"].rate == 5 and example.plans["default"].requests == {"day": 5000}
+
+
 def test_error_names_key_and_line():
     text = """\
 server:
