@@ -396,3 +396,41 @@ def test_zero_config_up_prints_a_working_snippet_and_stops_on_ctrl_c(tmp_path: P
             again.stop()
     finally:
         proc.stop()
+
+
+def test_a_start_that_fails_leaves_no_unseen_key_behind(tmp_path: Path) -> None:
+    """The first key is created right before the banner shows it: when every replica fails to
+    start, no key exists that nobody was shown."""
+    require_embedded_llama()
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a model")
+    config = tmp_path / "fortress.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "pools": [
+                    {
+                        "model": "broken",
+                        "replicas": [
+                            {
+                                "engine": "llamacpp",
+                                "options": {"model": str(bad), "max_crashes": 2, "backoff_initial": 0.1},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    proc = Proc(fortress_argv("up", "-c", str(config), "--port", str(free_port()), "-q"), tmp_path / "up.log")
+    try:
+        assert proc.p.wait(90) == 1, proc.output()[-2000:]
+    finally:
+        proc.stop()
+    assert "fk_" not in proc.output() and "failed" in proc.output()
+    listed = subprocess.run(
+        fortress_argv("keys", "list", "-c", str(config)), capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "first-key" not in listed.stdout and "fk_" not in listed.stdout, listed.stdout

@@ -195,9 +195,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
         _fail(str(exc))
     gateway = build_gateway(cfg, router)
     sock = _bind(cfg.server.host, cfg.server.port)
-    keys: tuple[str | None, list[dict[str, Any]]] = (None, [])
-    if cfg.auth.enabled:
-        keys = await asyncio.to_thread(_first_key, cfg)
+    store = await asyncio.to_thread(_key_store, cfg) if cfg.auth.enabled else None
     url = _display_url(cfg.server.host, sock.getsockname()[1])
     if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
         err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
@@ -241,7 +239,7 @@ async def _main(cfg: Any, quiet: bool) -> int:
                     print("\n".join(list(slot.tail)[-20:]), file=sys.stderr)
                 return 1
         serving = True
-        announce = asyncio.create_task(_announce(server, router, cfg, url, supervisor, keys))
+        announce = asyncio.create_task(_announce(server, gateway, cfg, url, supervisor, store))
         await server.serve(sockets=[sock])
         return 0
     except asyncio.CancelledError:
@@ -258,34 +256,52 @@ async def _main(cfg: Any, quiet: bool) -> int:
             loop.remove_signal_handler(sig)
 
 
-def _first_key(cfg: Any) -> tuple[str | None, list[dict[str, Any]]]:
-    """Create the first API key when the store has none (the plaintext is printed once)."""
-    from fortress.access.keys import KeyStore, ensure_first_key
+def _key_store(cfg: Any) -> Any:
+    """The API key store, migrated: a database we cannot use fails now, before models load."""
+    from fortress.access.keys import KeyStore
     from fortress.access.secret import load_secret
     from fortress.store.db import database_url, migrate
 
     url = database_url(cfg)
     try:
-        store = KeyStore(migrate(url), load_secret(cfg))
-        return ensure_first_key(store, list(cfg.plans))
-    except Exception as exc:  # a database we cannot reach: say so before any model loads
+        return KeyStore(migrate(url), load_secret(cfg))
+    except Exception as exc:
         return _fail(f"cannot prepare API keys in {url}: {exc}", 1)
+
+
+async def _first_key(gateway: Any, cfg: Any, store: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """Create the first API key when the store has none, and make the gateway know it now.
+
+    Done once everything is up, right before the banner that shows it: a start that fails
+    never leaves behind a key nobody saw.
+    """
+    from fortress.access.keys import ensure_first_key
+
+    try:
+        keys = await asyncio.to_thread(ensure_first_key, store, list(cfg.plans))
+        cache = getattr(gateway.access, "cache", None)
+        if keys[0] is not None and cache is not None:
+            await cache.sync()  # usable at once, not after the next cache refresh
+        return keys
+    except Exception as exc:
+        err_console.print(f"[red]error:[/red] cannot create the first API key: {escape(str(exc))}")
+        return None, []
 
 
 # -- the banner ----------------------------------------------------------------------------
 
 
-async def _announce(
-    server: Any, router: Any, cfg: Any, url: str, supervisor: Any, keys: tuple[str | None, list[Any]]
-) -> None:
+async def _announce(server: Any, gateway: Any, cfg: Any, url: str, supervisor: Any, store: Any) -> None:
     """Print where to send requests once the gateway listens and every model has a healthy
-    replica (or after 60 s, with a warning)."""
+    replica (or after 60 s, with a warning), with the first API key when this run made it."""
+    router = gateway.router
     for _ in range(1200):
         if server.started and router.ready()[0]:
             break
         await asyncio.sleep(0.05)
     else:
         err_console.print("[yellow]warning:[/yellow] not every model has a healthy replica yet")
+    keys = await _first_key(gateway, cfg, store) if store is not None else (None, [])
     models = router.configured_models() or sorted(router.index)
     print(_banner(cfg, url, models, supervisor, keys), flush=True)
 
