@@ -344,6 +344,8 @@ def test_zero_config_up_prints_a_working_snippet_and_stops_on_ctrl_c(tmp_path: P
         url = f"http://127.0.0.1:{port}"
         assert f"Fortress is ready: {url}/v1" in out and "model: smollm2" in out
         assert f"curl {url}/v1/chat/completions" in out and '"model": "smollm2"' in out
+        dashboard = re.search(r"dashboard: (\S+)", out)
+        assert dashboard is not None and http_get(dashboard.group(1))[0] == 200
         snippet = out[
             out.index("from openai import OpenAI") : out.index("print(reply.choices[0].message.content)")
         ]

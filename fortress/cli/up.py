@@ -335,6 +335,8 @@ def _banner(
         f"  local replicas: {procs}",
         f"  logs: {supervisor.log_dir}/   status: fortress status --url {url}   stop: Ctrl-C",
     ]
+    if cfg.observe.enabled and cfg.observe.dashboard:
+        lines.append(f"  dashboard: {url}/dashboard   metrics: {url}/metrics")
     if new_key:
         rec = active[0]
         lines += [
