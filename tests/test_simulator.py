@@ -171,7 +171,10 @@ async def test_chat_stream(include_usage: bool) -> None:
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert "".join(c["choices"][0]["delta"]["content"] for c in content).split() == [
-        "tok0", "tok1", "tok2", "tok3"
+        "tok0",
+        "tok1",
+        "tok2",
+        "tok3",
     ]
     assert [c["choices"][0]["finish_reason"] for c in content] == [None, None, None, "length"]
     if include_usage:
@@ -205,8 +208,7 @@ async def test_completion_stream(include_usage: bool) -> None:
     usage_chunks = [c for c in chunks if not c["choices"]]
     if include_usage:
         assert len(usage_chunks) == 1 and chunks[-1] is usage_chunks[0]
-        assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3,
-                                       "total_tokens": 7}
+        assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
     else:
         assert usage_chunks == []
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
@@ -219,7 +221,9 @@ async def test_openai_client_streams_with_usage() -> None:
     async with serve(model="m4", tokens=5) as (base, _s):
         client = AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
         stream = await client.chat.completions.create(
-            model="m4", messages=[{"role": "user", "content": "hi"}], stream=True,
+            model="m4",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
             stream_options={"include_usage": True},
         )
         text, usage = "", None
@@ -348,16 +352,30 @@ async def test_control_health_down_and_up() -> None:
 @pytest.mark.parametrize(
     ("flavor", "names", "running"),
     [
-        ("vllm",
-         ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-          "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_hits_total",
-          "vllm:prefix_cache_queries_total", "vllm:prompt_tokens_total",
-          "vllm:generation_tokens_total"],
-         "vllm:num_requests_running"),
-        ("llamacpp",
-         ["llamacpp:requests_processing", "llamacpp:requests_deferred",
-          "llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"],
-         "llamacpp:requests_processing"),
+        (
+            "vllm",
+            [
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+                "vllm:gpu_cache_usage_perc",
+                "vllm:prefix_cache_hits_total",
+                "vllm:prefix_cache_queries_total",
+                "vllm:prompt_tokens_total",
+                "vllm:generation_tokens_total",
+            ],
+            "vllm:num_requests_running",
+        ),
+        (
+            "llamacpp",
+            [
+                "llamacpp:requests_processing",
+                "llamacpp:requests_deferred",
+                "llamacpp:prompt_tokens_total",
+                "llamacpp:tokens_predicted_total",
+            ],
+            "llamacpp:requests_processing",
+        ),
     ],
 )
 async def test_metrics(flavor: str, names: list[str], running: str) -> None:
@@ -441,9 +459,19 @@ def _free_port() -> int:
 async def test_cli_crash_after_exits_mid_stream() -> None:
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fortress.replicas.simulator",
-        "--port", str(port), "--model", "crashy", "--crash-after", "3", "--tokens", "10",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "fortress.replicas.simulator",
+        "--port",
+        str(port),
+        "--model",
+        "crashy",
+        "--crash-after",
+        "3",
+        "--tokens",
+        "10",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -461,8 +489,7 @@ async def test_cli_crash_after_exits_mid_stream() -> None:
                 assert (await r.json())["data"][0]["id"] == "crashy"
             events: list[bytes] = []
             with pytest.raises(aiohttp.ClientError):
-                async with s.post(base + "/v1/chat/completions",
-                                  json=CHAT | {"stream": True}) as r:
+                async with s.post(base + "/v1/chat/completions", json=CHAT | {"stream": True}) as r:
                     assert r.status == 200
                     while True:
                         event = await r.content.readuntil(b"\n\n")

@@ -25,9 +25,7 @@ def _seconds(value: float) -> float:
 
 def _fraction(value: float) -> float:
     if not 0.0 <= value <= 1.0:
-        raise typer.BadParameter(
-            f"must be a fraction of requests between 0 and 1 (0.1 = 10%), got {value:g}"
-        )
+        raise typer.BadParameter(f"must be a fraction of requests between 0 and 1 (0.1 = 10%), got {value:g}")
     return value
 
 
@@ -56,22 +54,14 @@ def _crash_after(value: int | None) -> int | None:
 
 
 def sim(
-    port: Annotated[
-        int, typer.Option("--port", "-p", callback=_port, help="TCP port to listen on.")
-    ],
+    port: Annotated[int, typer.Option("--port", "-p", callback=_port, help="TCP port to listen on.")],
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     model: Annotated[
         str,
-        typer.Option(
-            callback=_model, help="Model id served; every response names it, whatever was asked."
-        ),
+        typer.Option(callback=_model, help="Model id served; every response names it, whatever was asked."),
     ] = "sim-model",
-    ttft: Annotated[
-        float, typer.Option(callback=_seconds, help="Seconds to the first token.")
-    ] = 0.0,
-    itl: Annotated[
-        float, typer.Option(callback=_seconds, help="Seconds between tokens.")
-    ] = 0.0,
+    ttft: Annotated[float, typer.Option(callback=_seconds, help="Seconds to the first token.")] = 0.0,
+    itl: Annotated[float, typer.Option(callback=_seconds, help="Seconds between tokens.")] = 0.0,
     tokens: Annotated[
         int,
         typer.Option(callback=_tokens, help="Output length in tokens (max_tokens may lower it)."),
@@ -126,13 +116,11 @@ def sim(
         seed=seed,
     )
     print(
-        f"fortress sim: simulated replica (test tool, not a model) serving {model!r} "
-        f"on http://{host}:{port}",
+        f"fortress sim: simulated replica (test tool, not a model) serving {model!r} on http://{host}:{port}",
         file=sys.stderr,
     )
     try:
         run(settings, host, port)
     except OSError as exc:
-        print(f"fortress sim: cannot listen on {host}:{port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"fortress sim: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -94,9 +94,7 @@ class SimSettings:
         if self.crash_after is not None and self.crash_after < 1:
             raise ValueError(f"crash_after must be at least 1, got {self.crash_after!r}")
         if self.metrics_flavor not in _FLAVORS:
-            raise ValueError(
-                f"metrics_flavor must be one of {_FLAVORS}, got {self.metrics_flavor!r}"
-            )
+            raise ValueError(f"metrics_flavor must be one of {_FLAVORS}, got {self.metrics_flavor!r}")
 
 
 class _ClientGone(ConnectionResetError):
@@ -271,8 +269,7 @@ class _Sim:
         if self.loading():
             return web.Response(status=503, body=_LOADING_HEALTH, content_type=_JSON)
         if self.health_down:
-            return _error(503, "Health forced down via /sim/control.", "unavailable_error",
-                          "sim_health_down")
+            return _error(503, "Health forced down via /sim/control.", "unavailable_error", "sim_health_down")
         return web.Response(body=_HEALTH_OK, content_type=_JSON)
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -296,27 +293,26 @@ class _Sim:
         for key, value in req.items():
             if key == "health":
                 if value not in ("up", "down"):
-                    return _error(400, "'health' must be \"up\" or \"down\".",
-                                  "invalid_request_error", param=key)
+                    return _error(
+                        400, '\'health\' must be "up" or "down".', "invalid_request_error", param=key
+                    )
                 health = value == "down"
             elif key == "health_delay":
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                    return _error(400, "'health_delay' must be a number >= 0.",
-                                  "invalid_request_error", param=key)
+                    return _error(
+                        400, "'health_delay' must be a number >= 0.", "invalid_request_error", param=key
+                    )
                 self.health_delay = float(value)
             elif key in ("error_rate", "hang_rate", "ttft", "itl"):
                 if isinstance(value, bool) or not isinstance(value, int | float):
-                    return _error(400, f"'{key}' must be a number.", "invalid_request_error",
-                                  param=key)
+                    return _error(400, f"'{key}' must be a number.", "invalid_request_error", param=key)
                 changes[key] = float(value)
             elif key == "tokens":
                 if isinstance(value, bool) or not isinstance(value, int):
-                    return _error(400, "'tokens' must be an integer.", "invalid_request_error",
-                                  param=key)
+                    return _error(400, "'tokens' must be an integer.", "invalid_request_error", param=key)
                 changes[key] = value
             else:
-                return _error(400, f"Unknown control field {key!r}.", "invalid_request_error",
-                              param=key)
+                return _error(400, f"Unknown control field {key!r}.", "invalid_request_error", param=key)
         try:
             # Re-run SimSettings' validation on the would-be settings before applying anything.
             new_cfg = dataclasses.replace(self.cfg, **changes)
@@ -347,39 +343,61 @@ class _Sim:
     def _metrics_vllm(self) -> str:
         kv = min(1.0, self.live_tokens / _KV_CAPACITY_TOKENS)
         rows: list[tuple[str, str, str, float]] = [
-            ("vllm:num_requests_running", "gauge",
-             "Number of requests in model execution batches.", self.in_flight),
-            ("vllm:num_requests_waiting", "gauge",
-             "Number of requests waiting to be processed.", 0),
-            ("vllm:kv_cache_usage_perc", "gauge",
-             "KV-cache usage. 1 means 100 percent usage.", kv),
-            ("vllm:gpu_cache_usage_perc", "gauge",
-             "GPU KV-cache usage. 1 means 100 percent usage.", kv),
-            ("vllm:prefix_cache_hits_total", "counter",
-             "Prefix cache hits, in terms of number of cached tokens.", self.prefix_hits),
-            ("vllm:prefix_cache_queries_total", "counter",
-             "Prefix cache queries, in terms of number of queried tokens.", self.prefix_queries),
-            ("vllm:prompt_tokens_total", "counter",
-             "Number of prefill tokens processed.", self.prompt_tokens_total),
-            ("vllm:generation_tokens_total", "counter",
-             "Number of generation tokens processed.", self.generation_tokens_total),
+            (
+                "vllm:num_requests_running",
+                "gauge",
+                "Number of requests in model execution batches.",
+                self.in_flight,
+            ),
+            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", 0),
+            ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", kv),
+            ("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage.", kv),
+            (
+                "vllm:prefix_cache_hits_total",
+                "counter",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                self.prefix_hits,
+            ),
+            (
+                "vllm:prefix_cache_queries_total",
+                "counter",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                self.prefix_queries,
+            ),
+            (
+                "vllm:prompt_tokens_total",
+                "counter",
+                "Number of prefill tokens processed.",
+                self.prompt_tokens_total,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "counter",
+                "Number of generation tokens processed.",
+                self.generation_tokens_total,
+            ),
         ]
         out: list[str] = []
         for name, kind, help_, value in rows:
-            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n"
-                       f"{name}{self._label} {float(value)!r}\n")
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{self._label} {float(value)!r}\n")
         return "".join(out)
 
     def _metrics_llamacpp(self) -> str:
         rows: list[tuple[str, str, str, int]] = [
-            ("llamacpp:prompt_tokens_total", "counter",
-             "Number of prompt tokens processed.", self.prompt_tokens_total),
-            ("llamacpp:tokens_predicted_total", "counter",
-             "Number of generation tokens processed.", self.generation_tokens_total),
-            ("llamacpp:requests_processing", "gauge",
-             "Number of requests processing.", self.in_flight),
-            ("llamacpp:requests_deferred", "gauge",
-             "Number of requests deferred.", 0),
+            (
+                "llamacpp:prompt_tokens_total",
+                "counter",
+                "Number of prompt tokens processed.",
+                self.prompt_tokens_total,
+            ),
+            (
+                "llamacpp:tokens_predicted_total",
+                "counter",
+                "Number of generation tokens processed.",
+                self.generation_tokens_total,
+            ),
+            ("llamacpp:requests_processing", "gauge", "Number of requests processing.", self.in_flight),
+            ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", 0),
         ]
         return "".join(
             f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {value}\n"
@@ -401,7 +419,7 @@ class _Sim:
         hits = 0
         matching = True
         for start in range(0, len(words) - _PREFIX_BLOCK_WORDS + 1, _PREFIX_BLOCK_WORDS):
-            h = hash((h, *words[start:start + _PREFIX_BLOCK_WORDS]))
+            h = hash((h, *words[start : start + _PREFIX_BLOCK_WORDS]))
             if matching and h in cache:
                 cache.move_to_end(h)
                 hits += _PREFIX_BLOCK_WORDS
@@ -429,8 +447,12 @@ class _Sim:
                 return _error(400, exc.message, "invalid_request_error", param=exc.param)
             cfg = self.cfg  # snapshot: /sim/control changes apply to later requests
             if cfg.error_rate > 0 and self.rng.random() < cfg.error_rate:
-                return _error(500, "Simulated internal error (fortress sim error_rate).",
-                              "server_error", "sim_injected_error")
+                return _error(
+                    500,
+                    "Simulated internal error (fortress sim error_rate).",
+                    "server_error",
+                    "sim_injected_error",
+                )
             if cfg.hang_rate > 0 and self.rng.random() < cfg.hang_rate:
                 await _sleep_until(request, math.inf)  # returns only by _ClientGone / cancel
             self.prompt_tokens_total += job.prompt_tokens
@@ -463,8 +485,11 @@ class _Sim:
 
     def _body(self, job: _Job, n: int, finish: str) -> bytes:
         text = b"".join(_token(i) for i in range(n)).decode()
-        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": n,
-                 "total_tokens": job.prompt_tokens + n}
+        usage = {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": job.prompt_tokens + n,
+        }
         if job.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -476,14 +501,16 @@ class _Sim:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             kind, prefix = "text_completion", "cmpl-sim-"
-        return orjson.dumps({
-            "id": prefix + os.urandom(12).hex(),
-            "object": kind,
-            "created": int(time.time()),
-            "model": self.cfg.model,
-            "choices": [choice],
-            "usage": usage,
-        })
+        return orjson.dumps(
+            {
+                "id": prefix + os.urandom(12).hex(),
+                "object": kind,
+                "created": int(time.time()),
+                "model": self.cfg.model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
 
     async def _stream(
         self,
@@ -500,13 +527,18 @@ class _Sim:
         obj = "chat.completion.chunk" if job.chat else "text_completion"
         usage_null = b',"usage":null' if job.include_usage else b""
         # Token chunks differ only in the token and finish_reason: build them from byte templates.
-        head = (b'data: {"id":"%s","object":"%s","created":%d,"model":%s,"choices":[{"index":0,'
-                % (rid.encode(), obj.encode(), created, self.model_json))
+        head = b'data: {"id":"%s","object":"%s","created":%d,"model":%s,"choices":[{"index":0,' % (
+            rid.encode(),
+            obj.encode(),
+            created,
+            self.model_json,
+        )
         head += b'"delta":{"content":"' if job.chat else b'"text":"'
         close = b'"}' if job.chat else b'"'
         mid = close + b',"logprobs":null,"finish_reason":null}]' + usage_null + b"}\n\n"
-        last = (close + b',"logprobs":null,"finish_reason":"' + finish.encode() + b'"}]'
-                + usage_null + b"}\n\n")
+        last = (
+            close + b',"logprobs":null,"finish_reason":"' + finish.encode() + b'"}]' + usage_null + b"}\n\n"
+        )
         write = self._writer(resp)
         loop = asyncio.get_running_loop()
         first_at = loop.time() + cfg.ttft
@@ -514,9 +546,18 @@ class _Sim:
             await _sleep_until(request, first_at + i * cfg.itl)
             if i == 0 and job.chat:
                 role: dict[str, Any] = {
-                    "id": rid, "object": obj, "created": created, "model": cfg.model,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None}],
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": cfg.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
                 }
                 if job.include_usage:
                     role["usage"] = None
@@ -526,12 +567,24 @@ class _Sim:
             self.generation_tokens_total += 1
             self.live_tokens += 1
         if job.include_usage:
-            await write(b"data: " + orjson.dumps({
-                "id": rid, "object": obj, "created": created, "model": cfg.model,
-                "choices": [],
-                "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": n,
-                          "total_tokens": job.prompt_tokens + n},
-            }) + b"\n\n")
+            await write(
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": cfg.model,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": job.prompt_tokens,
+                            "completion_tokens": n,
+                            "total_tokens": job.prompt_tokens + n,
+                        },
+                    }
+                )
+                + b"\n\n"
+            )
         await resp.write(_DONE)
         await resp.write_eof()
 
