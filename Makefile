@@ -32,10 +32,12 @@ test: setup
 	bash scripts/system-deps.sh chromium:chromium
 	bash scripts/system-deps.sh redis-server:redis-server '/usr/lib/postgresql/*/bin/postgres:postgresql'
 	$(BIN)/ruff check fortress tests bench
+	$(BIN)/ruff format --check fortress tests bench
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.package
 	$(BIN)/ruff check fortress tests bench
+	$(BIN)/ruff format --check fortress tests bench
 
 bench: setup
 	bash scripts/system-deps.sh nginx:nginx-light wrk:wrk redis-server:redis-server
