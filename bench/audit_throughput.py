@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import platform
 import shutil
 import sqlite3
 import subprocess
@@ -42,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from docs_section import machine_line, write_section  # noqa: E402
+
 from fortress.audit.journal import Journal  # noqa: E402
 from fortress.audit.shipper import Shipper  # noqa: E402
 from fortress.audit.sql import SqlSink  # noqa: E402
@@ -49,7 +49,6 @@ from fortress.store.db import dispose_engines  # noqa: E402
 
 TARGET = 10_000.0
 SECRET = b"bench-secret-0123456789abcdef0123456789abcdef"
-START, END = "<!-- audit:start -->", "<!-- audit:end -->"
 
 
 def record(i: int) -> dict[str, Any]:
@@ -164,18 +163,6 @@ async def run_e2e(d: Path, n: int, conc: int, group_ms: float, batch: int) -> di
     }
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores, {platform.system()} {platform.release()})"
-
-
 def filesystem(path: Path) -> str:
     try:
         out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, check=True).stdout
@@ -210,7 +197,7 @@ def report(
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python bench/audit_throughput.py" + (" --write-docs" if args.write_docs else "")
     setup = (
-        f"Measured {now} at commit {commit()} on {machine()}, Python {platform.python_version()}, "
+        f"Measured {now} at commit {commit()} on {machine_line()}, "
         f"uvloop {uvloop.__version__}, SQLAlchemy {sqlalchemy.__version__}, SQLite {sqlite3.sqlite_version}; "
         f"journal and database on {fs}. {args.records:,} records (~600 bytes sealed) appended by "
         f"{args.concurrency} coroutines, group commit {args.group_commit_ms:g} ms, shipper batches of "
@@ -270,19 +257,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 async def main_async(args: argparse.Namespace, base: Path) -> tuple[dict[str, float], ...]:
     d1, d3 = base / "append", base / "e2e"
     for d in (d1, d3):
@@ -322,7 +296,7 @@ def main() -> None:
     print()
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_section("audit", section)
         print("updated docs/benchmarks.md")
     sys.exit(0 if min(a["rate"], s["rate"], e["rate"]) >= TARGET else 1)
 

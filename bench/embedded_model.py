@@ -39,7 +39,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -58,11 +57,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from docs_section import machine_line, write_section  # noqa: E402
+
 from fortress.replicas.engines import LlamaCppEngine  # noqa: E402
 
-DOCS = ROOT / "docs" / "benchmarks.md"
-START_MARK = "<!-- embedded-model:start -->"
-END_MARK = "<!-- embedded-model:end -->"
 TITLE = "## Embedded model: direct vs gateway"
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -197,15 +195,6 @@ def summarise(samples: dict[str, list[Sample]]) -> dict[str, Any]:
     return res
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return f"{model} ({os.cpu_count()} cores, Linux {platform.release()}), Python {platform.python_version()}"
-
-
 def client_core(args: argparse.Namespace) -> int:
     return int(args.server_core if args.client_core is None else args.client_core)
 
@@ -221,7 +210,7 @@ def report(res: dict[str, Any], args: argparse.Namespace, command: str, seconds:
         if not args.no_pin
         else "no CPU pinning"
     )
-    return f"""Measured {when} on {machine()}; {pin}. Run time {seconds:.0f} s.
+    return f"""Measured {when} on {machine_line()}; {pin}. Run time {seconds:.0f} s.
 
 ```
 {command}
@@ -244,19 +233,6 @@ both paths (llama-server closes it after a stream); method in the script's docst
 | decode rate | {dec["direct"]:.1f} tok/s | {dec["gateway"]:.1f} tok/s | {res["decode_ratio"] * 100:.1f} % |
 | end-to-end rate (incl. TTFT) | {e2e["direct"]:.1f} tok/s | {e2e["gateway"]:.1f} tok/s | {res["e2e_ratio"] * 100:.1f} % |
 """  # noqa: E501
-
-
-def write_docs(body: str) -> None:
-    section = f"{START_MARK}\n{TITLE}\n\n{body}{END_MARK}\n"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +287,7 @@ pools:
         raw = {k: [s.__dict__ for s in v] for k, v in samples.items()}
         Path(args.json).write_text(json.dumps({"summary": res, "samples": raw}, indent=1))
     if args.write_docs:
-        write_docs(body)
+        write_section("embedded-model", body, TITLE)
     return 0
 
 

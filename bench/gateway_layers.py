@@ -53,11 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_overhead as go
+from docs_section import write_section
 
-START_MARK = "<!-- gateway-layers:start -->"
-END_MARK = "<!-- gateway-layers:end -->"
 TARGET_ACCESS_US = 100.0
 TARGET_OBSERVE_US = 20.0
 AUDIT = {"x-llm-source": "bench", "x-llm-user": "bench-user", "x-llm-request-type": "chat"}
@@ -408,22 +406,6 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, float,
     return "\n".join(lines), checks
 
 
-def write_docs(body: str) -> None:
-    section = f"{START_MARK}\n## Gateway overhead by layer\n\n{body}{END_MARK}\n"
-    docs = go.DOCS
-    text = docs.read_text() if docs.exists() else go.DOCS_HEADER
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    elif go.END_MARK in text:  # right after the main gateway-overhead section
-        head, tail = text.split(go.END_MARK, 1)
-        text = head + go.END_MARK + "\n\n" + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    docs.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(
@@ -449,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.write_docs:
-        write_docs(body)
-        print(f"wrote the 'Gateway overhead by layer' section of {go.DOCS}", file=sys.stderr)
+        path = write_section("gateway-layers", body, "## Gateway overhead by layer", after=go.SECTION)
+        print(f"wrote the 'Gateway overhead by layer' section of {path}", file=sys.stderr)
     return 0 if all(med <= target for _, med, target in checks) else 1
 
 

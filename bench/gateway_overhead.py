@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httptools
+from docs_section import cpu_model, write_section
 
 try:
     import uvloop
@@ -92,14 +93,7 @@ except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     uvloop = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
-START_MARK = "<!-- gateway-overhead:start -->"
-END_MARK = "<!-- gateway-overhead:end -->"
-DOCS_HEADER = (
-    "# Benchmarks\n\n"
-    "Each section names the machine, the date and the command that produced it; rerun the\n"
-    "command to get the figures on yours.\n"
-)
+SECTION = "gateway-overhead"  # its part of docs/benchmarks.md
 
 # Targets from the issue (one worker, one core).
 TARGET_CPU_PER_REQUEST_MS = 0.3
@@ -1002,12 +996,6 @@ QUICK = Plan(
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
 
@@ -1025,7 +1013,7 @@ def machine() -> dict[str, str]:
     commit = first_line(["git", "rev-parse", "--short", "HEAD"])
     dirty = first_line(["git", "status", "--porcelain", "--", "fortress"])
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
@@ -1515,19 +1503,6 @@ def _errors_line(r: dict[str, Any]) -> str:
     )
 
 
-def write_docs(body: str) -> None:
-    section = f"{START_MARK}\n## Gateway overhead\n\n{body}{END_MARK}\n"
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
-
-
 def measure(
     script: str,
     argv: list[str],
@@ -1554,7 +1529,6 @@ def main(argv: list[str] | None = None) -> int:
         floor_relay(int(argv[1]), routes)
         return 0
     if argv[:1] == ["--layers"]:  # the per-layer comparison lives in its own script
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import gateway_layers
 
         return gateway_layers.main(argv[1:])
@@ -1579,8 +1553,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.write_docs:
-        write_docs(body)
-        print(f"wrote the Gateway overhead section of {DOCS}", file=sys.stderr)
+        path = write_section(SECTION, body, "## Gateway overhead")
+        print(f"wrote the Gateway overhead section of {path}", file=sys.stderr)
     return 0 if all(c[2] == "PASS" for c in checks) else 1
 
 

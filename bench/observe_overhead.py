@@ -27,7 +27,6 @@ import gc
 import io
 import logging
 import os
-import platform
 import random
 import statistics
 import sys
@@ -37,6 +36,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from docs_section import machine_line, write_section  # noqa: E402
 
 from fortress.config import parse_config  # noqa: E402
 from fortress.gateway.app import Gateway  # noqa: E402
@@ -59,8 +60,6 @@ auth: {enabled: false}
 audit: {enabled: false}
 observe: {engine_metrics_interval: 0}
 """
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- observe:start -->", "<!-- observe:end -->"
 
 
 def contexts(gw: Gateway, n: int, seed: int = 1) -> list[RequestContext]:
@@ -184,18 +183,6 @@ def measure(n: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def report(r: dict[str, Any]) -> str:
     us = 1e6
     med = statistics.median
@@ -206,7 +193,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "## Metrics and alarms overhead",
         "",
-        f"Measured {dt.date.today().isoformat()} on {machine()}",
+        f"Measured {dt.date.today().isoformat()} on {machine_line()}",
         f"(shared, busy machine), with `python bench/observe_overhead.py --n {r['n']}`: {r['n']:,} finished",
         "requests (70 % non-stream 200, 20 % stream 200, 5 % 4xx before routing, 3 % 502 after a retry,",
         "2 % 429) passed to the gateway's observers in-process, as `fortress.observe.attach` installs them;",
@@ -235,18 +222,6 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    block = f"{START}\n{section}{END}\n"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=50_000, help="requests per run")
@@ -257,8 +232,7 @@ def main() -> None:
     section = report(r)
     print(section)
     if args.write_docs:
-        write_docs(section)
-        print(f"wrote {DOCS}")
+        print(f"wrote {write_section('observe', section)}")
 
 
 if __name__ == "__main__":
