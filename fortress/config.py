@@ -267,6 +267,20 @@ class AlarmRule(_Model):
     action: Literal["notify", "scale_up"] = "notify"
     description: str = ""
 
+    def describe(self) -> dict[str, Any]:
+        """The rule as alarm snapshots and notifications show it."""
+        return {
+            "name": self.name,
+            "severity": self.severity,
+            "action": self.action,
+            "metric": self.metric,
+            "op": self.op,
+            "threshold": self.threshold,
+            "for_seconds": self.for_,
+            "window_seconds": self.window,
+            "description": self.description,
+        }
+
     @field_validator("for_", "window", mode="before")
     @classmethod
     def _durations(cls, v: Any) -> Any:

@@ -102,20 +102,13 @@ class AlarmEvent:
 
     def payload(self) -> dict[str, Any]:
         """Slack-compatible webhook body: ``text`` plus structured fields."""
-        r = self.rule
+        rule = self.rule.describe()
         return {
             "text": self.text(),
-            "alarm": r.name,
+            "alarm": rule.pop("name"),
             "state": str(self.state),
-            "severity": r.severity,
-            "action": r.action,
-            "metric": r.metric,
-            "op": r.op,
-            "threshold": r.threshold,
+            **rule,
             "value": self.value,
-            "for_seconds": r.for_,
-            "window_seconds": r.window,
-            "description": r.description,
             "at": _iso(self.at),
             "since": _iso(self.since),
             "source": self.source,
@@ -229,22 +222,13 @@ class Alarm:
         self.changed_at = wall
 
     def snapshot(self) -> dict[str, Any]:
-        r = self.rule
         return {
-            "name": r.name,
+            **self.rule.describe(),
             "state": str(self.state),
-            "severity": r.severity,
-            "action": r.action,
-            "metric": r.metric,
-            "op": r.op,
-            "threshold": r.threshold,
-            "for_seconds": r.for_,
-            "window_seconds": r.window,
             "value": self.value,
-            "unit": UNITS.get(r.metric, ""),
+            "unit": UNITS.get(self.rule.metric, ""),
             "since": self.changed_at,
             "last_fired": self.fired_at,
-            "description": r.description,
         }
 
 
