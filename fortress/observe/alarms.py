@@ -70,7 +70,8 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """90 -> "90s", 180 -> "3m", 3600 -> "1h", 0.5 -> "0.5s"."""
     if seconds and seconds % 3600 == 0:
         return f"{seconds / 3600:g}h"
     if seconds and seconds % 60 == 0:
@@ -94,7 +95,7 @@ class AlarmEvent:
         unit = UNITS.get(r.metric, "")
         cond = f"{r.metric} {_fmt(self.value)}{unit} {r.op} {r.threshold:g}{unit}"
         if self.state is AlarmState.FIRING:
-            held = f" for {_duration(r.for_)}" if r.for_ else ""
+            held = f" for {format_duration(r.for_)}" if r.for_ else ""
             head = f"[FIRING] {r.name} ({r.severity}): {cond}{held}"
         else:
             head = f"[RESOLVED] {r.name} ({r.severity}): {r.metric} now {_fmt(self.value)}{unit}"

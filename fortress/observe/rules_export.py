@@ -15,16 +15,12 @@ from typing import Any
 import yaml
 
 from fortress.config import AlarmRule, FortressConfig
+from fortress.observe.alarms import format_duration
 from fortress.observe.logs import SERVICE
 
 
 def _dur(seconds: float) -> str:
-    s = max(1, math.ceil(seconds))
-    if s % 3600 == 0:
-        return f"{s // 3600}h"
-    if s % 60 == 0:
-        return f"{s // 60}m"
-    return f"{s}s"
+    return format_duration(max(1, math.ceil(seconds)))  # Prometheus durations are whole units
 
 
 def promql(rule: AlarmRule) -> str:
