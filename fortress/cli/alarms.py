@@ -8,9 +8,8 @@ from enum import StrEnum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from fortress.cli.common import get_gateway_json
+from fortress.cli.common import console, err_console, get_gateway_json, load_cli_config
 
 alarms_app = typer.Typer(
     help="Alarms: list them with their state, or export them (Prometheus, CloudWatch, Grafana).",
@@ -18,8 +17,6 @@ alarms_app = typer.Typer(
     no_args_is_help=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
 
 _COLOURS = {"ok": "green", "pending": "yellow", "firing": "red", "resolved": "cyan"}
 
@@ -82,15 +79,10 @@ def export(
 
     Example: [bold]fortress alarms export --format cloudwatch -c fortress.yaml[/bold]
     """
-    from fortress.config import ConfigError, load_config, parse_config
     from fortress.observe.grafana import grafana_dashboard
     from fortress.observe.rules_export import cloudwatch_alarms, prometheus_yaml
 
-    try:
-        cfg = load_config(config) if config is not None else parse_config("", "(defaults)")
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    cfg = load_cli_config(config)
     if fmt is ExportFormat.prometheus:
         text = prometheus_yaml(cfg)
     elif fmt is ExportFormat.cloudwatch:

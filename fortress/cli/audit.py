@@ -10,20 +10,13 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from fortress.cli.common import CONFIG_OPTION, load_cli_config
+from fortress.cli.common import CONFIG_OPTION, console, err_console, load_cli_config
 
 audit_app = typer.Typer(
     help="Query, export and verify the audit trail (the store named by database.url).",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
-
-_CONFIG = CONFIG_OPTION
-
-
-_config = load_cli_config
 
 
 def _engine(cfg: Any) -> Any:
@@ -96,7 +89,7 @@ def _when(ts: float) -> str:
 
 @audit_app.command()
 def query(
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
     since: str | None = _SINCE,
     until: str | None = _UNTIL,
     key: str | None = _KEY,
@@ -118,7 +111,7 @@ def query(
 
     from fortress.audit.query import query_records
 
-    cfg = _config(config)
+    cfg = load_cli_config(config)
     f = _filters(since, until, key, user, source, model, status, request_id, gateway)
     rows = query_records(_engine(cfg), f, limit)
     if as_json:
@@ -152,7 +145,7 @@ def query(
 
 @audit_app.command()
 def export(
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl or csv."),
     output: Path | None = typer.Option(None, "--output", "-o", help="File to write (default: stdout)."),
     since: str | None = _SINCE,
@@ -174,7 +167,7 @@ def export(
     if fmt not in ("jsonl", "csv"):
         err_console.print(f"[red]error:[/red] unknown format {fmt!r}: use jsonl or csv")
         raise typer.Exit(2)
-    cfg = _config(config)
+    cfg = load_cli_config(config)
     f = _filters(since, until, key, user, source, model, status, request_id, gateway)
     engine = _engine(cfg)
     if output is None:
@@ -187,7 +180,7 @@ def export(
 
 @audit_app.command()
 def verify(
-    config: Path | None = _CONFIG,
+    config: Path | None = CONFIG_OPTION,
     gateway: str | None = _GATEWAY,
     anchors: Path | None = typer.Option(
         None, "--anchors", help="Local anchors file to check too [default: <journal_dir>/anchors.jsonl]."
@@ -209,7 +202,7 @@ def verify(
     from fortress.audit.query import verify as run_verify
     from fortress.secret import SecretMissing, load_secret
 
-    cfg = _config(config)
+    cfg = load_cli_config(config)
     try:
         secret = load_secret(cfg, create=False)
     except SecretMissing as exc:

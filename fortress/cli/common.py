@@ -1,4 +1,4 @@
-"""What several CLI commands share: the -c option and loading the config with clear errors."""
+"""What the CLI commands share: consoles, the -c option, loading the config with clear errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+console = Console()
 err_console = Console(stderr=True)
 
 CONFIG_OPTION = typer.Option(

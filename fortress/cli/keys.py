@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fortress.cli.common import CONFIG_OPTION, load_cli_config
+from fortress.cli.common import CONFIG_OPTION, console, err_console, load_cli_config
 
 keys_app = typer.Typer(
     name="keys",
@@ -24,13 +23,6 @@ keys_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOption = CONFIG_OPTION
-
-
-_config = load_cli_config
 
 
 def _store(path: Path | None) -> tuple[Any, Any]:
@@ -38,7 +30,7 @@ def _store(path: Path | None) -> tuple[Any, Any]:
     from fortress.access.secret import load_secret, secret_path
     from fortress.store.db import database_url, migrate
 
-    cfg = _config(path)
+    cfg = load_cli_config(path)
     if not cfg.auth.secret and not secret_path(cfg).exists():
         err_console.print(
             f"[yellow]note:[/yellow] creating a new server secret at {secret_path(cfg).resolve()}; "
@@ -88,7 +80,7 @@ def create(
     name: str = typer.Option(..., "--name", "-n", help="Who or what the key is for."),
     plan: str = typer.Option("default", "--plan", "-p", help="Usage plan (a name under `plans:`)."),
     model: list[str] = typer.Option([], "--model", "-m", help="Allowed model (repeatable; none = all)."),
-    config: Path | None = ConfigOption,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Create a key and print it (once).
 
@@ -106,7 +98,7 @@ def create(
 @keys_app.command("list")
 def list_keys(
     all_: bool = typer.Option(False, "--all", "-a", help="Include revoked keys."),
-    config: Path | None = ConfigOption,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """List keys (prefix, plan, models, status; never the keys themselves).
 
@@ -136,7 +128,7 @@ def list_keys(
 @keys_app.command("show")
 def show(
     key_id: str = typer.Argument(..., help="The key's id (key_...)."),
-    config: Path | None = ConfigOption,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Show one key with its usage today and this month.
 
@@ -187,7 +179,7 @@ def _usage(cfg: Any, rec: dict[str, Any]) -> dict[str, Any] | None:
 @keys_app.command("revoke")
 def revoke(
     key_id: str = typer.Argument(..., help="The key's id (key_...)."),
-    config: Path | None = ConfigOption,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Revoke a key: every gateway rejects it within auth.cache_refresh seconds.
 
@@ -207,7 +199,7 @@ def rotate(
     grace: float | None = typer.Option(
         None, "--grace", help="Seconds the old key keeps working (default: auth.rotation_grace, 24 h)."
     ),
-    config: Path | None = ConfigOption,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Give a key a new value; the old value keeps working for the grace period.
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from fortress.cli.alarms import alarms_app
 from fortress.cli.audit import audit_app
+from fortress.cli.common import console, err_console, load_cli_config
 from fortress.cli.keys import keys_app
 from fortress.cli.sim import sim
 from fortress.cli.up import up
@@ -21,8 +21,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 app.command("sim")(sim)
 app.command("up")(up)
@@ -39,27 +37,16 @@ def _load(
     host: str | None,
     port: int | None,
 ):
-    from fortress.config import (
-        ConfigError,
-        PoolConfig,
-        ReplicaConfig,
-        Server,
-        Tier,
-        load_config,
-        parse_config,
-    )
+    from fortress.config import PoolConfig, ReplicaConfig, Server, Tier
 
+    cfg = load_cli_config(config)
     try:
-        if config is not None:
-            cfg = load_config(config)
-        else:
-            cfg = parse_config("", "(no config file)")  # defaults, plus FORTRESS__* overrides
         extra = (
             [ReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
             + [ReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
             + [ReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
         )
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:  # a --replica URL that is not http(s)
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if extra:

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+from fortress.cli.common import err_console
 
 
 class EngineChoice(StrEnum):
