@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonschema import Draft202012Validator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,3 +185,20 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
             out.append(int(entry.name))
     return out
+
+
+def write_up_config(
+    directory: Path, model: str, replica: dict[str, Any], keys_and_audit: bool = False, **pool: Any
+) -> Path:
+    """A fortress.yaml for ``fortress up -c``: one pool of local replicas, state under
+    ``directory``; API keys and audit off unless asked for (the tests send neither)."""
+    doc: dict[str, Any] = {
+        "state_dir": str(directory / "state"),
+        "pools": [{"model": model, **pool, "replicas": [replica]}],
+    }
+    if not keys_and_audit:
+        doc["auth"] = {"enabled": False}
+        doc["audit"] = {"enabled": False}
+    path = directory / "fortress.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -22,7 +22,6 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 from helpers import (
     AUDIT_HEADERS,
     PYTHON,
@@ -37,6 +36,7 @@ from helpers import (
     replica_table,
     wait_for,
     wait_http,
+    write_up_config,
 )
 
 from fortress.replicas.engines import EngineError, LlamaCppEngine
@@ -79,23 +79,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     """``fortress up -c`` with two llama-server replicas of the embedded model."""
     require_embedded_llama()
     tmp = tmp_path_factory.mktemp("up")
-    config = tmp / "fortress.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(tmp / "state"),
-                "auth": {"enabled": False},
-                "audit": {"enabled": False},
-                "pools": [
-                    {
-                        "model": "smollm2",
-                        "health_check": {"interval": 0.5, "timeout": 0.5},
-                        "deregistration_delay": 5,
-                        "replicas": [{"engine": "llamacpp", "count": 2, "options": {"backoff_initial": 0.2}}],
-                    }
-                ],
-            }
-        )
+    config = write_up_config(
+        tmp,
+        "smollm2",
+        {"engine": "llamacpp", "count": 2, "options": {"backoff_initial": 0.2}},
+        health_check={"interval": 0.5, "timeout": 0.5},
+        deregistration_delay=5,
     )
     port = free_port()
     proc = Proc(fortress_argv("up", "-c", str(config), "--port", str(port), "-q"), tmp / "up.log")
@@ -406,24 +395,9 @@ def test_a_start_that_fails_leaves_no_unseen_key_behind(tmp_path: Path) -> None:
     require_embedded_llama()
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a model")
-    config = tmp_path / "fortress.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "pools": [
-                    {
-                        "model": "broken",
-                        "replicas": [
-                            {
-                                "engine": "llamacpp",
-                                "options": {"model": str(bad), "max_crashes": 2, "backoff_initial": 0.1},
-                            }
-                        ],
-                    }
-                ],
-            }
-        )
+    options = {"model": str(bad), "max_crashes": 2, "backoff_initial": 0.1}
+    config = write_up_config(
+        tmp_path, "broken", {"engine": "llamacpp", "options": options}, keys_and_audit=True
     )
     proc = Proc(fortress_argv("up", "-c", str(config), "--port", str(free_port()), "-q"), tmp_path / "up.log")
     try:

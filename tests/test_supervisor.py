@@ -18,7 +18,17 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import Proc, alive, children_of, fortress_argv, free_port, http_get, wait_for, wait_http
+from helpers import (
+    Proc,
+    alive,
+    children_of,
+    fortress_argv,
+    free_port,
+    http_get,
+    wait_for,
+    wait_http,
+    write_up_config,
+)
 
 from fortress.config import parse_config
 from fortress.replicas.supervisor import ProcState, RestartPolicy, Supervisor
@@ -294,24 +304,9 @@ async def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(
 
 
 def up_config(tmp: Path, count: int) -> Path:
-    path = tmp / "fortress.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(tmp / "state"),
-                "auth": {"enabled": False},
-                "audit": {"enabled": False},
-                "pools": [
-                    {
-                        "model": "sim-model",
-                        "health_check": {"interval": 0.5, "timeout": 0.5},
-                        "replicas": [{"engine": "sim", "count": count}],
-                    }
-                ],
-            }
-        )
+    return write_up_config(
+        tmp, "sim-model", {"engine": "sim", "count": count}, health_check={"interval": 0.5, "timeout": 0.5}
     )
-    return path
 
 
 def start_up(tmp: Path, count: int = 2) -> tuple[Proc, str, list[int]]:
