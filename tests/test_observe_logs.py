@@ -1,5 +1,5 @@
-"""The access log's buffered handler: lines wait on the event loop for a short delay (or a size
-limit) and are written in one call; nothing is lost on flush, close, shutdown or a warning."""
+"""The access log: finished requests are queued and logged in batches, written in one call by
+the handler Fortress installs; nothing is lost on flush, close, shutdown or a warning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,7 +20,7 @@ from fortress.config import parse_config
 from fortress.gateway.app import Gateway
 from fortress.gateway.context import RequestContext
 from fortress.observe import attach
-from fortress.observe.logs import LOGGER, AccessLog, BufferedStreamHandler
+from fortress.observe.logs import LOGGER, AccessLog, BatchStreamHandler
 
 
 class Stream(io.StringIO):
@@ -51,107 +51,82 @@ def logger() -> Iterator[logging.Logger]:
     lg.propagate = False
     yield lg
     for h in list(lg.handlers):
-        if isinstance(h, BufferedStreamHandler):  # not pytest's own capture handlers
+        if isinstance(h, BatchStreamHandler):  # not pytest's own capture handlers
             lg.removeHandler(h)
             with contextlib.suppress(ValueError):  # a stream already closed (capsys's)
                 h.close()
 
 
-def attach_handler(lg: logging.Logger, stream: Stream, **kw: float) -> BufferedStreamHandler:
-    handler = BufferedStreamHandler(stream, **kw)  # type: ignore[arg-type]
+def attach_handler(lg: logging.Logger, stream: Stream) -> BatchStreamHandler:
+    handler = BatchStreamHandler(stream)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter("%(message)s"))
     lg.addHandler(handler)
     return handler
 
 
-async def wait_until(cond: Callable[[], object]) -> None:
-    deadline = time.monotonic() + 5.0
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
-async def test_lines_wait_for_the_delay_then_go_in_one_write(logger: logging.Logger) -> None:
+def test_held_lines_go_out_in_one_write_at_flush(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=0.3)
-    t0 = time.monotonic()
+    handler = attach_handler(logger, stream)
+    handler.hold()
     for i in range(5):
         logger.info(json.dumps({"n": i}))
-    await asyncio.sleep(0.1)
-    assert stream.getvalue() == "" and stream.writes == []  # still buffered
-    await wait_until(lambda: stream.writes)
-    assert time.monotonic() - t0 >= 0.29
+    assert stream.getvalue() == "" and stream.writes == []  # held
+    handler.flush()
     assert len(stream.writes) == 1  # the five lines, one write call
     assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3, 4]
-    # A later line starts a new window of its own.
+    # After a flush it is a plain StreamHandler again, until the next hold().
     logger.info(json.dumps({"n": 5}))
-    await asyncio.sleep(0.1)
-    assert len(stream.writes) == 1
-    await wait_until(lambda: len(stream.writes) == 2)
+    assert len(stream.writes) == 2
     assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3, 4, 5]
 
 
-async def test_size_limit_writes_at_once(logger: logging.Logger) -> None:
+def test_without_hold_each_line_is_written_at_once(logger: logging.Logger) -> None:
     stream = Stream()
-    line = json.dumps({"pad": "x" * 40})  # 52 characters with its newline
-    attach_handler(logger, stream, delay=60.0, max_bytes=150)
-    logger.info(line)
-    logger.info(line)
-    assert stream.writes == []
-    logger.info(line)  # 156 characters buffered: over the limit
-    assert stream.writes == [(line + "\n") * 3]
-    logger.info(line)  # the next batch waits again
-    assert len(stream.writes) == 1
-
-
-async def test_flush_and_close_write_pending_lines(logger: logging.Logger) -> None:
-    stream = Stream()
-    handler = attach_handler(logger, stream, delay=60.0)
-    logger.info('{"n": 0}')
-    logger.info('{"n": 1}')
-    assert stream.getvalue() == ""
-    handler.flush()
-    assert stream.writes == ['{"n": 0}\n{"n": 1}\n']
-    logger.info('{"n": 2}')
-    logger.removeHandler(handler)
-    handler.close()
-    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2]
-    # What the interpreter does at exit: logging.shutdown flushes and closes every handler.
-    handler = attach_handler(logger, stream, delay=60.0)
-    logger.info('{"n": 3}')
-    logging.shutdown([weakref.ref(handler)])
-    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2, 3]
-    # A timer left behind by a flush writes nothing twice.
-    await asyncio.sleep(0)
-    assert stream.getvalue().count('"n": 3') == 1
-
-
-def test_no_running_loop_writes_at_once(logger: logging.Logger) -> None:
-    stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    attach_handler(logger, stream)
     logger.info('{"n": 0}')
     assert stream.writes == ['{"n": 0}\n']
     logger.info('{"n": 1}')
     assert [rec["n"] for rec in stream.lines()] == [0, 1]
 
 
-async def test_warning_flushes_pending_lines_first(logger: logging.Logger) -> None:
+def test_close_and_shutdown_write_held_lines(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    handler = attach_handler(logger, stream)
+    handler.hold()
+    logger.info('{"n": 0}')
+    logger.info('{"n": 1}')
+    assert stream.getvalue() == ""
+    logger.removeHandler(handler)
+    handler.close()
+    assert [rec["n"] for rec in stream.lines()] == [0, 1]
+    # What the interpreter does at exit: logging.shutdown flushes and closes every handler.
+    handler = attach_handler(logger, stream)
+    handler.hold()
+    logger.info('{"n": 2}')
+    logging.shutdown([weakref.ref(handler)])
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2]
+
+
+def test_warning_flushes_held_lines_first(logger: logging.Logger) -> None:
+    stream = Stream()
+    handler = attach_handler(logger, stream)
+    handler.hold()
     logger.info('{"n": 0}')
     logger.info('{"n": 1}')
     assert stream.writes == []
     logger.warning('{"n": 2}')
-    assert stream.writes == ['{"n": 0}\n{"n": 1}\n{"n": 2}\n']
+    assert [rec["n"] for rec in stream.lines()] == [0, 1, 2]
 
 
-async def test_other_thread_writes_at_once_in_order(logger: logging.Logger) -> None:
+def test_other_thread_lines_keep_their_order(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
-    logger.info('{"n": 0}')  # buffered on this loop
+    handler = attach_handler(logger, stream)
+    handler.hold()
+    logger.info('{"n": 0}')
     thread = threading.Thread(target=logger.info, args=('{"n": 1}',))
     thread.start()
     thread.join()
+    handler.flush()
     assert [rec["n"] for rec in stream.lines()] == [0, 1]
 
 
@@ -160,7 +135,7 @@ async def test_access_log_buffers_and_flushes_on_gateway_shutdown(
 ) -> None:
     log = AccessLog(AccessLogConfig(stream="stdout"), logger=logger)
     (handler,) = [h for h in logger.handlers if getattr(h, "_fortress", False)]
-    assert isinstance(handler, BufferedStreamHandler)
+    assert isinstance(handler, BatchStreamHandler)
     log.observe(make_ctx(200))
     log.observe(make_ctx(502, error="upstream"))
     assert capsys.readouterr().out == ""
@@ -199,7 +174,7 @@ class Records(logging.Handler):
 
 async def test_access_log_queues_requests_and_logs_them_in_one_batch(logger: logging.Logger) -> None:
     stream = Stream()
-    handler = attach_handler(logger, stream, delay=60.0)
+    handler = attach_handler(logger, stream)
     mine = Records()
     logger.addHandler(mine)
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
@@ -222,7 +197,7 @@ async def test_access_log_queues_requests_and_logs_them_in_one_batch(logger: log
 
 async def test_access_log_writes_a_full_queue_at_once(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    attach_handler(logger, stream)
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
     log.delay, log.max_pending = 60.0, 3
     log.observe(make_ctx(200))
@@ -234,7 +209,7 @@ async def test_access_log_writes_a_full_queue_at_once(logger: logging.Logger) ->
 
 def test_access_log_without_a_loop_writes_each_line_at_once(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    attach_handler(logger, stream)
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
     log.observe(make_ctx(404))
     assert [rec["status"] for rec in stream.lines()] == [404]
@@ -243,7 +218,7 @@ def test_access_log_without_a_loop_writes_each_line_at_once(logger: logging.Logg
 def test_access_log_queue_moves_on_to_a_new_loop(logger: logging.Logger) -> None:
     """A timer left on a loop that stopped must not hold the next loop's lines forever."""
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    attach_handler(logger, stream)
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
     log.delay = 30.0
 
@@ -263,7 +238,7 @@ def test_access_log_queue_moves_on_to_a_new_loop(logger: logging.Logger) -> None
 
 async def test_a_line_that_fails_does_not_cost_the_batch(logger: logging.Logger) -> None:
     stream = Stream()
-    attach_handler(logger, stream, delay=60.0)
+    attach_handler(logger, stream)
     log = AccessLog(AccessLogConfig(stream="none"), logger=logger)
     bad = make_ctx(200)
     bad.usage = {"prompt_tokens": object()}  # not JSON

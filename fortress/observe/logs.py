@@ -10,7 +10,7 @@ the periodic gauges (replicas, GPU, memory) that the CloudWatch alarm export ref
 Batched, because a line per request costs more than it seems: ``AccessLog.observe`` only queues
 the finished request; every ``FLUSH_DELAY`` seconds (or ``MAX_PENDING`` requests) the queue is
 turned into JSON lines and ``LogRecord``s, and the handler Fortress installs (a
-``BufferedStreamHandler``) writes them with one write+flush. Measured in the gateway benchmark
+``BatchStreamHandler``) writes them with one write+flush. Measured in the gateway benchmark
 (``bench/gateway_layers.py``), the same work done per request cost ~36 µs of gateway CPU. The
 queue is written on the gateway's shutdown; a crash can lose at most the last ``FLUSH_DELAY``
 seconds of access-log lines (the audit trail is the record that loses nothing).
@@ -32,8 +32,7 @@ from fortress.gateway.context import RequestContext
 
 LOGGER = "fortress.access_log"
 SERVICE = "fortress"
-FLUSH_DELAY = 0.2  # seconds a line may wait in the buffer
-FLUSH_BYTES = 64 * 1024  # buffered characters that force a write at once
+FLUSH_DELAY = 0.2  # seconds a finished request may wait before its line is written
 MAX_PENDING = 1024  # queued access-log requests that force a write at once
 
 _REQUEST_METRICS = [
@@ -65,100 +64,53 @@ def key_id(identity: Any) -> str | None:
     return None if value is None else str(value)
 
 
-class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
-    """A ``StreamHandler`` that writes its lines in batches.
+class BatchStreamHandler(logging.StreamHandler[IO[str]]):
+    """A ``StreamHandler`` that writes a batch of lines in one call.
 
-    Under a running asyncio loop a formatted line goes to an in-memory buffer; the buffer is
-    written with one ``write`` + ``flush`` ``delay`` seconds after its first line, as soon as it
-    holds ``max_bytes`` characters, on ``flush()``/``close()`` (``logging.shutdown`` calls both at
-    exit), and before any record at WARNING or above. Without a running loop in the emitting thread
-    (a script, another thread), or from a thread whose loop is not the one the flush is scheduled
-    on, pending lines and the new one are written at once: order is kept, nothing waits for a
-    timer that may never run. Everything happens under the handler's lock, as in ``StreamHandler``.
+    Between ``hold()`` and ``flush()`` formatted lines are kept and then written with one
+    ``write`` + ``flush``; otherwise (and for records at WARNING or above, which first write
+    what is held) it behaves like ``StreamHandler``. ``AccessLog.write_pending`` holds it while
+    it logs a batch of requests.
     """
 
-    def __init__(self, stream: IO[str], delay: float = FLUSH_DELAY, max_bytes: int = FLUSH_BYTES) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         super().__init__(stream)
-        self.delay = delay
-        self.max_bytes = max_bytes
-        self._lines: list[str] = []
-        self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
-        self._generation = 0  # a timer whose generation is not current has nothing left to do
-        self._closed = False
+        self._held: list[str] | None = None
+
+    def hold(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._held is None:
+                self._held = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        held = self._held
+        if held is None or record.levelno >= logging.WARNING:
+            if held:
+                self.flush()
+            super().emit(record)
+            return
         try:
-            line = self.format(record) + self.terminator
+            held.append(self.format(record) + self.terminator)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
-            return
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        with self.lock:  # type: ignore[union-attr]  # handle() holds it already; an RLock
-            self._lines.append(line)
-            self._size += len(line)
-            if (
-                loop is None
-                or self._closed
-                or record.levelno >= logging.WARNING
-                or self._size >= self.max_bytes
-                or (self._timer is not None and self._timer_loop is not loop)
-            ):
-                self._write()
-            elif self._timer is None:
-                self._timer = loop.call_later(self.delay, self._on_timer, self._generation)
-                self._timer_loop = loop
-
-    def _on_timer(self, generation: int) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if generation == self._generation:  # else flushed already: a newer timer, or none
-                self._timer = self._timer_loop = None  # it has run: nothing to cancel
-                self._write()
-
-    def _write(self) -> None:
-        """Write the buffer in one call and flush the stream (the lock is held)."""
-        if self._timer is not None:
-            try:
-                on_timer_loop = asyncio.get_running_loop() is self._timer_loop
-            except RuntimeError:
-                on_timer_loop = False
-            if on_timer_loop:  # cancelling is only safe from the loop's own thread
-                self._timer.cancel()
-            self._timer = self._timer_loop = None
-        self._generation += 1
-        if not self._lines:
-            return
-        data = "".join(self._lines)
-        self._lines.clear()
-        self._size = 0
-        try:
-            self.stream.write(data)
-            super().flush()
-        except RecursionError:
-            raise
-        except Exception:  # as StreamHandler: report the failure, never raise into the caller
-            if logging.raiseExceptions and sys.stderr:
-                sys.stderr.write("--- Logging error in BufferedStreamHandler ---\n")
-                traceback.print_exc(file=sys.stderr)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            if self._lines:
-                self._write()  # flushes the stream too
-            else:
-                super().flush()
+            held, self._held = self._held, None
+            if held:
+                try:
+                    self.stream.write("".join(held))
+                except Exception:  # as StreamHandler: report, never raise into the caller
+                    if logging.raiseExceptions and sys.stderr:
+                        sys.stderr.write("--- Logging error in BatchStreamHandler ---\n")
+                        traceback.print_exc(file=sys.stderr)
+            super().flush()
 
     def close(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self.flush()
-            self._closed = True  # lines logged after close are written at once
-            super().close()
+        self.flush()  # StreamHandler.close alone would drop what is held
+        super().close()
 
 
 class AccessLog:
@@ -169,7 +121,7 @@ class AccessLog:
         self.namespace = cfg.emf_namespace
         self.logger = logger or logging.getLogger(LOGGER)
         if cfg.stream != "none" and not any(getattr(h, "_fortress", False) for h in self.logger.handlers):
-            handler = BufferedStreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
+            handler = BatchStreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
             handler.setFormatter(logging.Formatter("%(message)s"))
             handler._fortress = True  # type: ignore[attr-defined]
             self.logger.addHandler(handler)
@@ -276,6 +228,9 @@ class AccessLog:
         batch, self._pending = self._pending, []
         logger = self.logger
         if batch and logger.isEnabledFor(logging.INFO):
+            for handler in logger.handlers:
+                if isinstance(handler, BatchStreamHandler):
+                    handler.hold()  # the batch's lines go out in one write, at flush()
             make, handle, name, record = logger.makeRecord, logger.handle, logger.name, self.record
             for ctx, end, wall in batch:
                 try:
@@ -292,7 +247,7 @@ class AccessLog:
         self.flush()
 
     def flush(self) -> None:
-        """Flush the logger's handlers (a ``BufferedStreamHandler`` writes its lines in one call)."""
+        """Flush the logger's handlers (a ``BatchStreamHandler`` writes what it holds in one call)."""
         for handler in self.logger.handlers:
             handler.flush()
 
