@@ -56,7 +56,7 @@ class Ticket:
         ends: tuple[int, ...],
         amounts: tuple[int, ...],
         slot: str | None,
-        reserved: tuple[int, int] | None = None,
+        reserved: tuple[int, int],
     ) -> None:
         self.key_id = key_id
         self.plan = plan
@@ -66,12 +66,7 @@ class Ticket:
         self.slot = slot  # concurrency slot (Redis), None when the plan has no concurrency limit
         self.done = False
         self.prepared: Any = None  # backend data for settle (Redis: the packed key names)
-        if reserved is None:  # (input, output) tokens, from the amounts when not given
-            by_metric = [0, 0, 0]
-            for c, a in zip(plan.counters, amounts, strict=False):
-                by_metric[c.metric] = a
-            reserved = by_metric[INPUT], by_metric[OUTPUT]
-        self.reserved_in, self.reserved_out = reserved
+        self.reserved_in, self.reserved_out = reserved  # tokens: (input, output)
 
 
 class Decision:
@@ -210,17 +205,7 @@ class Limiter(Protocol):
 
 def amounts_for(plan: Plan, reserve_in: int, reserve_out: int) -> tuple[int, ...]:
     """What an admission adds to each of the plan's counters."""
-    by_metric = (1, reserve_in, reserve_out)
-    return tuple(by_metric[c.metric] for c in plan.counters)
-
-
-def settle_deltas(ticket: Ticket, used_in: int, used_out: int) -> tuple[int, ...]:
-    """Per counter: real usage minus what was reserved (requests never change)."""
-    real = (0, used_in, used_out)
-    return tuple(
-        0 if c.metric == REQUESTS else real[c.metric] - ticket.amounts[i]
-        for i, c in enumerate(ticket.plan.counters)
-    )
+    return tuple(map((1, reserve_in, reserve_out).__getitem__, plan.metrics))
 
 
 def usage_report(plan: Plan, values: list[int]) -> dict[str, dict[str, int]]:
@@ -276,8 +261,7 @@ class MemoryLimiter:
                     windows[i] = b[0]
                     used[i] = 0
             st.aligned = periods
-        by_metric = (1, reserve_in, reserve_out)
-        amounts = tuple(map(by_metric.__getitem__, plan.metrics))
+        amounts = amounts_for(plan, reserve_in, reserve_out)
         reason, failed = OK, 0
         for i, _metric, limit in plan.limited:
             if used[i] >= limit or used[i] + amounts[i] > limit:
@@ -310,7 +294,7 @@ class MemoryLimiter:
         if st is None or st.plan != ticket.plan.name:
             return
         st.inflight -= 1
-        # Per counter: real usage minus the reservation (what settle_deltas computes), inline.
+        # Per counter: real usage minus what was reserved (request counters never change).
         d_in = used_in - ticket.reserved_in
         d_out = used_out - ticket.reserved_out
         if not (d_in or d_out):
@@ -355,6 +339,5 @@ __all__ = [
     "Ticket",
     "amounts_for",
     "new_slot",
-    "settle_deltas",
     "usage_report",
 ]

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any
 
-from fortress.access.limits import OK, Clock, Decision, Ticket, new_slot, usage_report
+from fortress.access.limits import OK, Clock, Decision, Ticket, amounts_for, new_slot, usage_report
 from fortress.access.plans import METRICS, PeriodClock, Plan
 from fortress.access.resp import RespConnection, RespError, pack, pack_args
 
@@ -265,8 +265,7 @@ class RedisLimiter:
                 tokens -= 1.0  # the script reports the level before this request took its token
         ticket = None
         if reason == OK:
-            by_metric = (1, reserve_in, reserve_out)
-            amounts = tuple(map(by_metric.__getitem__, plan.metrics))
+            amounts = amounts_for(plan, reserve_in, reserve_out)
             reserved = (reserve_in, reserve_out)
             ticket = Ticket(key_id, plan, prep.windows, prep.ends, amounts, slot or None, reserved)
             ticket.prepared = prep
@@ -279,7 +278,7 @@ class RedisLimiter:
             log.error("redis limiter unavailable (%s requests): %s", verdict, exc)
         if not self.fail_open:
             raise LimiterUnavailable(str(exc)) from exc
-        ticket = Ticket(key_id, plan, prep.windows, prep.ends, (), None)
+        ticket = Ticket(key_id, plan, prep.windows, prep.ends, (), None, (0, 0))
         ticket.done = True  # nothing was reserved, nothing to settle
         return Decision(plan, now, OK, 0, None, 0, [0] * len(prep.bounds), prep.bounds, ticket)
 
