@@ -157,9 +157,7 @@ class Gateway:
         t0 = perf_counter()
         request_id = None
         content_length = -1
-        headers: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            headers[name] = value
+        headers: dict[bytes, bytes] = dict(scope["headers"])  # a repeated header: the last one wins
         rid = headers.get(b"x-request-id")
         if rid and len(rid) <= 200:
             request_id = rid.decode("latin-1")
