@@ -129,7 +129,7 @@ class Proc:
 
 
 def sim_argv(port: int, model: str = "sim-model", *extra: str) -> list[str]:
-    return [PYTHON, "-m", "fortress.replicas.simulator", "--port", str(port), "--model", model, *extra]
+    return [PYTHON, "-m", "fortress.sim", "--port", str(port), "--model", model, *extra]
 
 
 def fortress_argv(*args: str) -> list[str]:

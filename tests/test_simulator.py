@@ -20,8 +20,8 @@ from aiohttp import web
 from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
-from fortress.cli.sim import sim
-from fortress.replicas.simulator import SimSettings, build_app
+from fortress.sim import SimSettings, build_app
+from fortress.sim.command import sim
 
 _DOC = json.loads((Path(__file__).parent / "conformance" / "openai-schemas.json").read_text())
 _DEFS: dict[str, Any] = copy.deepcopy(_DOC["$defs"])
@@ -325,6 +325,64 @@ async def test_error_rate_is_reproducible_with_seed() -> None:
     assert set(first) == {200, 500}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_poison_marker_gives_500(stream: bool) -> None:
+    poisoned = [
+        ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "hi [sim:500]"}]}),
+        (
+            "/v1/chat/completions",
+            CHAT
+            | {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "fail now [sim:500] please"}]},
+                ]
+            },
+        ),
+        ("/v1/completions", COMPLETION | {"prompt": "once [sim:500] upon"}),
+        ("/v1/completions", COMPLETION | {"prompt": ["fine", "x[sim:500]y"]}),
+    ]
+    plain = [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", COMPLETION),
+        # Only message content is prompt text, not the role.
+        ("/v1/chat/completions", CHAT | {"messages": [{"role": "[sim:500]", "content": "hi"}]}),
+    ]
+    async with serve(tokens=2) as (base, s):  # error_rate 0: any 500 is the marker's
+        for path, req in poisoned:
+            async with s.post(base + path, json=req | {"stream": stream}) as r:
+                assert r.status == 500, (path, req)
+                assert r.content_type == "application/json"
+                body = await r.json()
+            _check("ErrorResponse", body)
+            assert body["error"]["type"] == "server_error"
+            assert body["error"]["code"] == "sim_poison"
+        for path, req in plain:
+            async with s.post(base + path, json=req | {"stream": stream}) as r:
+                assert r.status == 200, (path, req)
+                await r.read()
+        assert await stats(base, s) == {"requests": 7, "in_flight": 0, "cancelled": 0, "poisoned": 4}
+
+
+async def test_poison_draws_no_random_number() -> None:
+    """Poisoned requests between others leave a seeded error_rate sequence as it was."""
+
+    async def outcomes(poison: bool) -> list[int]:
+        async with serve(error_rate=0.5, seed=11) as (base, s):
+            codes = []
+            for i in range(12):
+                if poison and i % 3 == 0:
+                    async with s.post(base + "/v1/completions", json={"prompt": "[sim:500]"}) as r:
+                        assert r.status == 500
+                async with s.post(base + "/v1/completions", json=COMPLETION) as r:
+                    codes.append(r.status)
+            return codes
+
+    first = await outcomes(True)
+    assert first == await outcomes(False)
+    assert set(first) == {200, 500}
+
+
 async def test_control_health_down_and_up() -> None:
     async with serve() as (base, s):
         async with s.post(base + "/sim/control", json={"health": "down"}) as r:
@@ -422,7 +480,7 @@ async def test_client_going_away_is_counted(handler_cancellation: bool, stream: 
                 if (await stats(base, s))["in_flight"] == 1:
                     break
                 await asyncio.sleep(0.02)
-            assert await stats(base, s) == {"requests": 1, "in_flight": 1, "cancelled": 0}
+            assert await stats(base, s) == {"requests": 1, "in_flight": 1, "cancelled": 0, "poisoned": 0}
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -431,7 +489,7 @@ async def test_client_going_away_is_counted(handler_cancellation: bool, stream: 
             if (await stats(base, s))["in_flight"] == 0:
                 break
             await asyncio.sleep(0.02)
-        assert await stats(base, s) == {"requests": 1, "in_flight": 0, "cancelled": 1}
+        assert await stats(base, s) == {"requests": 1, "in_flight": 0, "cancelled": 1, "poisoned": 0}
         assert await metric(base, s, "vllm:num_requests_running") == 0
 
 
@@ -446,7 +504,7 @@ async def test_stream_cut_mid_way_is_counted() -> None:
             if (await stats(base, s))["cancelled"] == 1:
                 break
             await asyncio.sleep(0.02)
-        assert await stats(base, s) == {"requests": 1, "in_flight": 0, "cancelled": 1}
+        assert await stats(base, s) == {"requests": 1, "in_flight": 0, "cancelled": 1, "poisoned": 0}
         assert await metric(base, s, "vllm:kv_cache_usage_perc") == 0
 
 
@@ -461,7 +519,7 @@ async def test_cli_crash_after_exits_mid_stream() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "fortress.replicas.simulator",
+        "fortress.sim",
         "--port",
         str(port),
         "--model",
@@ -526,6 +584,7 @@ def test_cli_help_says_it_is_a_test_tool() -> None:
     assert "SIMULATED replica for tests, load and chaos drills" in out
     assert "never a real model" in out
     assert "fortress sim --port 9001 --model demo --ttft 0.2 --itl 0.02 --tokens 64" in out
+    assert "A prompt containing [sim:500] is always answered 500 (code sim_poison)" in out
 
 
 @pytest.mark.parametrize(

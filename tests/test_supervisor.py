@@ -286,8 +286,8 @@ async def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(
         "from aiohttp import web\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "web.run_app = functools.partial(web.run_app, handle_signals=False)\n"
-        "sys.argv = ['sim', *sys.argv[3:]]  # drop '-m fortress.replicas.simulator'\n"
-        "from fortress.replicas.simulator import main\n"
+        "sys.argv = ['sim', *sys.argv[3:]]  # drop '-m fortress.sim'\n"
+        "from fortress.sim.command import main\n"
         "main()\n"
     )
     wrapper.chmod(0o755)

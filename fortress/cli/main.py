@@ -11,8 +11,8 @@ from fortress.cli.alarms import alarms_app
 from fortress.cli.audit import audit_app
 from fortress.cli.common import console, err_console, load_cli_config
 from fortress.cli.keys import keys_app
-from fortress.cli.sim import sim
 from fortress.cli.up import up
+from fortress.sim.command import sim
 
 app = typer.Typer(
     name="fortress",

@@ -1,4 +1,8 @@
-"""``fortress sim``: run a simulated replica (a test tool, never a real model)."""
+"""``fortress sim`` / ``python -m fortress.sim``: run a simulated replica (a test tool, never a model).
+
+The command lives with the simulator, not in ``fortress.cli``, so that ``python -m fortress.sim``
+needs nothing else of Fortress; ``fortress.cli.main`` only registers it.
+"""
 
 from __future__ import annotations
 
@@ -97,11 +101,14 @@ def sim(
 
     Change its behaviour at runtime with POST /sim/control; read counters at GET /sim/stats.
 
+    A prompt containing \\[sim:500] is always answered 500 (code sim_poison), for outlier tests.
+
     Example:
 
     fortress sim --port 9001 --model demo --ttft 0.2 --itl 0.02 --tokens 64
     """
-    from fortress.replicas.simulator import SimSettings, run
+    # Lazy: aiohttp is not needed to parse options or print --help (`fortress --help` stays fast).
+    from fortress.sim.server import SimSettings, run
 
     settings = SimSettings(
         model=model,
@@ -124,3 +131,10 @@ def sim(
     except OSError as exc:
         print(f"fortress sim: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """``python -m fortress.sim``: the ``fortress sim`` command, standalone."""
+    app = typer.Typer(add_completion=False)
+    app.command()(sim)
+    app()

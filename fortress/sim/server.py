@@ -9,8 +9,13 @@ requests that never answer, a crash mid-stream, or health forced down at runtime
 in-flight and token counts, and ``GET /sim/stats`` reports what happened, including requests whose
 client went away.
 
+Poisoned requests, for outlier-detection tests: a completion whose prompt (a chat message's content
+or the completion ``prompt``) contains the marker ``[sim:500]`` is answered 500 in OpenAI's error
+format (code ``sim_poison``) whatever ``error_rate`` says, and counted as ``poisoned`` in
+``/sim/stats``. The check draws no random number, so a seeded error/hang sequence is unchanged.
+
 Every body and stream chunk follows the OpenAI schemas (``tests/conformance/openai-schemas.json``).
-Run it with ``fortress sim --port 9001`` or ``python -m fortress.replicas.simulator --port 9001``.
+Run it with ``fortress sim --port 9001`` or ``python -m fortress.sim --port 9001``.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["SimSettings", "build_app", "main", "run"]
+__all__ = ["POISON_MARKER", "SimSettings", "build_app", "run"]
 
 _FLAVORS = ("vllm", "llamacpp")
+# Prompt text that makes a completion fail with 500: a bad replica on demand, for outlier tests.
+POISON_MARKER = "[sim:500]"
 # How often a sleeping handler looks whether its client is still there. aiohttp does not cancel
 # handlers on disconnect by default, so a hung or slow request would otherwise never notice.
 _POLL_S = 0.25
@@ -169,6 +176,7 @@ class _Job:
     limit: int | None
     prompt_tokens: int
     prompt_words: list[str]
+    poisoned: bool
     emitted: int = 0  # streamed tokens so far, held in live_tokens until the request ends
 
 
@@ -176,6 +184,7 @@ def _parse(req: Any, chat: bool) -> _Job:
     if not isinstance(req, dict):
         raise _BadRequest("The request body must be a JSON object.")
     parts: list[str] = []
+    poisoned = False
     if chat:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -185,11 +194,14 @@ def _parse(req: Any, chat: bool) -> _Job:
                 raise _BadRequest("Each message must be an object.", "messages")
             if "role" in m:
                 parts.append(str(m["role"]))
+            start = len(parts)  # only the content may carry the marker, not the role
             _prompt_text(m.get("content"), parts)
+            poisoned = poisoned or any(POISON_MARKER in p for p in parts[start:])
     else:
         if "prompt" not in req or req["prompt"] is None:
             raise _BadRequest("'prompt' is required.", "prompt")
         _prompt_text(req["prompt"], parts)
+        poisoned = any(POISON_MARKER in p for p in parts)
     limit: int | None = None
     for key in ("max_completion_tokens", "max_tokens"):
         value = req.get(key)
@@ -202,7 +214,7 @@ def _parse(req: Any, chat: bool) -> _Job:
     opts = req.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
     words = " ".join(parts).split()
-    return _Job(chat, stream, include_usage, limit, max(1, len(words)), words)
+    return _Job(chat, stream, include_usage, limit, max(1, len(words)), words, poisoned)
 
 
 def _token(i: int) -> bytes:
@@ -225,6 +237,7 @@ class _Sim:
         self.requests = 0
         self.in_flight = 0
         self.cancelled = 0
+        self.poisoned = 0
         self.chunks = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -278,7 +291,12 @@ class _Sim:
         return web.Response(body=self._models_body, content_type=_JSON)
 
     async def stats(self, _request: web.Request) -> web.Response:
-        body = {"requests": self.requests, "in_flight": self.in_flight, "cancelled": self.cancelled}
+        body = {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "cancelled": self.cancelled,
+            "poisoned": self.poisoned,
+        }
         return web.Response(body=orjson.dumps(body), content_type=_JSON)
 
     async def control(self, request: web.Request) -> web.Response:
@@ -446,6 +464,15 @@ class _Sim:
             except _BadRequest as exc:
                 return _error(400, exc.message, "invalid_request_error", param=exc.param)
             cfg = self.cfg  # snapshot: /sim/control changes apply to later requests
+            if job.poisoned:
+                # Before the random draws: a poisoned request must not shift a seeded sequence.
+                self.poisoned += 1
+                return _error(
+                    500,
+                    f"Simulated internal error (prompt contains {POISON_MARKER}).",
+                    "server_error",
+                    "sim_poison",
+                )
             if cfg.error_rate > 0 and self.rng.random() < cfg.error_rate:
                 return _error(
                     500,
@@ -650,18 +677,3 @@ def run(settings: SimSettings, host: str, port: int) -> None:
         shutdown_timeout=1.0,  # hung requests must not delay Ctrl-C / SIGTERM
         loop=loop,
     )
-
-
-def main() -> None:
-    """``python -m fortress.replicas.simulator``: the ``fortress sim`` command, standalone."""
-    import typer
-
-    from fortress.cli.sim import sim
-
-    app = typer.Typer(add_completion=False)
-    app.command()(sim)
-    app()
-
-
-if __name__ == "__main__":
-    main()
