@@ -33,11 +33,13 @@ test: setup
 	bash scripts/system-deps.sh redis-server:redis-server '/usr/lib/postgresql/*/bin/postgres:postgresql'
 	$(BIN)/ruff check fortress tests bench
 	$(BIN)/ruff format --check fortress tests bench
+	$(BIN)/python scripts/check_layers.py
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.package
 	$(BIN)/ruff check fortress tests bench
 	$(BIN)/ruff format --check fortress tests bench
+	$(BIN)/python scripts/check_layers.py
 
 bench: setup
 	bash scripts/system-deps.sh nginx:nginx-light wrk:wrk redis-server:redis-server

@@ -47,8 +47,8 @@ Method
   this machine, the least any Python relay can spend.
 
 What each layer adds (metrics and alarms, the access log, API keys + usage plans + audit) is
-measured by ``bench/gateway_layers.py`` with the same method and helpers; ``python
-bench/gateway_overhead.py --layers [its options]`` runs it.
+measured by ``bench/gateway_layers.py`` with the same method and helpers (it imports this
+module; this module does not import it).
 
 Run ``python bench/gateway_overhead.py`` (about 2.5 minutes; ``--quick`` for ~45 s with rougher
 figures; ``--write-docs`` replaces the "Gateway overhead" section of ``docs/benchmarks.md``;
@@ -1528,10 +1528,6 @@ def main(argv: list[str] | None = None) -> int:
         routes = {f'"model":"{m}"'.encode(): int(p) for m, p in (a.split("=", 1) for a in argv[2:])}
         floor_relay(int(argv[1]), routes)
         return 0
-    if argv[:1] == ["--layers"]:  # the per-layer comparison lives in its own script
-        import gateway_layers
-
-        return gateway_layers.main(argv[1:])
     ap = argparse.ArgumentParser(
         description="Measure Fortress's gateway overhead (see the module docstring for the method)."
     )

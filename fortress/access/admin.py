@@ -8,18 +8,30 @@ gateways see it within ``auth.cache_refresh`` seconds).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import orjson
 
-if TYPE_CHECKING:
-    from fortress.access.layer import AccessControl
+from fortress.access.keys import KeyCache, KeyStore
+from fortress.access.plans import Plan
+from fortress.config import FortressConfig
+from fortress.core.errors import error_object
+
+
+class KeyAdmin(Protocol):
+    """What the admin API needs of the access layer (``access.layer.AccessControl``)."""
+
+    config: FortressConfig
+    plans: Mapping[str, Plan]
+    store: KeyStore
+    cache: KeyCache
+
+    async def usage(self, plan_name: str, key_id: str) -> dict[str, Any] | None: ...
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None) -> tuple[int, Any]:
-    return status, {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    }
+    return status, error_object(message, "invalid_request_error", code, param)
 
 
 def _not_found(key_id: str) -> tuple[int, Any]:
@@ -34,7 +46,7 @@ def _json(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-async def handle(access: AccessControl, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
+async def handle(access: KeyAdmin, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
     """Answer an admin request, or None when the path is not about keys or plans."""
     if path == "/admin/plans":
         if method != "GET":
@@ -84,7 +96,7 @@ async def handle(access: AccessControl, method: str, path: str, body: bytes) -> 
     return _error(405, "Use GET or DELETE for /admin/keys/{id}.")
 
 
-async def _create(access: AccessControl, body: bytes) -> tuple[int, Any]:
+async def _create(access: KeyAdmin, body: bytes) -> tuple[int, Any]:
     req = _json(body)
     if req is None:
         return _error(400, "The body must be a JSON object: {name, plan, models}.")

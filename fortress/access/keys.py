@@ -4,7 +4,7 @@ A key looks like ``fk_<8-char prefix>_<32 random chars>`` (about 190 random bits
 HMAC-SHA-256(server secret, key) is stored, with the prefix for people to recognise a key in
 listings; the plaintext is shown once, at creation or rotation.
 
-The gateway never reads the database per request: ``KeyCache`` maps digest → ``KeyRecord`` in
+The gateway never reads the database per request: ``KeyCache`` maps digest → ``Identity`` in
 memory and a background task re-syncs it every ``auth.cache_refresh`` seconds (at most 5)
 with one aggregate query, reloading rows only when something changed.
 """
@@ -18,11 +18,11 @@ import logging
 import secrets
 import string
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 
+from fortress.core.context import Identity
 from fortress.store.tables import api_keys
 
 log = logging.getLogger("fortress.access")
@@ -51,20 +51,6 @@ def digest(secret: bytes, key: bytes) -> bytes:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """One key as the gateway knows it; also the request's ``ctx.identity``."""
-
-    key_id: str
-    key_name: str
-    plan: str
-    models: frozenset[str]  # empty: every model
-    prefix: str
-
-    def allows(self, model: str) -> bool:
-        return not self.models or model in self.models
 
 
 def row_to_dict(row: Any) -> dict[str, Any]:
@@ -218,7 +204,7 @@ def ensure_first_key(store: KeyStore, plans: list[str]) -> tuple[str | None, lis
 class _Entry:
     __slots__ = ("expires_at", "hash", "record")
 
-    def __init__(self, record: KeyRecord, hash_: bytes, expires_at: float | None) -> None:
+    def __init__(self, record: Identity, hash_: bytes, expires_at: float | None) -> None:
         self.record = record
         self.hash = hash_
         self.expires_at = expires_at  # set on a rotated-out value
@@ -244,7 +230,7 @@ class KeyCache:
         self._task: asyncio.Task[None] | None = None
         self.synced_at = 0.0
 
-    def lookup(self, key: bytes) -> KeyRecord | None:
+    def lookup(self, key: bytes) -> Identity | None:
         """The key's record, or None (unknown, revoked or past its rotation grace)."""
         d = hmac.digest(self.secret, key, "sha256")  # one-shot OpenSSL HMAC: the fast path
         entry = self.by_hash.get(d)
@@ -305,7 +291,7 @@ class KeyCache:
         self._drop(row.id)
         if row.revoked_at is not None:
             return
-        record = KeyRecord(row.id, row.name, row.plan, frozenset(row.models or ()), row.prefix)
+        record = Identity(row.id, row.name, row.plan, frozenset(row.models or ()), row.prefix)
         hashes = [bytes.fromhex(row.hash)]
         self.by_hash[hashes[0]] = _Entry(record, hashes[0], None)
         if row.prev_hash and row.prev_expires_at and row.prev_expires_at > time.time():

@@ -14,13 +14,13 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from fortress.access import admin
-from fortress.access.keys import KeyCache, KeyRecord, KeyStore
+from fortress.access.keys import KeyCache, KeyStore
 from fortress.access.limits import Limiter, MemoryLimiter
 from fortress.access.plans import Plan
-from fortress.access.secret import load_secret
 from fortress.config import FortressConfig
-from fortress.gateway.context import RequestContext
-from fortress.gateway.errors import GatewayError
+from fortress.core.context import RequestContext
+from fortress.core.errors import GatewayError
+from fortress.core.secret import load_secret
 from fortress.store.db import database_url, get_engine, migrate
 
 log = logging.getLogger("fortress.access")
@@ -100,7 +100,8 @@ class AccessControl:
         ctx.identity = record
 
     def authorize(self, ctx: RequestContext, model: str) -> None:
-        record: KeyRecord = ctx.identity
+        record = ctx.identity
+        assert record is not None  # authenticate() ran first
         if record.models and model not in record.models:
             raise GatewayError(
                 403,
@@ -118,7 +119,8 @@ class AccessControl:
             )
 
     async def admit(self, ctx: RequestContext) -> None:
-        record: KeyRecord = ctx.identity
+        record = ctx.identity
+        assert record is not None
         plan = self.plans[record.plan]
         out = ctx.max_tokens if ctx.max_tokens is not None else plan.default_max_tokens
         reserve_out = out if plan.limits_output else 0

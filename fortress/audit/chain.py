@@ -26,7 +26,7 @@ GENESIS = "0" * 64
 _SORT = orjson.OPT_SORT_KEYS
 
 
-# -- the secret lives in fortress.secret (shared with the access layer) -------------------
+# -- the secret lives in fortress.core.secret (shared with the access layer) --------------
 
 
 # -- hashing ----------------------------------------------------------------------------------

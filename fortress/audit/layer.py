@@ -20,9 +20,9 @@ from fortress.audit.records import RecordBuilder
 from fortress.audit.shipper import Shipper
 from fortress.audit.sql import SqlSink
 from fortress.config import FortressConfig
-from fortress.gateway.context import RequestContext
-from fortress.gateway.errors import GatewayError
-from fortress.secret import load_secret
+from fortress.core.context import RequestContext
+from fortress.core.errors import GatewayError
+from fortress.core.secret import load_secret
 from fortress.store.db import database_url
 
 log = logging.getLogger("fortress.audit")
@@ -123,5 +123,5 @@ class AuditTrail:
 
 
 def build_audit(config: FortressConfig) -> AuditTrail:
-    """The audit layer ``build_layers`` plugs into the gateway."""
+    """The audit layer for ``config`` (the runtime builds it when ``audit.enabled``)."""
     return AuditTrail(config)

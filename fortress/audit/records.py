@@ -11,7 +11,7 @@ from time import perf_counter, time
 from typing import Any
 
 from fortress.config import Audit
-from fortress.gateway.context import RequestContext
+from fortress.core.context import RequestContext
 
 # Every column of ``audit_records``, in table order; a journal record has exactly these keys.
 COLUMNS: tuple[str, ...] = (
@@ -114,8 +114,8 @@ class RecordBuilder:
         return {
             "request_id": ctx.request_id,
             "ts": round(time() - latency, 6),  # when the request arrived
-            "key_id": getattr(ident, "key_id", None),
-            "key_name": getattr(ident, "key_name", None),
+            "key_id": ident.key_id if ident is not None else None,
+            "key_name": ident.key_name if ident is not None else None,
             "source": _text(h.get(b"x-llm-source")),
             "user": _text(h.get(b"x-llm-user")),
             "request_type": _text(h.get(b"x-llm-request-type")),

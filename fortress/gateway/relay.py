@@ -2,8 +2,9 @@
 
 The body goes upstream as received (re-encoded only to ask for stream usage or to replace an
 alias by the real model id). Upstream bytes go to the client as they arrive, at SSE event
-boundaries for streams. A failure before the first byte reached the client ejects the replica
-and tries another one; after that, the stream ends with an OpenAI error event.
+boundaries for streams. A failure before the first byte reached the client is reported to the
+outlier detector (which decides whether the replica is ejected) and another replica is tried;
+after that, the stream ends with an OpenAI error event.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import aiohttp
 import orjson
 
 from fortress.config import FortressConfig
-from fortress.gateway import errors
+from fortress.core import errors
+from fortress.core.context import RequestContext
 from fortress.gateway.conform import fix_chat_completion
-from fortress.gateway.context import RequestContext, Watchdog
 from fortress.gateway.sse import StreamTap
+from fortress.gateway.watchdog import Watchdog
+from fortress.routing.outlier import Failure, OutlierDetector
 from fortress.routing.pool import Route, Router
 from fortress.routing.replica import Replica
 
@@ -50,10 +53,16 @@ class _Retry(Exception):
 class Relay:
     """Holds the upstream connection pool and relays requests to picked replicas."""
 
-    def __init__(self, config: FortressConfig, router: Router, on_eject: Callable[[Replica], None]) -> None:
+    def __init__(
+        self,
+        config: FortressConfig,
+        router: Router,
+        outlier: OutlierDetector,
+        finish: Callable[[RequestContext], Awaitable[None]] | None = None,
+    ) -> None:
         self.config = config
         self.router = router
-        self.on_eject = on_eject
+        self.outlier = outlier
         t = config.timeouts
         # Only the TCP connect is left to aiohttp; the other timeouts are the Watchdog's.
         self._timeout = aiohttp.ClientTimeout(
@@ -63,7 +72,7 @@ class Relay:
         self.fresh_session: aiohttp.ClientSession | None = None
         self.conform = config.server.conform_responses
         # Awaited once per request before its last byte goes out (the audit journal's commit).
-        self.finish: Callable[[RequestContext], Awaitable[None]] | None = None
+        self.finish = finish
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -98,7 +107,7 @@ class Relay:
         again: Replica | None = None
         try:
             while ctx.attempts < rcfg.max_attempts:
-                replica = again or self.router.pick(route, tried)
+                replica = again or self.router.pick(route, ctx, tried)
                 if replica is None:
                     break
                 if again is None:
@@ -161,14 +170,9 @@ class Relay:
                 status = resp.status
                 if status >= 500:
                     text = await resp.read()
+                    self.outlier.failure(replica, Failure.STATUS, f"status {status}", status)
                     raise _Retry(
-                        self._eject(
-                            replica,
-                            f"status {status}",
-                            errors.upstream_failed(
-                                f"Replica {replica.name} answered {status}: {_snippet(text)}"
-                            ),
-                        )
+                        errors.upstream_failed(f"Replica {replica.name} answered {status}: {_snippet(text)}")
                     )
                 wd.expect(self.config.timeouts.idle, "idle")
                 ctx.error = None  # an earlier attempt's failure is not this answer's
@@ -191,7 +195,8 @@ class Relay:
                     await self._finish(ctx)
                     await send({"type": "http.response.start", "status": status, "headers": hdrs})
                     await send({"type": "http.response.body", "body": data, "more_body": False})
-                replica.record_success()
+                if status < 500 and ctx.status < 500:
+                    self.outlier.success(replica)
         except _Retry:
             raise
         except asyncio.CancelledError:
@@ -205,7 +210,7 @@ class Relay:
             err = errors.upstream_timeout(
                 f"Replica {replica.name} did not answer within the {reason} timeout."
             )
-            self._eject(replica, f"{reason} timeout", err)
+            self.outlier.failure(replica, Failure.TIMEOUT, f"{reason} timeout")
             if not started and reason != "total":
                 ctx.cancelled_by = None
                 raise _Retry(err) from None
@@ -214,7 +219,8 @@ class Relay:
             err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
             if not started and not fresh and isinstance(exc, aiohttp.ServerDisconnectedError):
                 raise _Retry(err, same_replica=True) from None
-            self._eject(replica, _describe(exc), err)
+            kind = Failure.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Failure.RESET
+            self.outlier.failure(replica, kind, _describe(exc))
             if not started:
                 raise _Retry(err) from None
             await self._fail(ctx, send, started, err)
@@ -260,7 +266,7 @@ class Relay:
         if not tap.done:
             # The replica closed the stream early: tell the client instead of ending silently.
             err = errors.upstream_failed(f"Replica {replica.name} ended the stream early.")
-            self._eject(replica, "stream ended early", err)
+            self.outlier.failure(replica, Failure.RESET, "stream ended early")
             await self._fail(ctx, send, True, err, rest)
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
@@ -290,12 +296,6 @@ class Relay:
             (b"x-fortress-attempts", str(ctx.attempts).encode()),
         ]
         return base
-
-    def _eject(self, replica: Replica, reason: str, err: errors.GatewayError) -> errors.GatewayError:
-        if replica.eject(reason, self.router.clock()):
-            log.warning("replica %s (%s) ejected: %s", replica.name, replica.url, reason)
-            self.on_eject(replica)
-        return err
 
     async def _fail(
         self, ctx: RequestContext, send: Send, started: bool, err: errors.GatewayError, rest: bytes = b""

@@ -16,8 +16,9 @@ from dataclasses import asdict
 from typing import Any
 
 from fortress.config import TIER_ORDER
-from fortress.observe import http
-from fortress.observe.engines import EngineScraper
+from fortress.core import errors
+from fortress.core.admin import COOKIE, admin_allowed, cookie_value
+from fortress.core.asgi import Receive, Scope, Send, query, respond, respond_error, respond_json
 from fortress.observe.system import CpuMeter, GpuProbe, host_memory, process_rss
 from fortress.observe.window import RecentTraffic, Summary
 from fortress.routing.pool import Router
@@ -82,14 +83,12 @@ class Dashboard:
         router: Router,
         recent: RecentTraffic,
         admin_token: str | None,
-        scraper: EngineScraper | None = None,
         gpus: GpuProbe | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.router = router
         self.recent = recent
         self.admin_token = admin_token
-        self.scraper = scraper
         self.gpus = gpus
         self.alarms = alarms
         self.cpu = CpuMeter()
@@ -100,36 +99,34 @@ class Dashboard:
         # Finished steps of the series never change: keep them (end second → point).
         self._points: dict[int, dict[str, Any]] = {}
 
-    async def __call__(self, scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
-            await http.respond_json(
-                send, 405, {"error": {"message": "Use GET.", "type": "invalid_request_error"}}
-            )
+            await respond_error(send, errors.method_not_allowed("Use GET."))
             return
         if path in ("/dashboard", "/dashboard/"):
             await self._page(scope, send)
             return
-        if not http.admin_allowed(scope, self.admin_token):
-            await http.forbidden(send)
+        if not admin_allowed(scope, self.admin_token, allow_cookie=True):
+            await respond_error(send, errors.admin_required())
             return
         if path == "/dashboard/data":
-            await http.respond_json(send, 200, self.data())
+            await respond_json(send, 200, self.data(), [(b"cache-control", b"no-store")])
         elif path.startswith("/dashboard/static/") and path[len("/dashboard/static/") :] in self.static:
             body, ctype = self.static[path[len("/dashboard/static/") :]]
-            await http.respond(send, 200, body, ctype, [(b"cache-control", b"no-cache")])
+            await respond(send, 200, body, ctype, [(b"cache-control", b"no-cache")])
         else:
-            await http.not_found(send, path)
+            await respond_error(send, errors.not_found(scope["method"], path))
 
-    async def _page(self, scope: http.Scope, send: http.Send) -> None:
-        token = http.query(scope).get("token")
+    async def _page(self, scope: Scope, send: Send) -> None:
+        token = query(scope).get("token")
         if token and self.admin_token:
             import hmac
 
             if hmac.compare_digest(token.encode(), self.admin_token.encode()):
                 # Trade the token in the URL for a cookie, and drop it from the address bar.
-                cookie = f"{http.COOKIE}={http.cookie_value(token)}; Path=/; HttpOnly; SameSite=Strict"
-                await http.respond(
+                cookie = f"{COOKIE}={cookie_value(token)}; Path=/; HttpOnly; SameSite=Strict"
+                await respond(
                     send,
                     303,
                     b"",
@@ -137,15 +134,15 @@ class Dashboard:
                     [(b"location", b"/dashboard"), (b"set-cookie", cookie.encode())],
                 )
                 return
-        if not http.admin_allowed(scope, self.admin_token):
+        if not admin_allowed(scope, self.admin_token, allow_cookie=True):
             body = (
                 b"<!doctype html><title>Fortress</title><p>The dashboard needs the admin token: "
                 b"open <code>/dashboard?token=&lt;server.admin_token&gt;</code> once.</p>"
             )
-            await http.respond(send, 401, body, _TYPES[".html"])
+            await respond(send, 401, body, _TYPES[".html"])
             return
         body, ctype = self.static["index.html"]
-        await http.respond(
+        await respond(
             send, 200, body, ctype, [(b"content-security-policy", _CSP), (b"cache-control", b"no-cache")]
         )
 
@@ -194,7 +191,6 @@ class Dashboard:
         tiers = {str(t): {"healthy": 0, "total": 0} for t in TIER_ORDER}
         models: dict[str, dict[str, int]] = {}
         rows = []
-        samples = self.scraper.samples if self.scraper is not None else {}
         for pool in self.router.pools:
             for r in pool.replicas:
                 model = pool.model or ",".join(sorted(r.models)) or "?"
@@ -205,7 +201,7 @@ class Dashboard:
                 m = models.setdefault(model, {"healthy": 0, "total": 0})
                 m["total"] += 1
                 m["healthy"] += healthy
-                s = samples.get(r)
+                s = r.load
                 rows.append(
                     {
                         "name": r.name,
@@ -217,6 +213,8 @@ class Dashboard:
                         "in_flight": r.in_flight,
                         "served": r.served,
                         "failures": r.failures,
+                        "incarnation": r.incarnation,
+                        "ejected": r.ejected,
                         "last_check_at": r.last_check_at,
                         "last_check_ok": r.last_check_ok,
                         "last_check_detail": r.last_check_detail,

@@ -28,7 +28,7 @@ from typing import IO, Any
 import orjson
 
 from fortress.config import AccessLog as AccessLogConfig
-from fortress.gateway.context import RequestContext
+from fortress.core.context import RequestContext
 
 LOGGER = "fortress.access_log"
 SERVICE = "fortress"
@@ -51,17 +51,6 @@ GAUGE_METRICS = {
     "GpuUtilization": "Percent",
     "MemoryUtilization": "Percent",
 }
-
-
-def key_id(identity: Any) -> str | None:
-    """The API key id of the caller, whatever shape the access layer gives its identity."""
-    if identity is None:
-        return None
-    if isinstance(identity, dict):
-        value = identity.get("key_id")
-    else:
-        value = getattr(identity, "key_id", None)
-    return None if value is None else str(value)
 
 
 class BatchStreamHandler(logging.StreamHandler[IO[str]]):
@@ -154,7 +143,7 @@ class AccessLog:
         rec: dict[str, Any] = {
             "ts": round(wall, 3),
             "request_id": ctx.request_id,
-            "key_id": key_id(ctx.identity),
+            "key_id": ctx.identity.key_id if ctx.identity is not None else None,
             "client": ctx.client,
             "path": ctx.path,
             "model": ctx.model,
@@ -252,7 +241,7 @@ class AccessLog:
             handler.flush()
 
     async def shutdown(self) -> None:
-        """The gateway's shutdown hook: log what is queued and write it out."""
+        """On shutdown: log what is queued and write it out."""
         self.write_pending()
 
     def emit_gauges(self, values: dict[str, float | None]) -> None:

@@ -8,8 +8,8 @@ Two kinds of series:
   labelled children for a (model, status) pair are bound once and cached, so a request costs a
   dict lookup and a few increments;
 * **read at scrape time** by ``StateCollector``: replica states and in-flight counts from the
-  router, the engines' own metrics from the ``EngineScraper``, GPUs (NVML) or host memory,
-  the audit journal's lag and the alarms. Nothing of this is on the request path.
+  router, the engines' own load (``replica.load``, scraped by ``routing.load``), GPUs (NVML) or
+  host memory, the audit trail's counters and the alarms. Nothing of this is on the request path.
 
 Label values are bounded: ``model`` is a configured or discovered model name (the gateway sets
 ``ctx.model`` only once the name routed), ``status`` an HTTP status, ``replica`` a member of the
@@ -26,8 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fortress.gateway.context import RequestContext
-from fortress.observe.engines import EngineScraper
+from fortress.core.context import RequestContext
 from fortress.observe.system import GpuProbe, host_memory
 from fortress.observe.window import RecentTraffic
 from fortress.routing.pool import Pool, Router
@@ -241,35 +240,27 @@ class StateCollector(Collector):
     def __init__(
         self,
         router: Router,
-        scraper: EngineScraper | None = None,
+        engines: bool = False,
         gpus: GpuProbe | None = None,
+        audit_stats: Callable[[], dict[str, Any]] | None = None,
+        alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
     ) -> None:
         self.router = router
-        self.scraper = scraper
+        self.engines = engines  # engine load is scraped (routing.engine_metrics_interval > 0)
         self.gpus = gpus
-        # Hooks set by other layers: seconds of audit records not yet shipped; alarm states.
-        self.journal_lag: Callable[[], float | None] | None = None
         # The audit layer's ``stats()``: journal head, store position, backlog, shipper error.
-        self.audit_stats: Callable[[], dict[str, Any]] | None = None
-        self.alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None
+        self.audit_stats = audit_stats
+        # (name, severity, state) of each alarm.
+        self.alarm_states = alarm_states
 
     def describe(self) -> Iterable[Metric]:
         return []  # computed at scrape time; names are not known ahead
 
     def collect(self) -> Iterable[Metric]:
         yield from self._replicas()
-        if self.scraper is not None:
+        if self.engines:
             yield from self._engines()
         yield from self._machine()
-        if self.journal_lag is not None:
-            lag = self.journal_lag()
-            if lag is not None:
-                g = GaugeMetricFamily(
-                    "fortress_audit_journal_lag_seconds",
-                    "Age of the oldest audit record not yet shipped to the store.",
-                )
-                g.add_metric([], float(lag))
-                yield g
         if self.audit_stats is not None:
             yield from self._audit(self.audit_stats())
         if self.alarm_states is not None:
@@ -330,6 +321,16 @@ class StateCollector(Collector):
             "Passive failures (refused, reset, 5xx, timeout) of this replica, retried ones included.",
             labels=labels,
         )
+        ejections = CounterMetricFamily(
+            "fortress_replica_ejections",
+            "Times outlier detection took this replica out of rotation.",
+            labels=labels,
+        )
+        incarnation = GaugeMetricFamily(
+            "fortress_replica_incarnation",
+            "1 + restarts of the process behind this replica name (local replicas).",
+            labels=labels,
+        )
         per_state: dict[tuple[str, str, str], int] = {}
         per_tier: dict[tuple[str, str], int] = {}
         per_model: dict[str, int] = {}
@@ -344,6 +345,8 @@ class StateCollector(Collector):
                 in_flight.add_metric(lv, float(r.in_flight))
                 served.add_metric(lv, float(r.served))
                 failures.add_metric(lv, float(r.failures))
+                ejections.add_metric(lv, float(r.ejections_total))
+                incarnation.add_metric(lv, float(r.incarnation))
                 key = (model, tier, str(r.state))
                 per_state[key] = per_state.get(key, 0) + 1
                 per_tier[(model, tier)] = per_tier.get((model, tier), 0) + (r.state is State.HEALTHY)
@@ -354,10 +357,10 @@ class StateCollector(Collector):
             counts.add_metric([model, tier, st], float(n))
         for model, n in per_model.items():
             in_flight_model.add_metric([model], float(n))
-        yield from (healthy, counts, in_flight_model, info, state, in_flight, served, failures)
+        yield from (healthy, counts, in_flight_model, info, state, in_flight, served, failures, ejections)
+        yield incarnation
 
     def _engines(self) -> Iterable[Metric]:
-        assert self.scraper is not None
         labels = ["replica", "model", "tier", "engine"]
         up = GaugeMetricFamily(
             "fortress_engine_scrape_success",
@@ -395,10 +398,9 @@ class StateCollector(Collector):
                 "fortress_engine_generation_tokens", "Tokens the engine generated.", labels=labels
             ),
         }
-        samples = self.scraper.samples
         for pool in self.router.pools:
             for r in pool.replicas:
-                s = samples.get(r)
+                s = r.load
                 if s is None:
                     continue
                 lv = [r.name, _pool_model(pool, r), str(r.tier), s.engine]
@@ -445,14 +447,16 @@ class GatewayMetrics:
         self,
         router: Router,
         recent: RecentTraffic | None = None,
-        scraper: EngineScraper | None = None,
+        engines: bool = False,
         gpus: GpuProbe | None = None,
+        audit_stats: Callable[[], dict[str, Any]] | None = None,
+        alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
     ) -> None:
         # The *_created series double the output for no use on a dashboard or in an alarm.
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.requests = RequestMetrics(self.registry, recent)
-        self.state = StateCollector(router, scraper, gpus)
+        self.state = StateCollector(router, engines, gpus, audit_stats, alarm_states)
         self.registry.register(self.state)
         # process_cpu_seconds_total, process_resident_memory_bytes, ... of the gateway itself.
         ProcessCollector(registry=self.registry)

@@ -1,8 +1,13 @@
-"""The replica pool: which replicas serve which model, and picking one for a request.
+"""The replica pool: which replicas serve which model, their names, and picking one for a request.
 
-The health checker and the supervisor change the pool; the gateway only reads it. A model
-index (name or alias → ``Route``) is rebuilt whenever membership or a replica's reported models
-change, so the hot path is one dict lookup plus a scan of a few replicas.
+The health checker, the outlier detector and the fleet change the pool; the gateway only reads
+it. A model index (name or alias → ``Route``) is rebuilt whenever membership or a replica's
+reported models change, so the hot path is one dict lookup plus a scan of a few replicas.
+
+Names are given here and nowhere else: a pool is named by its ``name:``, else its model, else
+``default``; a replica by its ``name:``, else ``<pool>-<n>`` in config order (local replicas with
+``count: n`` take n such names). A local slot keeps its name across restarts, and its counters
+carry over, so metric series do not churn.
 """
 
 from __future__ import annotations
@@ -13,20 +18,44 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from fortress.config import TIER_ORDER, FortressConfig, PoolConfig, ReplicaConfig, Tier
-from fortress.routing.replica import Replica, State
+from fortress.config import (
+    LOCAL_ENGINES,
+    TIER_ORDER,
+    FortressConfig,
+    LocalReplicaConfig,
+    OutlierDetection,
+    PoolConfig,
+    Tier,
+)
+from fortress.routing.balancers import RequestView, TieredBalancer, build_balancer
+from fortress.routing.replica import Origin, OriginKind, Replica, State
+
+
+class NamingError(ValueError):
+    """Two replicas or pools would get the same name."""
 
 
 @dataclass(eq=False)
 class Pool:
     """The replicas of one configured pool (one model, or "whatever they report")."""
 
+    name: str
     config: PoolConfig
+    balancer: TieredBalancer
     replicas: list[Replica] = field(default_factory=list)
 
     @property
     def model(self) -> str | None:
         return self.config.model
+
+
+@dataclass(frozen=True)
+class PlannedSlot:
+    """A local replica the config asks for: its stable name, pool and config (for the fleet)."""
+
+    name: str
+    pool: Pool
+    config: LocalReplicaConfig
 
 
 @dataclass(eq=False)
@@ -44,7 +73,7 @@ class Route:
 
 
 class Router:
-    """All pools, the model index and the balancing policy."""
+    """All pools, their replicas' names, the model index and the balancers."""
 
     def __init__(
         self,
@@ -55,30 +84,103 @@ class Router:
         self.config = config
         self.clock = clock
         self.rng = rng or random.Random()
-        self.pools: list[Pool] = [Pool(pc) for pc in config.pools]
+        self.pools: list[Pool] = []
         self.index: dict[str, Route] = {}
         self.started_at = int(time.time())
         # Callbacks run when a replica is added or removed (the health checker listens).
         self.on_added: list[Callable[[Replica], None]] = []
         self.on_removed: list[Callable[[Replica], None]] = []
+        self.planned: list[PlannedSlot] = []  # local replicas, started by the fleet
         self._drains: dict[Replica, asyncio.Task[None]] = {}
-        for pool in self.pools:
-            for rc in pool.config.replicas:
-                if rc.url:
-                    self._new_replica(pool, rc.url, rc.tier)
+        self._names: set[str] = set()
+        # Counters of replicas that left, resumed by the next replica of the same name.
+        self._retired: dict[str, tuple[int, int, int]] = {}
+        for pc in config.pools:
+            pool = self._new_pool(pc)
+            n = 0
+            for rc in pc.replicas:
+                local = rc.engine in LOCAL_ENGINES
+                count = rc.count if local else 1  # type: ignore[union-attr]
+                for i in range(count):
+                    n += 1
+                    explicit = rc.name if count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
+                    name = self._claim(explicit, pool, n)
+                    if local:
+                        self.planned.append(PlannedSlot(name, pool, rc))  # type: ignore[arg-type]
+                    else:
+                        self._new_replica(pool, rc.url, rc.tier, name, Origin(OriginKind.STATIC))  # type: ignore[union-attr]
         self.rebuild_index()
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _new_pool(self, pc: PoolConfig) -> Pool:
+        name = pc.name or pc.model or "default"
+        if any(p.name == name for p in self.pools):
+            raise NamingError(f"two pools are named {name!r}: give one a `name:`")
+        pool = Pool(name, pc, build_balancer(pc, self.config.routing, self.rng))
+        self.pools.append(pool)
+        return pool
+
+    def _claim(self, name: str | None, pool: Pool, n: int) -> str:
+        name = name or f"{pool.name}-{n}"
+        if name in self._names:
+            raise NamingError(f"two replicas are named {name!r}: give one a `name:`")
+        self._names.add(name)
+        return name
+
+    def next_name(self, pool: Pool) -> str:
+        """A free ``<pool>-<n>`` name, for a replica added at run time."""
+        n = len(pool.replicas) + 1
+        while f"{pool.name}-{n}" in self._names:
+            n += 1
+        return f"{pool.name}-{n}"
 
     # -- membership ------------------------------------------------------------------------
 
-    def _new_replica(self, pool: Pool, url: str, tier: Tier, *, local: bool = False) -> Replica:
-        r = Replica(url=url, tier=tier, check=pool.config.health_check, expected_model=pool.model)
-        r.local = local
+    def _new_replica(
+        self, pool: Pool, url: str, tier: Tier, name: str, origin: Origin, incarnation: int = 1
+    ) -> Replica:
+        r = Replica(
+            name=name,
+            url=url,
+            tier=tier,
+            check=pool.config.health_check,
+            pool=pool.name,
+            expected_model=pool.model,
+            origin=origin,
+            incarnation=incarnation,
+        )
+        carried = self._retired.pop(name, None)
+        if carried is not None:
+            r.served, r.failures, r.ejections_total = carried
         pool.replicas.append(r)
         return r
 
-    def add_replica(self, pool: Pool, url: str, tier: Tier, *, local: bool = False) -> Replica:
-        """Register a replica; it starts ``initial`` and gets traffic once a check passes."""
-        r = self._new_replica(pool, url.rstrip("/"), tier, local=local)
+    def add_replica(
+        self,
+        pool: Pool,
+        url: str,
+        tier: Tier,
+        *,
+        name: str | None = None,
+        origin: Origin | None = None,
+        incarnation: int = 1,
+    ) -> Replica:
+        """Register a replica; it starts ``initial`` and gets traffic once a check passes.
+
+        ``name`` is a planned slot's name (the fleet) or a new one (``next_name`` when None).
+        A replica re-registered under the name of one that left resumes its counters.
+        """
+        slot = origin is not None and origin.kind is OriginKind.LOCAL
+        if name is None:
+            name = self.next_name(pool)
+        elif self.replica_named(name) is not None or (name in self._names and not slot):
+            # A planned slot re-registers under its own name; nothing else may take a used one.
+            raise NamingError(f"the replica name {name!r} is taken")
+        self._names.add(name)
+        r = self._new_replica(
+            pool, url.rstrip("/"), tier, name, origin or Origin(OriginKind.ADMIN), incarnation
+        )
         self.rebuild_index()
         for cb in self.on_added:
             cb(r)
@@ -89,6 +191,7 @@ class Router:
         for pool in self.pools:
             if replica in pool.replicas:
                 pool.replicas.remove(replica)
+                self._retired[replica.name] = (replica.served, replica.failures, replica.ejections_total)
                 self.rebuild_index()
                 for cb in self.on_removed:
                     cb(replica)
@@ -125,24 +228,37 @@ class Router:
                 return pool
         return None
 
-    def pool_for_replica_config(self, rc: ReplicaConfig) -> Pool:
-        for pool in self.pools:
-            if rc in pool.config.replicas:
-                return pool
-        raise KeyError("replica config is not in any pool")
+    def pool_named(self, name: str) -> Pool | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    def pool_for_model(self, model: str | None) -> Pool | None:
+        """The pool configured for ``model``; for None, the discovery pool (made on demand)."""
+        if model is None:
+            return self.default_pool()
+        return next((p for p in self.pools if p.model == model), None)
 
     def default_pool(self) -> Pool:
         """The discovery pool (model=None), created on demand for ``--replica URL`` use."""
         for pool in self.pools:
             if pool.model is None:
                 return pool
-        pool = Pool(PoolConfig())
-        self.pools.append(pool)
-        return pool
+        return self._new_pool(PoolConfig())
+
+    def replica_named(self, name: str) -> Replica | None:
+        return next((r for r in self.all_replicas() if r.name == name), None)
 
     def all_replicas(self) -> Iterable[Replica]:
         for pool in self.pools:
             yield from pool.replicas
+
+    def tier_of(self, replica: Replica) -> list[Replica]:
+        """The replicas of ``replica``'s pool in its tier (itself included)."""
+        pool = self.pool_of(replica)
+        return [r for r in pool.replicas if r.tier is replica.tier] if pool is not None else [replica]
+
+    def outlier_config(self, replica: Replica) -> OutlierDetection:
+        pool = self.pool_named(replica.pool)
+        return pool.config.outlier if pool is not None else OutlierDetection()
 
     def set_models(self, replica: Replica, models: frozenset[str]) -> None:
         """Record what a replica reports in /v1/models (rebuilds the index on change)."""
@@ -183,37 +299,11 @@ class Router:
 
     # -- picking ---------------------------------------------------------------------------
 
-    def pick(self, route: Route, exclude: tuple[Replica, ...] = ()) -> Replica | None:
-        """Highest tier with a healthy replica; least outstanding requests of two random ones.
-
-        When no replica of the route is healthy, ``fail_open`` tries the unhealthy ones anyway
-        (as an ALB does) and ``reject`` returns None.
-        """
-        any_healthy = False
-        for tier in route.tiers:
-            cands = [r for r in tier if r.state is State.HEALTHY]
-            if not cands:
-                continue
-            any_healthy = True
-            if exclude:
-                cands = [r for r in cands if r not in exclude]
-            if cands:
-                return self._p2c(cands)
-        if any_healthy or self.config.routing.when_all_unhealthy == "reject":
-            return None
-        for tier in route.tiers:
-            cands = [r for r in tier if r.state is State.UNHEALTHY and r not in exclude]
-            if cands:
-                return self._p2c(cands)
-        return None
-
-    def _p2c(self, cands: list[Replica]) -> Replica:
-        if len(cands) == 1:
-            return cands[0]
-        a, b = self.rng.sample(cands, 2)
-        if a.in_flight == b.in_flight:
-            return a
-        return a if a.in_flight < b.in_flight else b
+    def pick(
+        self, route: Route, view: RequestView | None = None, exclude: tuple[Replica, ...] = ()
+    ) -> Replica | None:
+        """The replica for one attempt, by the route's pool's balancer (see ``balancers``)."""
+        return route.pool.balancer.pick(route.tiers, view, exclude)
 
     def healthy_count(self, route: Route) -> int:
         return sum(1 for tier in route.tiers for r in tier if r.state is State.HEALTHY)

@@ -1,19 +1,24 @@
-"""One replica and its target-health state machine (the AWS ALB's, plus passive ejection).
+"""One replica: its stable identity, where it came from, and its target-health state machine.
 
-States: ``initial`` (registered, must pass one check before it gets traffic), ``healthy``,
-``unhealthy`` and ``draining``. Active checks move a replica between healthy and unhealthy
-after ``healthy_threshold`` / ``unhealthy_threshold`` consecutive results; a passive signal
-from real traffic (refused, reset, 5xx, timeout) ejects it at once and schedules an early
-re-check after a backoff that doubles with each consecutive ejection.
+States follow the AWS ALB: ``initial`` (registered, must pass one check before it gets traffic),
+``healthy``, ``unhealthy`` and ``draining``. Active checks move a replica between healthy and
+unhealthy after ``healthy_threshold`` / ``unhealthy_threshold`` consecutive results. Passive
+signals from real traffic are judged by ``fortress.routing.outlier``: an ejection makes the
+replica ``unhealthy`` until its ejection time has passed *and* it has passed
+``healthy_threshold`` consecutive checks (checks during the ejection count).
+
+Identity is stable: a replica is named from the config (pool and index, or its ``name:``), a
+local process slot keeps its name across restarts and counts them in ``incarnation``, so metric
+series and audit records keep one name for one place in the fleet.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from fortress.config import HealthCheck, Tier
+from fortress.routing.load import EngineSample
 
 
 class State(StrEnum):
@@ -23,19 +28,44 @@ class State(StrEnum):
     DRAINING = "draining"
 
 
-_ids = itertools.count(1)
+class OriginKind(StrEnum):
+    """Where a replica came from."""
+
+    STATIC = "static"  # a URL in the config or on the command line
+    ADMIN = "admin"  # added at run time through POST /admin/replicas
+    LOCAL = "local"  # a process Fortress's supervisor started on this machine
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a replica came from; for a local process, which one."""
+
+    kind: OriginKind = OriginKind.STATIC
+    engine: str | None = None  # local: llamacpp | vllm | sim
+    pid: int | None = None  # local: the process of this incarnation
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {"kind": str(self.kind)}
+        if self.engine is not None:
+            out["engine"] = self.engine
+        if self.pid is not None:
+            out["pid"] = self.pid
+        return out
 
 
 @dataclass(eq=False)
 class Replica:
     """A model server the gateway may send requests to. Mutated only on the event loop."""
 
+    name: str
     url: str
     tier: Tier
     check: HealthCheck
+    pool: str = "default"  # the pool's name
     # The model id the pool expects this replica to report; None accepts whatever it reports.
     expected_model: str | None = None
-    name: str = ""
+    origin: Origin = Origin()
+    incarnation: int = 1  # 1 + restarts of the process behind this name
     state: State = State.INITIAL
     models: frozenset[str] = frozenset()
     in_flight: int = 0
@@ -43,19 +73,20 @@ class Replica:
     failures: int = 0
     consecutive_ok: int = 0
     consecutive_fail: int = 0
-    ejections: int = 0
     last_check_at: float | None = None  # wall-clock time, for display
     last_check_ok: bool | None = None
     last_check_detail: str = ""
     next_check_at: float = 0.0  # monotonic; the checker sleeps until then
     checks: int = 0
     reason: str = "registered"  # why the replica is in its current state
-    local: bool = False  # started by Fortress's supervisor (vs an external URL)
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            self.name = f"r{next(_ids)}"
+    # Outlier detection (passive): consecutive failures and the current ejection.
+    consecutive_5xx: int = 0
+    consecutive_gateway_failures: int = 0
+    ejections: int = 0  # ejections since the last successful answer (multiplies the time)
+    ejections_total: int = 0
+    ejected_until: float | None = None  # monotonic; set while passively ejected
+    # Engine load from the replica's own /metrics (routing.load), None until scraped.
+    load: EngineSample | None = None
 
     # -- active health checks -------------------------------------------------------------
 
@@ -66,6 +97,9 @@ class Replica:
         self.last_check_ok = ok
         self.last_check_detail = detail
         self.next_check_at = now + self.check.interval
+        if self.ejected_until is not None and self.ejected_until > now:
+            # Look again right when the ejection ends, so a recovered replica is back promptly.
+            self.next_check_at = min(self.next_check_at, self.ejected_until)
         if ok:
             self.consecutive_ok += 1
             self.consecutive_fail = 0
@@ -82,30 +116,32 @@ class Replica:
             if not ok and self.consecutive_fail >= self.check.unhealthy_threshold:
                 self._set(State.UNHEALTHY, f"failed {self.consecutive_fail} checks: {detail}")
         elif self.state is State.UNHEALTHY:
-            if ok and self.consecutive_ok >= self.check.healthy_threshold:
+            ejected = self.ejected_until is not None and now < self.ejected_until
+            if ok and not ejected and self.consecutive_ok >= self.check.healthy_threshold:
+                self.ejected_until = None
                 self._set(State.HEALTHY, f"passed {self.consecutive_ok} checks")
         return self.state is not before
 
-    # -- passive signals from real traffic -----------------------------------------------
+    # -- passive signals (decided by routing.outlier) ----------------------------------------
 
-    def eject(self, reason: str, now: float) -> bool:
-        """Take the replica out of rotation at once. Returns True when it was in rotation."""
-        self.failures += 1
-        if self.state in (State.HEALTHY, State.INITIAL):
-            self.ejections += 1
-            backoff = min(
-                self.check.eject_backoff * (2 ** (self.ejections - 1)), self.check.eject_backoff_max
-            )
-            self.next_check_at = now + backoff
-            self.consecutive_ok = 0
-            self._set(State.UNHEALTHY, f"ejected: {reason}")
-            return True
-        return False
+    def eject(self, reason: str, now: float, duration: float) -> bool:
+        """Take the replica out of rotation for at least ``duration`` seconds. Returns True when
+        it was in rotation."""
+        if self.state not in (State.HEALTHY, State.INITIAL):
+            return False
+        self.ejections += 1
+        self.ejections_total += 1
+        self.ejected_until = now + duration
+        self.next_check_at = min(self.next_check_at, self.ejected_until)
+        self.consecutive_ok = 0
+        self.consecutive_5xx = self.consecutive_gateway_failures = 0
+        self._set(State.UNHEALTHY, f"ejected: {reason}")
+        return True
 
-    def record_success(self) -> None:
-        """A request completed: the replica works, so the ejection backoff starts over."""
-        self.served += 1
-        self.ejections = 0
+    @property
+    def ejected(self) -> bool:
+        """Out of rotation by outlier detection (until health checks bring it back)."""
+        return self.state is State.UNHEALTHY and self.ejected_until is not None
 
     def drain(self) -> None:
         self._set(State.DRAINING, "draining")
@@ -114,24 +150,25 @@ class Replica:
         self.state = state
         self.reason = reason
 
-    def serves(self, model: str) -> bool:
-        return model in self.models
-
     def snapshot(self) -> dict[str, object]:
         """A JSON-ready view for ``fortress status`` and the admin API."""
         return {
             "name": self.name,
             "url": self.url,
+            "pool": self.pool,
             "tier": str(self.tier),
             "state": str(self.state),
             "reason": self.reason,
             "models": sorted(self.models),
             "expected_model": self.expected_model,
+            "origin": self.origin.describe(),
+            "incarnation": self.incarnation,
             "in_flight": self.in_flight,
             "served": self.served,
             "failures": self.failures,
+            "ejected": self.ejected,
+            "ejections": self.ejections_total,
             "last_check_at": self.last_check_at,
             "last_check_ok": self.last_check_ok,
             "last_check_detail": self.last_check_detail,
-            "local": self.local,
         }

@@ -1,17 +1,21 @@
-"""The layers a completion request crosses after the gateway itself: access, then audit.
+"""The protocols the gateway calls and the layers above it implement.
 
-Each is optional (``auth.enabled`` / ``audit.enabled`` in config) and built here, so the gateway
-depends only on these protocols. Both run on the request path and so must not block: key
-lookups hit an in-memory cache, limits are in memory or one Redis round trip, and the audit
-record costs one group-committed journal append.
+The gateway depends only on these, so access/, audit/ and observe/ never import the gateway and
+the gateway never imports them: ``fortress.runtime`` builds the implementations and hands them
+in. Each runs on the request path and must not block: key lookups hit an in-memory cache, limits
+are in memory or one Redis round trip, an audit record is one group-committed journal append,
+and observers only queue or count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from fortress.config import FortressConfig
-from fortress.gateway.context import RequestContext
+from fortress.core.context import RequestContext
+
+# Called with every finished completion request (metrics, access log); must not block.
+Observer = Callable[[RequestContext], None]
 
 
 class AccessLayer(Protocol):
@@ -50,17 +54,5 @@ class AuditLayer(Protocol):
     async def record(self, ctx: RequestContext) -> None:
         """Append the request's record to the journal; returns once it is durable."""
 
-
-def build_layers(config: FortressConfig) -> tuple[AccessLayer | None, AuditLayer | None]:
-    """The access and audit layers the config asks for."""
-    access: AccessLayer | None = None
-    audit: AuditLayer | None = None
-    if config.auth.enabled:
-        from fortress.access.layer import build_access
-
-        access = build_access(config)
-    if config.audit.enabled:
-        from fortress.audit.layer import build_audit
-
-        audit = build_audit(config)
-    return access, audit
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics: journal head, fsyncs, what the store has, shipper state."""

@@ -1,12 +1,30 @@
-"""OpenAI-format error responses: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI-format errors: ``{"error": {"message", "type", "param", "code"}}``, built in one place.
+
+Every error Fortress answers itself (the gateway, the admin API, /metrics, the dashboard) goes
+through ``error_object`` so clients see one shape.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 
 
+def error_object(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error body as a dict."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    """The OpenAI error body as JSON bytes."""
+    return orjson.dumps(error_object(message, type_, code, param))
+
+
 class GatewayError(Exception):
-    """An error the gateway answers itself, in OpenAI's format."""
+    """An error Fortress answers itself, in OpenAI's format, with its HTTP status and headers."""
 
     def __init__(
         self,
@@ -28,13 +46,35 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
 
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    def as_dict(self) -> dict[str, Any]:
+        return error_object(self.message, self.type, self.code, self.param)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(400, message, "invalid_request_error", code, param)
+
+
+def not_found(method: str, path: str) -> GatewayError:
+    return GatewayError(404, f"Unknown path {method} {path}.", "invalid_request_error", "not_found")
+
+
+def method_not_allowed(message: str) -> GatewayError:
+    return GatewayError(405, message, "invalid_request_error")
+
+
+def admin_required() -> GatewayError:
+    return GatewayError(
+        401, "Admin access needs the admin token (Authorization: Bearer ...).", "authentication_error"
+    )
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than the limit of {limit} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+    )
 
 
 def model_not_found(model: str) -> GatewayError:

@@ -1,32 +1,34 @@
 """The local supervisor: starts replica processes, restarts them when they crash, stops them.
 
-For every configured replica with a local engine (``llamacpp``, ``vllm``, ``sim``) the supervisor
-runs ``count`` processes, each on a free port of 127.0.0.1:
+For every local replica slot the router planned (``engine: llamacpp | vllm | sim``, ``count``
+slots each, named once by the router) the supervisor runs one process on a free port of
+127.0.0.1:
 
 * **Start.** The engine's argv runs in its own session (process group), with stdout and stderr
-  going to a size-rotated log, ``<state_dir>/logs/<name>.log``. Once its health path answers 200
-  the process is registered with the ``Router`` (``add_replica(..., local=True)``): it joins as
-  ``initial`` and gets traffic after the health checker's first passing check, exactly like any
-  other target.
-* **Crash.** When the process exits on its own, its replica leaves the router at once (nothing
+  going to a size-rotated log, ``<state_dir>/logs/<slot>.log``. Once its health path answers 200
+  the supervisor tells its ``SlotListener`` (the runtime), which registers the replica with the
+  router: it joins as ``initial`` and gets traffic after the health checker's first passing
+  check, exactly like any other target.
+* **Crash.** When the process exits on its own, the listener hears ``slot_down`` at once (nothing
   listens on that port any more) and the process is started again after a backoff (1 s doubling
   to 30 s, by default). After too many crashes in a window (5 in 60 s) the supervisor gives up:
-  the process is marked ``failed``, logged, and shown so in ``status()``.
-* **Each incarnation is a new Replica.** A restarted process gets a *new* ``Replica`` object in
-  the router rather than reusing the old one: its health state, ejection backoff, reported models
-  and counters belong to the process that died, and a fresh process must prove itself with a
-  passing check, as an instance that replaced another does behind an ALB. It also keeps stale
-  in-flight bookkeeping of the dead process from leaking into the new one.
-* **Stop.** ``stop()`` drains each replica (``router.drain``: no new traffic, in-flight requests
-  finish within the pool's deregistration delay), then sends SIGTERM to the process group, and
-  SIGKILL after ``stop_timeout`` seconds.
+  the slot is marked ``failed``, logged, and shown so in ``status()``.
+* **Incarnations.** A slot keeps its name across restarts; ``incarnation`` counts the processes
+  it has run. Each incarnation is registered as a fresh replica under the same name: health
+  state, ejections and reported models belong to the process that died, and a new process must
+  prove itself with a passing check, as an instance that replaced another does behind an ALB.
+* **Stop.** ``stop()`` (all) and ``stop_slot(name)`` (one, for scale-down) ask the listener to
+  drain the slot (no new traffic, in-flight requests finish within the pool's deregistration
+  delay), then send SIGTERM to the process group, and SIGKILL after ``stop_timeout`` seconds. A
+  stopped slot is not restarted until ``start_slot(name)``.
 * **No orphans.** Children get ``PR_SET_PDEATHSIG = SIGKILL`` so the kernel kills them when
   Fortress dies, even by SIGKILL; an ``atexit`` hook kills the groups still alive on a normal
   interpreter exit. Note that Linux delivers the death signal when the *thread* that forked the
   child exits, so processes are always spawned from the event loop's thread, never from a pool.
 
 Blocking work stays off the event loop: one daemon thread per process copies its output into
-the log, one waits for its exit; the loop only sees the exit (``call_soon_threadsafe``).
+the log, one waits for its exit; the loop only sees the exit (``call_soon_threadsafe``). The
+supervisor has no console of its own: whoever shows progress reads ``slots`` (``snapshot()``).
 """
 
 from __future__ import annotations
@@ -46,23 +48,19 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-from rich.console import Console
 
-from fortress.config import ReplicaConfig
-from fortress.replicas.engines import Engine, EngineError, Launch, engine_for
-from fortress.routing.pool import Pool, Router
-from fortress.routing.replica import Replica
+from fortress.config import LocalOptions, LocalReplicaConfig, Tier
+from fortress.engines import Engine, EngineError, Launch, engine_for
+from fortress.routing.pool import PlannedSlot, Pool
 
 log = logging.getLogger("fortress.supervisor")
-
-LOCAL_ENGINES = frozenset({"llamacpp", "vllm", "sim"})
 
 
 class SupervisorError(RuntimeError):
@@ -107,23 +105,16 @@ class RestartPolicy:
         self._started_at: float | None = None
 
     @classmethod
-    def from_options(
-        cls, options: Mapping[str, Any], clock: Callable[[], float] = time.monotonic
-    ) -> RestartPolicy:
-        """Read ``backoff_initial``, ``backoff_max``, ``max_crashes``, ``crash_window`` and
-        ``stable_after`` from a replica's options."""
-        opts = {str(k).replace("-", "_"): v for k, v in options.items()}
-        try:
-            return cls(
-                backoff_initial=float(opts.get("backoff_initial", 1.0)),
-                backoff_max=float(opts.get("backoff_max", 30.0)),
-                max_crashes=int(opts.get("max_crashes", 5)),
-                window=float(opts.get("crash_window", 60.0)),
-                stable_after=float(opts["stable_after"]) if "stable_after" in opts else None,
-                clock=clock,
-            )
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"restart options: {exc}") from None
+    def from_config(cls, opts: LocalOptions, clock: Callable[[], float] = time.monotonic) -> RestartPolicy:
+        """The policy a local replica's (already validated) options ask for."""
+        return cls(
+            backoff_initial=opts.backoff_initial,
+            backoff_max=opts.backoff_max,
+            max_crashes=opts.max_crashes,
+            window=opts.crash_window,
+            stable_after=opts.stable_after,
+            clock=clock,
+        )
 
     @property
     def recent_crashes(self) -> int:
@@ -225,30 +216,39 @@ class ProcState(StrEnum):
 
 
 @dataclass(eq=False)
-class LocalReplica:
+class Slot:
     """One supervised process slot: the same name across restarts, a new process each time."""
 
     name: str
     pool: Pool
-    rc: ReplicaConfig
+    config: LocalReplicaConfig
     engine: Engine
     policy: RestartPolicy
-    stop_timeout: float
     log_path: Path
     port: int = 0
     state: ProcState = ProcState.STARTING
     detail: str = "not started"
     proc: subprocess.Popen[bytes] | None = None
-    replica: Replica | None = None
+    incarnation: int = 0  # processes started so far (the current one's number)
+    ready: bool = False  # the current process answered its health check
     restarts: int = 0
     exit_codes: deque[int] = field(default_factory=lambda: deque(maxlen=10))
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     started_at: float | None = None  # wall clock of the current process's start
     ready_at: float | None = None  # wall clock of the first readiness
     first_ready: asyncio.Event = field(default_factory=asyncio.Event)  # ready once, or failed
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # this slot is asked to stop
     exited: asyncio.Future[int] | None = None
     task: asyncio.Task[None] | None = None
     handler: logging.Handler | None = None
+
+    @property
+    def tier(self) -> Tier:
+        return self.config.tier
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.config.options.stop_timeout
 
     @property
     def pid(self) -> int | None:
@@ -262,171 +262,150 @@ class LocalReplica:
         """A JSON-ready view of the slot."""
         return {
             "name": self.name,
+            "pool": self.pool.name,
             "engine": self.engine.kind,
             "model": self.engine.model,
-            "tier": str(self.rc.tier),
+            "tier": str(self.tier),
             "state": str(self.state),
             "detail": self.detail,
             "pid": self.pid if self.state in (ProcState.STARTING, ProcState.RUNNING) else None,
             "url": self.url,
+            "incarnation": self.incarnation,
             "restarts": self.restarts,
             "exit_codes": list(self.exit_codes),
-            "replica": self.replica.name if self.replica is not None else None,
-            "replica_state": str(self.replica.state) if self.replica is not None else None,
+            "replica": self.name if self.ready else None,
             "log": str(self.log_path),
         }
+
+
+class SlotListener(Protocol):
+    """Who hears about a slot's process: the runtime, which keeps the router in step."""
+
+    def slot_ready(self, slot: Slot) -> None:
+        """The slot's current process answers its health check at ``slot.url``."""
+
+    def slot_down(self, slot: Slot) -> None:
+        """The slot's process is gone (exited or killed): it must get no more traffic."""
+
+    async def slot_drain(self, slot: Slot) -> None:
+        """The slot is about to be stopped: let its in-flight requests finish first."""
 
 
 # -- the supervisor ------------------------------------------------------------------------
 
 
 class Supervisor:
-    """Runs the local replicas of a ``Router``'s pools, on one event loop.
+    """Runs the planned local replica slots on one event loop.
 
-    ``plan()`` adds a slot per local process the config asks for (engine errors surface here),
-    ``start()`` spawns them and waits until each is ready or failed, ``stop()`` drains and stops
-    them. In between, crashed processes are restarted according to their ``RestartPolicy``.
+    Building it resolves every slot's engine (engine errors surface here); ``start()`` spawns
+    the processes and waits until each is ready or failed; ``stop()`` drains and stops them all,
+    ``stop_slot``/``start_slot`` one. In between, crashed processes are restarted according to
+    their ``RestartPolicy``.
     """
 
     def __init__(
         self,
-        router: Router,
+        planned: list[PlannedSlot],
+        listener: SlotListener,
         *,
         state_dir: str | Path = ".fortress",
         host: str = "127.0.0.1",
-        quiet: bool = False,
-        console: Console | None = None,
         log_max_bytes: int = 10 * 1024 * 1024,
         log_backups: int = 3,
         poll_interval: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.router = router
+        self.listener = listener
         self.host = host
         self.log_dir = Path(state_dir) / "logs"
-        self.quiet = quiet
-        self.console = console or Console(stderr=True)
         self.log_max_bytes = log_max_bytes
         self.log_backups = log_backups
         self.poll_interval = poll_interval
         self.clock = clock
-        self.slots: list[LocalReplica] = []
         self._stopping = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._names: dict[str, int] = {}
-
-    # -- planning --------------------------------------------------------------------------
-
-    def plan(self) -> list[LocalReplica]:
-        """Add a slot for every local replica (``count`` each) in the router's pools."""
-        added: list[LocalReplica] = []
-        for pool in self.router.pools:
-            for rc in pool.config.replicas:
-                if rc.engine in LOCAL_ENGINES:
-                    added += self.add(pool, rc)
-        return added
-
-    def add(self, pool: Pool, rc: ReplicaConfig) -> list[LocalReplica]:
-        """Add ``rc.count`` slots for one local replica config (not started yet)."""
-        if rc.engine not in LOCAL_ENGINES:
-            raise SupervisorError(f"engine {rc.engine!r} is not started by Fortress")
-        if rc.url:
-            raise SupervisorError(
-                f"a local {rc.engine} replica gets its port from Fortress: remove its url ({rc.url})"
+        engines: dict[int, Engine] = {}  # one engine per replica config, shared by its slots
+        self.slots: list[Slot] = []
+        for p in planned:
+            engine = engines.get(id(p.config))
+            if engine is None:
+                engine = engines[id(p.config)] = self._engine(p)
+            self.slots.append(
+                Slot(
+                    name=p.name,
+                    pool=p.pool,
+                    config=p.config,
+                    engine=engine,
+                    policy=RestartPolicy.from_config(p.config.options, clock),
+                    log_path=self.log_dir / f"{p.name}.log",
+                )
             )
-        engine = engine_for(rc, pool.model)
+
+    def _engine(self, p: PlannedSlot) -> Engine:
+        engine = engine_for(p.config, p.pool.model)
         program = engine.launch(1, self.host).argv[0]
         if shutil.which(program) is None:  # fail now, not after a crash loop of "not found"
             raise EngineError(
-                f"{rc.engine}: {program!r} is not an executable (nor on PATH); install it "
+                f"{p.config.engine}: {program!r} is not an executable (nor on PATH); install it "
                 "or set the replica's options.binary"
             )
-        opts = {str(k).replace("-", "_"): v for k, v in rc.options.items()}
-        try:
-            stop_timeout = float(opts.get("stop_timeout", 15.0))
-        except (TypeError, ValueError):
-            bad = opts["stop_timeout"]
-            raise EngineError(f"option stop_timeout must be a number of seconds, got {bad!r}") from None
-        out = []
-        for _ in range(rc.count):
-            name = self._name(engine.model or rc.engine)
-            slot = LocalReplica(
-                name=name,
-                pool=pool,
-                rc=rc,
-                engine=engine,
-                policy=RestartPolicy.from_options(rc.options, self.clock),
-                stop_timeout=stop_timeout,
-                log_path=self.log_dir / f"{name}.log",
-            )
-            self.slots.append(slot)
-            out.append(slot)
-        return out
+        return engine
 
-    def _name(self, base: str) -> str:
-        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base.split("/")[-1]) or "replica"
-        n = self._names.get(base, 0) + 1
-        self._names[base] = n
-        return f"{base}-{n}"
+    def slot(self, name: str) -> Slot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise SupervisorError(f"no local replica slot named {name!r}")
 
     # -- starting --------------------------------------------------------------------------
 
-    async def start(self) -> list[LocalReplica]:
-        """Start every planned slot and wait until each is ready or has failed.
+    async def start(self) -> list[Slot]:
+        """Start every slot and wait until each is ready or has failed.
 
         Returns the slots that failed (empty when all are ready). The slots keep running (and
         restarting) until ``stop``.
         """
+        for slot in self.slots:
+            self._launch(slot)
+        await asyncio.gather(*(slot.first_ready.wait() for slot in self.slots))
+        return [s for s in self.slots if s.state is ProcState.FAILED]
+
+    async def start_slot(self, name: str) -> bool:
+        """Start one stopped (or failed) slot again and wait until it is ready; True when it is."""
+        slot = self.slot(name)
+        if slot.task is not None and not slot.task.done():
+            await slot.first_ready.wait()
+            return slot.state is ProcState.RUNNING
+        slot.stopping.clear()
+        slot.first_ready.clear()
+        slot.policy = RestartPolicy.from_config(slot.config.options, self.clock)
+        self._set(slot, ProcState.STARTING, "starting")
+        self._launch(slot)
+        await slot.first_ready.wait()
+        return slot.state is ProcState.RUNNING
+
+    def _launch(self, slot: Slot) -> None:
         _install_atexit()
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True),
                 skip_auto_headers=("User-Agent",),
             )
-        for slot in self.slots:
-            if slot.task is None:
-                slot.task = asyncio.create_task(self._run(slot), name=f"supervise-{slot.name}")
-        waits = [slot.first_ready.wait() for slot in self.slots]
-        if self.quiet or not self.slots:
-            await asyncio.gather(*waits)
-        else:
-            await self._progress(asyncio.gather(*waits))
-        return [s for s in self.slots if s.state is ProcState.FAILED]
+        if slot.task is None or slot.task.done():
+            slot.task = asyncio.create_task(self._run(slot), name=f"supervise-{slot.name}")
 
-    async def _progress(self, done: asyncio.Future[Any]) -> None:
-        from rich.markup import escape
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    def _halted(self, slot: Slot) -> bool:
+        return self._stopping.is_set() or slot.stopping.is_set()
 
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        ) as progress:
-            ids = {s: progress.add_task(s.name, total=1) for s in self.slots}
-            while True:
-                for s, tid in ids.items():
-                    what = f"[bold]{s.name}[/bold] {s.engine.kind} :{s.port or '?'} {escape(s.detail)}"
-                    finished = s.first_ready.is_set()
-                    progress.update(tid, description=what, completed=1 if finished else 0)
-                    if finished:
-                        progress.stop_task(tid)
-                if done.done():
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(done), 0.25)
-        await done
-
-    async def _run(self, slot: LocalReplica) -> None:
+    async def _run(self, slot: Slot) -> None:
         """One slot's life: spawn, wait ready, register, wait exit, back off, again."""
         try:
-            while not self._stopping.is_set():
+            while not self._halted(slot):
                 outcome = await self._one_incarnation(slot)
-                if self._stopping.is_set():
+                if self._halted(slot):
                     break
-                self._deregister(slot)
+                self._down(slot)
                 code = slot.exit_codes[-1] if outcome == "exited" and slot.exit_codes else None
                 delay = slot.policy.crashed()
                 why = {
@@ -453,15 +432,25 @@ class Supervisor:
                 self._set(slot, ProcState.BACKOFF, f"{why}; restarting in {delay:g}s")
                 log.warning("replica %s %s; restart %d in %gs", slot.name, why, slot.restarts, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    await asyncio.wait_for(self._halt(slot), delay)
         finally:
             slot.first_ready.set()
 
-    async def _one_incarnation(self, slot: LocalReplica) -> str:
+    async def _halt(self, slot: Slot) -> None:
+        """Returns when the supervisor or this slot is asked to stop."""
+        waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(slot.stopping.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _one_incarnation(self, slot: Slot) -> str:
         """Run one process until it exits: "exited", "timeout" (never ready) or "spawn"."""
         if not slot.port or not _port_free(self.host, slot.port):
             slot.port = _free_port(self.host)
         launch = slot.engine.launch(slot.port, self.host)
+        slot.incarnation += 1
         try:
             self._spawn(slot, launch)
         except OSError as exc:
@@ -480,25 +469,30 @@ class Supervisor:
                 return "exited"
             await self._kill(slot)
             return "timeout"
-        replica = self.router.add_replica(slot.pool, launch.url, slot.rc.tier, local=True)
-        replica.labels.update({"process": slot.name, "pid": str(slot.pid), "engine": slot.engine.kind})
-        slot.replica = replica
+        slot.ready = True
+        self.listener.slot_ready(slot)
         if slot.ready_at is None:
             slot.ready_at = time.time()
-        self._set(slot, ProcState.RUNNING, f"ready (pid {slot.pid}), replica {replica.name}")
-        log.info("replica %s ready at %s (pid %s) as %s", slot.name, launch.url, slot.pid, replica.name)
+        self._set(slot, ProcState.RUNNING, f"ready (pid {slot.pid}), incarnation {slot.incarnation}")
+        log.info(
+            "replica %s ready at %s (pid %s, incarnation %d)",
+            slot.name,
+            launch.url,
+            slot.pid,
+            slot.incarnation,
+        )
         slot.first_ready.set()
         await slot.exited
         return "exited"
 
-    async def _until_ready(self, slot: LocalReplica, launch: Launch) -> bool | None:
+    async def _until_ready(self, slot: Slot, launch: Launch) -> bool | None:
         """Poll the health URL: True once it answers 200, False on exit or timeout, None when
-        the supervisor is stopping."""
+        the slot is stopping."""
         assert self._session is not None and slot.exited is not None
         deadline = self.clock() + slot.engine.ready_timeout
         timeout = aiohttp.ClientTimeout(total=2.0)
         while self.clock() < deadline:
-            if self._stopping.is_set():
+            if self._halted(slot):
                 return None
             if slot.exited.done():
                 return False
@@ -514,7 +508,7 @@ class Supervisor:
                 await asyncio.wait_for(asyncio.shield(slot.exited), self.poll_interval)
         return False
 
-    def _spawn(self, slot: LocalReplica, launch: Launch) -> None:
+    def _spawn(self, slot: Slot, launch: Launch) -> None:
         """Start the process (on the loop's thread: see the module docstring on PDEATHSIG)."""
         if slot.handler is None:
             slot.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -544,13 +538,13 @@ class Supervisor:
             target=_wait, args=(slot, proc, loop, exited), name=f"wait-{slot.name}", daemon=True
         ).start()
 
-    def _deregister(self, slot: LocalReplica) -> None:
-        if slot.replica is not None:
-            self.router.remove_replica(slot.replica)
-            slot.replica = None
+    def _down(self, slot: Slot) -> None:
+        if slot.ready:
+            slot.ready = False
+            self.listener.slot_down(slot)
 
     @staticmethod
-    def _set(slot: LocalReplica, state: ProcState, detail: str) -> None:
+    def _set(slot: Slot, state: ProcState, detail: str) -> None:
         slot.state = state
         slot.detail = detail
 
@@ -561,6 +555,14 @@ class Supervisor:
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(self._stop_all())
         await asyncio.shield(self._stop_task)
+
+    async def stop_slot(self, name: str) -> None:
+        """Drain and stop one slot's process; it stays stopped (scale-down)."""
+        slot = self.slot(name)
+        slot.stopping.set()
+        await self._stop_one(slot)
+        if slot.task is not None:
+            await asyncio.gather(slot.task, return_exceptions=True)
 
     async def _stop_all(self) -> None:
         self._stopping.set()
@@ -576,17 +578,17 @@ class Supervisor:
             if s.handler is not None:
                 s.handler.close()
 
-    async def _stop_one(self, slot: LocalReplica) -> None:
+    async def _stop_one(self, slot: Slot) -> None:
         if slot.state is not ProcState.FAILED:
             self._set(slot, ProcState.STOPPING, "draining")
-        if slot.replica is not None:
-            await self.router.drain(slot.replica)
-            slot.replica = None
+        if slot.ready:
+            await self.listener.slot_drain(slot)
+            self._down(slot)
         await self._terminate(slot)
         if slot.state is not ProcState.FAILED:
             self._set(slot, ProcState.STOPPED, "stopped")
 
-    async def _terminate(self, slot: LocalReplica) -> None:
+    async def _terminate(self, slot: Slot) -> None:
         proc, exited = slot.proc, slot.exited
         if proc is None or exited is None:
             return
@@ -598,7 +600,7 @@ class Supervisor:
                 log.warning("replica %s ignored SIGTERM for %gs: SIGKILL", slot.name, slot.stop_timeout)
         await self._kill(slot)
 
-    async def _kill(self, slot: LocalReplica) -> None:
+    async def _kill(self, slot: Slot) -> None:
         """SIGKILL the process group (what is left of it) and wait for the exit."""
         if slot.proc is None or slot.exited is None:
             return
@@ -618,13 +620,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _emit(slot: LocalReplica, line: str) -> None:
+def _emit(slot: Slot, line: str) -> None:
     slot.tail.append(line)
     if slot.handler is not None:
         slot.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
-def _pump(slot: LocalReplica, proc: subprocess.Popen[bytes]) -> None:
+def _pump(slot: Slot, proc: subprocess.Popen[bytes]) -> None:
     """Copy the child's output into its rotating log (a thread: never on the event loop)."""
     assert proc.stdout is not None
     with proc.stdout:
@@ -633,7 +635,7 @@ def _pump(slot: LocalReplica, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait(
-    slot: LocalReplica,
+    slot: Slot,
     proc: subprocess.Popen[bytes],
     loop: asyncio.AbstractEventLoop,
     fut: asyncio.Future[int],

@@ -1,9 +1,11 @@
-"""Scrape the model servers' own ``/metrics`` (vLLM, llama.cpp) beside the request path.
+"""Engine load: the model servers' own ``/metrics`` (vLLM, llama.cpp), read beside the path.
 
-Every ``interval`` seconds each replica's ``/metrics`` is read once; the few series Fortress
-re-exports (queue, KV cache, prefix cache, token counters) are kept per replica and served by
-the gateway's ``/metrics`` under one name whatever the engine. Lines are filtered by name before
-parsing, so a vLLM page of several hundred histogram lines costs little.
+Every ``interval`` seconds each replica's ``/metrics`` is read once and the few series that tell
+its load (requests running and queued, KV-cache use, prefix-cache hits, token counters) are kept
+on the replica as ``replica.load``. Balancers read it on the request path at no cost; observe
+re-exports it under one name whatever the engine. It runs whether or not observe is on. Lines
+are filtered by name before parsing, so a vLLM page of several hundred histogram lines costs
+little.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from fortress.routing.pool import Router
-from fortress.routing.replica import Replica
-
-log = logging.getLogger("fortress.observe")
+log = logging.getLogger("fortress.load")
 
 # Engine series → the EngineSample field they feed. vLLM renamed a few series over releases;
 # the newer name wins when a server reports both.
@@ -97,16 +98,28 @@ def parse_engine_metrics(text: str, at: float | None = None) -> EngineSample:
     return sample
 
 
-class EngineScraper:
-    """Periodically scrapes every replica in a ``Router``; ``samples`` holds the latest."""
+class Scraped(Protocol):
+    """What the scraper needs of a replica (``routing.replica.Replica``)."""
 
-    def __init__(self, router: Router, interval: float = 10.0, timeout: float = 3.0) -> None:
-        self.router = router
+    url: str
+    load: EngineSample | None
+
+
+class EngineLoad:
+    """Scrapes every replica ``replicas()`` returns, every ``interval`` seconds."""
+
+    def __init__(
+        self, replicas: Callable[[], Iterable[Scraped]], interval: float = 10.0, timeout: float = 3.0
+    ) -> None:
+        self.replicas = replicas
         self.interval = interval
         self.timeout = min(timeout, interval) if interval > 0 else timeout
-        self.samples: dict[Replica, EngineSample] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
 
     async def start(self) -> None:
         if self.interval <= 0:
@@ -116,7 +129,7 @@ class EngineScraper:
             skip_auto_headers=("User-Agent",),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
-        self._task = asyncio.create_task(self._loop(), name="engine-metrics")
+        self._task = asyncio.create_task(self._loop(), name="engine-load")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -137,12 +150,13 @@ class EngineScraper:
             await asyncio.sleep(self.interval)
 
     async def scrape_all(self) -> None:
-        """Scrape every replica once, concurrently; forget replicas that left the pool."""
-        replicas = list(self.router.all_replicas())
+        """Scrape every replica once, concurrently, and keep each result on its replica."""
+        replicas = list(self.replicas())
         results = await asyncio.gather(*(self.scrape_one(r) for r in replicas))
-        self.samples = dict(zip(replicas, results, strict=True))
+        for r, sample in zip(replicas, results, strict=True):
+            r.load = sample
 
-    async def scrape_one(self, replica: Replica) -> EngineSample:
+    async def scrape_one(self, replica: Scraped) -> EngineSample:
         assert self._session is not None
         try:
             async with self._session.get(replica.url + "/metrics") as resp:

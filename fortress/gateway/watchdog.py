@@ -1,72 +1,10 @@
-"""Per-request state carried along the path, and the timer that enforces upstream timeouts."""
+"""The per-request timer that enforces the upstream timeouts (first byte, idle gap, total)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from fortress.routing.replica import Replica
-
-
-class RequestContext:
-    """What one request learned on its way through the gateway (read later by audit/metrics)."""
-
-    __slots__ = (
-        "attempts",
-        "body",
-        "bytes_in",
-        "bytes_out",
-        "cancelled_by",
-        "chunks",
-        "client",
-        "error",
-        "extra_headers",
-        "finished",
-        "headers",
-        "identity",
-        "max_tokens",
-        "model",
-        "overhead",
-        "path",
-        "replica",
-        "request_id",
-        "status",
-        "stream",
-        "t0",
-        "ticket",
-        "ttfb",
-        "usage",
-        "want_usage",
-    )
-
-    def __init__(self, request_id: str, path: str, t0: float, client: str | None) -> None:
-        self.request_id = request_id
-        self.path = path
-        self.t0 = t0
-        self.client = client
-        self.headers: dict[bytes, bytes] = {}
-        self.body: dict[str, Any] | None = None
-        self.model: str | None = None
-        self.stream = False
-        self.want_usage = False
-        self.max_tokens: int | None = None
-        self.replica: Replica | None = None
-        self.attempts = 0
-        self.status = 0
-        self.error: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.chunks = 0
-        self.ttfb: float | None = None
-        self.overhead = 0.0
-        self.cancelled_by: str | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        # Set by the access layer: who is calling, and what their usage plan admitted.
-        self.identity: Any = None
-        self.ticket: Any = None
-        # Response headers added by earlier layers (OpenAI rate-limit headers, for example).
-        self.extra_headers: list[tuple[bytes, bytes]] = []
-        self.finished = False  # the record of this request has been handed to the audit layer
+from fortress.core.context import RequestContext
 
 
 class Watchdog:

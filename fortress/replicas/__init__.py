@@ -1,1 +1,0 @@
-"""Replica engines: how fortress starts, or simulates, the servers behind a pool."""
