@@ -1,17 +1,22 @@
-"""Replica states (ALB semantics), passive ejection, tiers, power-of-two choices, draining."""
+"""Replica states (ALB semantics), stable names, tiers, balancers (power of two choices, panic
+threshold, the request view), draining. Outlier detection has its own tests (test_outlier.py)."""
 
 import asyncio
 import random
 
+import pytest
+
 from fortress.config import HealthCheck, Tier, parse_config
-from fortress.routing.pool import Router
-from fortress.routing.replica import Replica, State
+from fortress.core.context import RequestContext
+from fortress.routing.balancers import TieredBalancer
+from fortress.routing.pool import NamingError, Router
+from fortress.routing.replica import Origin, OriginKind, Replica, State
 
 HC = HealthCheck()  # interval 10, timeout 5, thresholds 2/2
 
 
 def make(state=State.INITIAL):
-    r = Replica(url="http://x", tier=Tier.PRIMARY, check=HC)
+    r = Replica(name="x-1", url="http://x", tier=Tier.PRIMARY, check=HC)
     r.state = state
     return r
 
@@ -55,26 +60,29 @@ def test_healthy_threshold_then_unhealthy_threshold():
     assert "timeout" in r.reason
 
 
-def test_passive_ejection_is_immediate_with_doubling_backoff():
-    hc = HealthCheck(eject_backoff=1, eject_backoff_max=4)
-    r = Replica(url="http://x", tier=Tier.PRIMARY, check=hc, state=State.HEALTHY)
-    assert r.eject("connection refused", now=100)
+def test_an_ejected_replica_returns_only_after_its_ejection_time_and_passing_checks():
+    r = make(State.HEALTHY)
+    r.next_check_at = 110  # the regular schedule
+    assert r.eject("5 consecutive 5xx", now=100, duration=30)
+    assert r.state is State.UNHEALTHY and r.ejected and "ejected" in r.reason
+    assert r.next_check_at == 110  # the regular check still runs during the ejection
+    r.record_check(True, "", 110, 0)
+    r.record_check(True, "", 120, 0)
+    assert r.state is State.UNHEALTHY  # two passes, but the ejection lasts until 130
+    assert r.next_check_at == 130  # so the next check comes right when it ends
+    r.record_check(True, "", 130, 0)
+    assert r.state is State.HEALTHY and not r.ejected
+    assert not make(State.UNHEALTHY).eject("again", now=0, duration=1)  # already out
+
+
+def test_an_ejected_replica_that_fails_checks_needs_healthy_threshold_passes():
+    r = make(State.HEALTHY)
+    r.eject("refused", now=0, duration=1)
+    r.record_check(False, "refused", 5, 0)
+    r.record_check(True, "", 10, 0)
     assert r.state is State.UNHEALTHY
-    assert r.next_check_at == 101
-    backoffs = []
-    for _ in range(4):
-        r.record_check(True, "", 0, 0)
-        r.record_check(True, "", 0, 0)
-        assert r.state is State.HEALTHY
-        r.eject("5xx", now=100)
-        backoffs.append(r.next_check_at - 100)
-    assert backoffs == [2, 4, 4, 4]
-    r.record_success()
-    r.record_check(True, "", 0, 0)
-    r.record_check(True, "", 0, 0)
-    r.eject("reset", now=100)
-    assert r.next_check_at == 101  # a success starts the backoff over
-    assert not r.eject("again", now=100)  # already out of rotation
+    r.record_check(True, "", 20, 0)
+    assert r.state is State.HEALTHY
 
 
 def test_draining_ignores_checks():
@@ -147,7 +155,7 @@ def test_retry_excludes_tried_replicas_but_never_fails_open_while_one_is_healthy
         by_url(r, u).state = State.UNHEALTHY
     p1 = by_url(r, "http://p1")
     assert r.pick(route) is p1
-    assert r.pick(route, exclude=(p1,)) is None
+    assert r.pick(route, None, (p1,)) is None
 
 
 def test_fail_open_and_reject_when_all_unhealthy():
@@ -215,3 +223,138 @@ async def test_draining_gives_up_after_deregistration_delay():
     p1.in_flight = 3
     await asyncio.wait_for(r.drain(p1, delay=0.2), 2)
     assert p1 not in list(r.all_replicas())
+
+
+def test_replicas_are_named_from_the_config_not_a_counter():
+    cfg = parse_config(
+        """
+pools:
+  - model: m
+    replicas:
+      - {url: "http://a"}
+      - {url: "http://b", name: edge, tier: secondary}
+      - {engine: sim, count: 2}
+      - {engine: sim, name: spare, count: 1}
+  - name: other
+    replicas: [{url: "http://c"}]
+""",
+        env={},
+    )
+    for _ in range(2):  # a second router (another process) gives the same names
+        r = Router(cfg)
+        assert [x.name for x in r.all_replicas()] == ["m-1", "edge", "other-1"]
+        assert [p.name for p in r.planned] == ["m-3", "m-4", "spare"]
+        assert {x.name: x.origin.kind for x in r.all_replicas()} == {
+            "m-1": OriginKind.STATIC,
+            "edge": OriginKind.STATIC,
+            "other-1": OriginKind.STATIC,
+        }
+    added = r.add_replica(r.pools[0], "http://d/", Tier.PRIMARY)
+    assert (added.name, added.url, added.origin.kind) == ("m-2", "http://d", OriginKind.ADMIN)
+    with pytest.raises(NamingError):
+        r.add_replica(r.pools[0], "http://e", Tier.PRIMARY, name="edge")
+    with pytest.raises(NamingError):
+        r.add_replica(r.pools[0], "http://e", Tier.PRIMARY, name="m-3")  # a planned slot's name
+
+
+def test_duplicate_generated_and_explicit_names_are_refused():
+    cfg = parse_config(
+        "pools:\n  - model: m\n    replicas: [{url: 'http://a'}, {url: 'http://b', name: m-1}]\n", env={}
+    )
+    with pytest.raises(NamingError, match="m-1"):
+        Router(cfg)
+
+
+def test_a_slot_re_registered_under_its_name_keeps_its_counters():
+    r = router()
+    pool = r.pools[0]
+    first = r.add_replica(pool, "http://l1", Tier.PRIMARY, name="m-local", origin=Origin(OriginKind.LOCAL))
+    first.served, first.failures, first.ejections_total = 7, 2, 1
+    r.remove_replica(first)
+    second = r.add_replica(
+        pool, "http://l2", Tier.PRIMARY, name="m-local", origin=Origin(OriginKind.LOCAL), incarnation=2
+    )
+    assert (second.name, second.incarnation, second.served, second.failures) == ("m-local", 2, 7, 2)
+    assert second.state is State.INITIAL  # a new process proves itself again
+    with pytest.raises(NamingError):  # while it is registered, nobody else takes the name
+        r.add_replica(pool, "http://l3", Tier.PRIMARY, name="m-local", origin=Origin(OriginKind.LOCAL))
+
+
+class View:
+    """A request view that counts what a balancer asked for."""
+
+    def __init__(self, session: str | None = None, prompt: str = "") -> None:
+        self.model = "m"
+        self._session = session
+        self._prompt = prompt
+        self.asked: list[str] = []
+
+    @property
+    def session_key(self) -> str | None:
+        self.asked.append("session")
+        return self._session
+
+    def prompt_prefix(self, limit: int = 4096) -> str:
+        self.asked.append("prefix")
+        return self._prompt[:limit]
+
+
+def test_the_default_balancer_never_computes_the_prompt_prefix():
+    r = router()
+    view = View(session="s1", prompt="system: be brief")
+    for _ in range(20):
+        assert r.pick(r.route("m"), view) is not None
+    assert view.asked == []  # least outstanding needs neither: nothing computed on the hot path
+
+
+def test_a_balancer_strategy_sees_the_request_view():
+    class Sticky(TieredBalancer):
+        def choose(self, candidates, view):
+            return sorted(candidates, key=lambda x: x.name)[len(view.session_key) % len(candidates)]
+
+    r = router()
+    pool = r.pools[0]
+    pool.balancer = Sticky(pool.config, r.config.routing, random.Random(1))
+    picks = {r.pick(r.route("m"), View(session="ab")).name for _ in range(10)}
+    assert picks == {"m-1"}  # len("ab") % 2 == 0 -> the first primary, every time
+    picks = {r.pick(r.route("m"), View(session="abc")).name for _ in range(10)}
+    assert picks == {"m-2"}
+
+
+def test_the_request_context_is_a_lazy_request_view():
+    ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, None)
+    ctx.headers = {b"x-session-id": b"conv-42"}
+    ctx.body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url"}]},
+        ],
+    }
+    assert ctx.session_key == "conv-42"
+    assert ctx._prefix is None  # nothing computed until a balancer asks
+    assert ctx.prompt_prefix() == "system: Be brief.\nuser: Hi"
+    assert ctx.prompt_prefix(6) == "system"
+    ctx.body = {"model": "m", "prompt": "Once upon"}
+    ctx._prefix = None
+    assert ctx.prompt_prefix() == "Once upon"
+
+
+def test_panic_threshold_spills_to_the_next_tier_or_fails_open():
+    extra = "    outlier: {panic_threshold: 60}\n"
+    r = router(extra)
+    route = r.route("m")
+    p1, p2, s1 = by_url(r, "http://p1"), by_url(r, "http://p2"), by_url(r, "http://s1")
+    assert r.pick(route).tier is Tier.PRIMARY  # 2/2 healthy: no panic
+    p1.state = State.UNHEALTHY  # 1/2 = 50 % < 60 %: the primary tier panics
+    assert {r.pick(route).url for _ in range(20)} == {"http://s1"}  # spills to the secondary
+    s1.state = State.UNHEALTHY  # secondary empty; the standby (1/1 healthy) takes it
+    assert {r.pick(route).url for _ in range(20)} == {"http://c1"}
+    by_url(r, "http://c1").state = State.UNHEALTHY
+    # Nowhere to spill: fail open within the primary tier (its unhealthy replica included).
+    assert {r.pick(route).url for _ in range(50)} == {"http://p1", "http://p2"}
+    # Without a threshold the tier keeps its last healthy replica (today's behaviour).
+    plain = router()
+    by_url(plain, "http://p1").state = State.UNHEALTHY
+    assert {plain.pick(plain.route("m")).url for _ in range(20)} == {"http://p2"}
+    assert p2.state is State.HEALTHY

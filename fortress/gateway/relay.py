@@ -10,6 +10,7 @@ after that, the stream ends with an OpenAI error event.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -352,6 +353,8 @@ def _describe(exc: BaseException) -> str:
         return f"connect failed ({exc.os_error.strerror or exc.os_error})"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection closed by replica"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
+        return "connection reset by replica"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "response cut off"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

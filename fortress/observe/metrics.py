@@ -76,7 +76,7 @@ def error_kind(status: int, error: str | None) -> str | None:
         return "status_5xx"
     if "ended the stream early" in text:
         return "stream_ended"
-    if "closed by replica" in text or "cut off" in text:
+    if "closed by replica" in text or "reset by replica" in text or "cut off" in text:
         return "disconnect"
     return "other"
 

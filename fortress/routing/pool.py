@@ -129,8 +129,9 @@ class Router:
         return name
 
     def next_name(self, pool: Pool) -> str:
-        """A free ``<pool>-<n>`` name, for a replica added at run time."""
-        n = len(pool.replicas) + 1
+        """The first ``<pool>-<n>`` never used in this process, for a replica added at run time
+        (a name that left is not reused, so its series and records stay its own)."""
+        n = 1
         while f"{pool.name}-{n}" in self._names:
             n += 1
         return f"{pool.name}-{n}"
