@@ -5,7 +5,7 @@ gateway, interleaved in one run.
 Method
 ------
 * **One llama-server** with the embedded model (SmolLM2-135M-Instruct, Q4_1), started with the
-  same command line ``fortress up`` uses (``fortress.replicas.engines.LlamaCppEngine``: 1 thread,
+  same command line ``fortress up`` uses (``fortress.engines.LlamaCppEngine``: 1 thread,
   2 slots, 2048 context) and pinned to one core (``--server-core``, default 0).
 * **The gateway** is ``fortress serve -c <config>`` with that server as the only replica of pool
   ``smollm2`` (API keys and audit off, so the relay itself is measured), pinned to the other core
@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from docs_section import machine_line, write_section  # noqa: E402
 
-from fortress.replicas.engines import LlamaCppEngine  # noqa: E402
+from fortress.config import LlamaCppReplicaConfig  # noqa: E402
+from fortress.engines import engine_for  # noqa: E402
 
 TITLE = "## Embedded model: direct vs gateway"
 PROMPTS = [
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fortress-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         lport, gport = free_port(), free_port()
-        launch = LlamaCppEngine.from_options({}).launch(lport)
+        launch = engine_for(LlamaCppReplicaConfig()).launch(lport)
         config = tmp / "fortress.yaml"
         config.write_text(
             f"""

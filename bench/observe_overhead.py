@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from docs_section import machine_line, write_section  # noqa: E402
 
 from fortress.config import parse_config  # noqa: E402
+from fortress.core.context import RequestContext  # noqa: E402
 from fortress.gateway.app import Gateway  # noqa: E402
-from fortress.gateway.context import RequestContext  # noqa: E402
 from fortress.observe import attach  # noqa: E402
 from fortress.observe.logs import LOGGER  # noqa: E402
 from fortress.routing.replica import State  # noqa: E402
@@ -58,7 +58,7 @@ pools:
       - {url: 'http://127.0.0.1:12', tier: primary}
 auth: {enabled: false}
 audit: {enabled: false}
-observe: {engine_metrics_interval: 0}
+routing: {engine_metrics_interval: 0}
 """
 
 

@@ -74,7 +74,8 @@ async def test_dashboard_live_in_chromium(cluster) -> None:
         "pools:\n  - model: m\n    health_check: {interval: 0.5, timeout: 0.25}\n    replicas:\n"
         f"      - {{url: '{p1}', tier: primary}}\n      - {{url: '{p2}', tier: primary}}\n"
         f"      - {{url: '{s1}', tier: secondary}}\n"
-        "observe: {engine_metrics_interval: 1, alarms: {evaluate_every: 0.5}}\n"
+        "routing: {engine_metrics_interval: 1}\n"
+        "observe: {alarms: {evaluate_every: 0.5}}\n"
     )
     wait_for(lambda: all(r["state"] == "healthy" for r in replica_table(gw).values()), 10, what="healthy")
     stop = asyncio.Event()

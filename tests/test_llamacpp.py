@@ -39,14 +39,15 @@ from helpers import (
     write_up_config,
 )
 
-from fortress.replicas.engines import EngineError, LlamaCppEngine
+from fortress.config import LlamaCppReplicaConfig
+from fortress.engines import EngineError, engine_for
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 def require_embedded_llama() -> None:
     try:
-        LlamaCppEngine.from_options({})
+        engine_for(LlamaCppReplicaConfig())
     except EngineError as exc:
         pytest.fail(f"cannot run the llama.cpp integration tests: {exc}")
 

@@ -17,10 +17,9 @@ import pytest
 
 from fortress.config import AccessLog as AccessLogConfig
 from fortress.config import parse_config
-from fortress.gateway.app import Gateway
-from fortress.gateway.context import RequestContext
-from fortress.observe import attach
+from fortress.core.context import RequestContext
 from fortress.observe.logs import LOGGER, AccessLog, BatchStreamHandler
+from fortress.runtime import Runtime
 
 
 class Stream(io.StringIO):
@@ -144,18 +143,26 @@ async def test_access_log_buffers_and_flushes_on_gateway_shutdown(
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert (first["status"], second["status"], second["error"]) == (200, 502, "upstream")
 
-    # The gateway calls it on shutdown when the access log is on.
+    # The runtime writes what is queued when it stops.
     access_logger = logging.getLogger(LOGGER)
     level, handlers = access_logger.level, list(access_logger.handlers)
     config = parse_config(
         "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
         "auth: {enabled: false}\naudit: {enabled: false}\n"
-        "observe: {engine_metrics_interval: 0, access_log: {stream: none}}\n"
+        "routing: {engine_metrics_interval: 0}\n"
+        "observe: {access_log: {stream: none}}\n"
     )
+    mine = Records()
     try:
-        gateway = Gateway(config)
-        obs = attach(gateway, config)
-        assert obs.access_log is not None and obs.access_log.shutdown in gateway.on_shutdown
+        runtime = Runtime(config)
+        assert runtime.observe is not None and runtime.observe.access_log is not None
+        access_logger.addHandler(mine)
+        await runtime.start()
+        for observe in runtime.gateway.observers:
+            observe(make_ctx(200))
+        assert mine.records == []  # queued, not yet written
+        await runtime.stop()
+        assert [json.loads(r.getMessage())["status"] for r in mine.records] == [200]
     finally:
         access_logger.setLevel(level)
         access_logger.handlers[:] = handlers

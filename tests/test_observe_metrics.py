@@ -46,10 +46,9 @@ async def test_known_traffic_gives_exact_series(cluster) -> None:
     good, _ = cluster.sim("good", "--tokens", str(TOKENS), "--metrics-flavor", "vllm")
     bad, _ = cluster.sim("bad", "--error-rate", "1", "--metrics-flavor", "llamacpp")
     gw, _ = cluster.gateway(
-        f"routing: {{max_attempts: 1}}\n"
+        f"routing: {{max_attempts: 1, engine_metrics_interval: 0.3}}\n"
         f"pools:\n  - model: good\n    {FAST}\n    replicas:\n      - {{url: '{good}'}}\n"
         f"  - model: bad\n    {FAST}\n    replicas:\n      - {{url: '{bad}', tier: secondary}}\n"
-        "observe: {engine_metrics_interval: 0.3}\n"
     )
     async with aiohttp.ClientSession() as s:
         statuses = [await chat(s, gw, "good", stream=i < 3) for i in range(8)]

@@ -15,7 +15,10 @@ import aiohttp
 import pytest
 from helpers import Proc, fortress_argv, free_port, replica_table, sim_argv, wait_for, wait_http
 
-FAST = "health_check: {interval: 0.5, timeout: 0.25, eject_backoff: 0.2, eject_backoff_max: 1}"
+FAST = (
+    "health_check: {interval: 0.5, timeout: 0.25}\n"
+    "    outlier: {base_ejection_time: 0.2, max_ejection_time: 1}"
+)
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fortress.replicas.supervisor import ProcState, RestartPolicy, Supervisor
 from helpers import (
     Proc,
     alive,
@@ -29,9 +30,9 @@ from helpers import (
     wait_http,
     write_up_config,
 )
+from pydantic import ValidationError
 
-from fortress.config import parse_config
-from fortress.replicas.supervisor import ProcState, RestartPolicy, Supervisor
+from fortress.config import SimOptions, parse_config
 from fortress.routing.pool import Router
 from fortress.routing.replica import State
 
@@ -101,12 +102,14 @@ def test_a_stable_run_resets_the_backoff() -> None:
 
 
 def test_policy_from_replica_options() -> None:
-    p = RestartPolicy.from_options(
-        {"max_crashes": 3, "crash-window": 10, "backoff_initial": 0.5, "backoff_max": 4}
+    opts = SimOptions.model_validate(
+        {"max_crashes": 3, "crash-window": "10s", "backoff_initial": 0.5, "backoff_max": 4, "stable_after": 7}
     )
-    assert (p.max_crashes, p.window, p.backoff_initial, p.backoff_max) == (3, 10, 0.5, 4)
-    with pytest.raises(ValueError, match="restart options"):
-        RestartPolicy.from_options({"max_crashes": "many"})
+    p = RestartPolicy.from_config(opts)
+    assert (p.max_crashes, p.window, p.backoff_initial, p.backoff_max, p.stable_after) == (3, 10, 0.5, 4, 7)
+    assert RestartPolicy.from_config(SimOptions()).stable_after == 60  # the crash window by default
+    with pytest.raises(ValidationError, match="max_crashes"):  # bad values fail in the config
+        SimOptions.model_validate({"max_crashes": "many"})
 
 
 # -- real processes ------------------------------------------------------------------------

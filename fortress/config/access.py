@@ -1,0 +1,44 @@
+"""Who may call: API keys, usage plans and where the limiter keeps its state."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fortress.config.base import ConfigModel
+
+
+class UsagePlan(ConfigModel):
+    """Who may call how much: a token bucket plus quotas, like an API Gateway usage plan."""
+
+    rate: float | None = Field(5.0, gt=0, description="requests per second (bucket refill)")
+    burst: int | None = Field(10, ge=1, description="bucket size")
+    max_concurrent: int | None = Field(None, ge=1, description="requests in flight per key")
+    # Quotas: period -> limit; periods are "day", "week", "month" (UTC calendar periods).
+    requests: dict[Literal["day", "week", "month"], int] = Field(default_factory=lambda: {"day": 5000})
+    input_tokens: dict[Literal["day", "week", "month"], int] = Field(default_factory=dict)
+    output_tokens: dict[Literal["day", "week", "month"], int] = Field(default_factory=dict)
+    # Output tokens reserved at admission when the request gives no max_tokens.
+    default_max_tokens: int = Field(2048, ge=1)
+
+
+class Auth(ConfigModel):
+    """API keys. Switching auth off must be explicit: ``auth: {enabled: false}``."""
+
+    enabled: bool = True
+    # HMAC secret for key hashes and the audit chain; from FORTRESS__AUTH__SECRET, or generated
+    # once into `state_dir`/secret when unset.
+    secret: str | None = None
+    cache_refresh: float = Field(2.0, gt=0, le=5, description="seconds between key-cache syncs")
+    rotation_grace: float = Field(24 * 3600.0, ge=0, description="seconds an old key works after rotate")
+
+
+class Limits(ConfigModel):
+    """Where usage-plan state lives: this process, or Redis shared by several gateways."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "fortress:"
+    # Redis unreachable: admit and log (true, the gateway stays up) or answer 503 (false).
+    fail_open: bool = True

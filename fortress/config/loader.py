@@ -1,0 +1,212 @@
+"""The whole config, and the one way in: YAML or a plain mapping, env overrides, clear errors.
+
+``load_config`` reads the YAML, applies ``FORTRESS__SECTION__KEY`` environment overrides and
+validates the result; a ``ConfigError`` names every bad key together with the file line it
+came from. ``build_config`` does the same for a mapping built in code (no lines to name).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from fortress.config.access import Auth, Limits, UsagePlan
+from fortress.config.audit import Audit, Database
+from fortress.config.base import ConfigModel
+from fortress.config.engines import ENGINE_NAMES
+from fortress.config.observe import Observe
+from fortress.config.routing import PoolConfig, Routing
+from fortress.config.server import Server, Timeouts
+
+ENV_PREFIX = "FORTRESS__"
+
+Loc = tuple[str | int, ...]
+
+
+class FortressConfig(ConfigModel):
+    """The whole of ``fortress.yaml``."""
+
+    server: Server = Field(default_factory=Server)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    routing: Routing = Field(default_factory=Routing)
+    pools: list[PoolConfig] = Field(default_factory=list)
+    state_dir: str = Field(".fortress", description="local state: secret, journal, SQLite, logs")
+    auth: Auth = Field(default_factory=Auth)
+    plans: dict[str, UsagePlan] = Field(default_factory=lambda: {"default": UsagePlan()})
+    limits: Limits = Field(default_factory=Limits)
+    audit: Audit = Field(default_factory=Audit)
+    database: Database = Field(default_factory=Database)
+    observe: Observe = Field(default_factory=Observe)
+
+    @field_validator("pools")
+    @classmethod
+    def _names_unique(cls, pools: list[PoolConfig]) -> list[PoolConfig]:
+        # Model names route requests; pool and replica names label metrics and status: each
+        # must mean one thing.
+        models: dict[str, int] = {}
+        pool_names: dict[str, int] = {}
+        replicas: dict[str, str] = {}
+        for i, pool in enumerate(pools):
+            for name in ([pool.model] if pool.model else []) + list(pool.aliases):
+                if name in models:
+                    raise ValueError(f"model name {name!r} is used by pools {models[name]} and {i}")
+                models[name] = i
+            if pool.name is not None:
+                if pool.name in pool_names:
+                    first = pool_names[pool.name]
+                    raise ValueError(f"pool name {pool.name!r} is used by pools {first} and {i}")
+                pool_names[pool.name] = i
+            for j, rc in enumerate(pool.replicas):
+                if rc.name is not None:
+                    where = f"pools.{i}.replicas.{j}"
+                    if rc.name in replicas:
+                        first = replicas[rc.name]
+                        raise ValueError(f"replica name {rc.name!r} is used by {first} and {where}")
+                    replicas[rc.name] = where
+        return pools
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names each bad key and its line."""
+
+
+def _line_index(text: str) -> dict[Loc, int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    index: dict[Loc, int] = {}
+
+    def walk(node: yaml.Node, path: Loc) -> None:
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, key_node.value)
+                index[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Apply ``FORTRESS__SERVER__PORT=9000``-style overrides (values parsed as YAML scalars).
+
+    ``data`` may hold config objects (``build_config``): one on an override's path is turned
+    into a mapping, so the override lands in it and it is validated again with the rest.
+    """
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node: Any = data
+        for part in parts[:-1]:
+            key: str | int = int(part) if isinstance(node, list) else part
+            child = node[key] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(child, BaseModel):
+                child = child.model_dump(by_alias=True)  # all fields: `engine` picks the class
+                node[key] = child
+            node = child
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+
+
+def _clean_loc(loc: Loc) -> Loc:
+    """Drop the union tags pydantic puts in the location of a replica's errors
+    (``pools.0.replicas.0.llamacpp.options`` → ``pools.0.replicas.0.options``)."""
+    out: list[str | int] = []
+    for part in loc:
+        tagged = len(out) >= 2 and out[-2] == "replicas" and isinstance(out[-1], int)
+        if tagged and part in ENGINE_NAMES:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+    """The line of the nearest key on ``loc`` that the document has."""
+    probe = loc
+    while probe:
+        line = lines.get(probe)
+        if line is None and isinstance(probe[-1], str):  # options may be written ctx-size
+            line = lines.get((*probe[:-1], probe[-1].replace("_", "-")))
+        if line is not None:
+            return line
+        probe = probe[:-1]
+    return None
+
+
+def _format_errors(err: ValidationError, lines: Mapping[Loc, int], source: str) -> str:
+    out = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = _clean_loc(tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "union_tag_invalid":  # only replicas are a tagged union
+            loc = (*loc, "engine")
+            tag = e.get("ctx", {}).get("tag")
+            msg = f"unknown engine {tag!r}; use one of: {', '.join(ENGINE_NAMES)}"
+        elif e["type"] == "union_tag_not_found":
+            msg = "a replica must be a mapping: {url: ...} or {engine: ..., options: ...}"
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(loc, lines)
+        where = f" (line {line})" if line else ""
+        out.append(f"  {key}{where}: {msg}")
+    return "\n".join(out)
+
+
+def _validate(
+    data: dict[str, Any], source: str, env: Mapping[str, str] | None, lines: Mapping[Loc, int]
+) -> FortressConfig:
+    try:
+        _apply_env(data, os.environ if env is None else env)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"bad {ENV_PREFIX}* override: {exc}") from exc
+    try:
+        return FortressConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, lines, source)) from None
+
+
+def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> FortressConfig:
+    """Validate YAML text into a ``FortressConfig`` (env overrides applied; ``env`` defaults to
+    the process environment)."""
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _line_index(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {source}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    return _validate(data, source, env, lines)
+
+
+def build_config(
+    data: Mapping[str, Any], source: str = "(built)", env: Mapping[str, str] | None = None
+) -> FortressConfig:
+    """Validate a mapping built in code (values may be config objects) into a ``FortressConfig``,
+    with ``FORTRESS__*`` overrides applied as for a file; ``data`` itself is left unchanged."""
+    return _validate(copy.deepcopy(dict(data)), source, env, {})
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> FortressConfig:
+    """Read and validate ``fortress.yaml``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    return parse_config(text, str(p), env)

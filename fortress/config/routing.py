@@ -1,0 +1,138 @@
+"""Pools of replicas and how traffic is routed to them: health checks, outlier detection, retries."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from fortress.config.base import NAME_PATTERN, TIER_ORDER, ConfigModel, Tier, seconds
+from fortress.config.engines import ReplicaConfig
+
+__all__ = ["TIER_ORDER", "HealthCheck", "OutlierDetection", "PoolConfig", "Routing", "Tier"]
+
+
+class HealthCheck(ConfigModel):
+    """Active health check of one pool, with the semantics of an AWS ALB target group."""
+
+    path: str = "/health"
+    interval: float = Field(10.0, gt=0, description="seconds between checks")
+    timeout: float = Field(5.0, gt=0, description="seconds before a check counts as failed")
+    healthy_threshold: int = Field(2, ge=1, le=10)
+    unhealthy_threshold: int = Field(2, ge=1, le=10)
+    expected_status: list[int] = Field(default_factory=lambda: [200])
+    # How often (in checks) a healthy replica's /v1/models is re-read to confirm its model.
+    models_refresh_every: int = Field(6, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_starts_with_slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @field_validator("expected_status", mode="before")
+    @classmethod
+    def _status_list(cls, v: Any) -> Any:
+        # Accept 200, "200", "200-299" or "200,204" like an ALB matcher.
+        if isinstance(v, int):
+            return [v]
+        if isinstance(v, str):
+            codes: list[int] = []
+            for part in v.split(","):
+                part = part.strip()
+                if "-" in part:
+                    lo, hi = part.split("-", 1)
+                    codes.extend(range(int(lo), int(hi) + 1))
+                else:
+                    codes.append(int(part))
+            return codes
+        return v
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> Self:
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+class OutlierDetection(ConfigModel):
+    """Passive health: eject a replica that real traffic shows failing (Envoy's outlier detection).
+
+    A refused or reset connection (the process is gone) ejects at once. 5xx answers and
+    gateway failures eject only after several in a row, so one bad request does not take a
+    replica out. An ejected replica stays out for ``base_ejection_time`` times the number of
+    its ejections since it last answered well, capped at ``max_ejection_time``, and returns
+    once its health checks pass.
+    """
+
+    consecutive_5xx: int = Field(
+        5, ge=0, description="5xx answers in a row that eject the replica; 0 turns this off"
+    )
+    consecutive_gateway_failure: int = Field(
+        5, ge=0, description="timeouts, resets and 502/503/504 in a row that eject; 0 turns this off"
+    )
+    base_ejection_time: float = Field(30.0, gt=0, description="seconds out for a first ejection")
+    max_ejection_time: float = Field(300.0, gt=0, description="longest ejection, however many repeats")
+    # At most this percentage of a tier is ejected by 5xx/timeouts at once, so one poison
+    # request that fails everywhere cannot empty the tier; one replica may always be ejected.
+    max_ejection_percent: int = Field(50, ge=0, le=100)
+    # When fewer than this percentage of a tier's replicas are healthy, the tier is in panic:
+    # traffic spills to the next tier, or fails open when there is none; 0 turns it off.
+    panic_threshold: int = Field(0, ge=0, le=100)
+
+    @field_validator("base_ejection_time", "max_ejection_time", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> Self:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ValueError("max_ejection_time must be at least base_ejection_time")
+        return self
+
+
+class Routing(ConfigModel):
+    """Retries, the behaviour when no replica is healthy, and the engine-load scrape."""
+
+    max_attempts: int = Field(3, ge=1, le=10, description="replicas tried per request")
+    when_all_unhealthy: Literal["fail_open", "reject"] = "fail_open"
+    retry_after: int = Field(5, ge=1, description="Retry-After seconds on a 503")
+    # Seconds between scrapes of each replica's /metrics for its engine load (queue, KV cache);
+    # 0 stops scraping.
+    engine_metrics_interval: float = Field(10.0, ge=0)
+
+    @field_validator("engine_metrics_interval", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+
+class PoolConfig(ConfigModel):
+    """The replicas serving one model.
+
+    ``model`` is the id the replicas report in ``/v1/models``; a replica that does not report
+    it never gets this pool's traffic. ``None`` means "whatever each replica reports" (the
+    ``fortress serve --replica URL`` case). ``aliases`` are extra names clients may use.
+    ``name`` names the pool in metrics and status (default: the model, or ``default`` for the
+    pool without one).
+    """
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    model: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
+    # How a replica is picked within a tier; more strategies will come.
+    balancer: Literal["least_outstanding"] = "least_outstanding"
+    deregistration_delay: float = Field(
+        30.0, ge=0, description="seconds a draining replica keeps in-flight requests"
+    )
+    replicas: list[ReplicaConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _aliases_need_model(self) -> Self:
+        if self.aliases and not self.model:
+            raise ValueError("aliases need the pool's model to be set")
+        return self
