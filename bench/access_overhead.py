@@ -24,7 +24,7 @@ from typing import Any
 
 from fortress.access.layer import AccessControl
 from fortress.config import parse_config
-from fortress.gateway.context import RequestContext
+from fortress.core.context import RequestContext
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"Say hello in one short sentence."}]}'
 PLANS = {

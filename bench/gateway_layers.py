@@ -155,8 +155,8 @@ def write_config(v: Variant, workdir: Path, p_json: int, redis_url: str) -> Path
 def create_key(config: Path) -> str:
     """A key on the bench plan, created in the variant's store before its gateway starts."""
     from fortress.access.keys import KeyStore
-    from fortress.access.secret import load_secret
     from fortress.config import load_config
+    from fortress.core.secret import load_secret
     from fortress.store.db import database_url, migrate
 
     cfg = load_config(config)

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import inspect, select
 
 from fortress.access.keys import KeyCache, KeyStore, digest
-from fortress.access.secret import load_secret
 from fortress.config import parse_config
+from fortress.core.secret import load_secret
 from fortress.store import tables
 from fortress.store.db import get_engine, migrate
 

@@ -15,7 +15,7 @@ from fortress.audit.journal import Journal
 from fortress.audit.query import verify
 from fortress.audit.sql import SqlSink
 from fortress.config import parse_config
-from fortress.secret import SecretMissing, load_secret
+from fortress.core.secret import SecretMissing, load_secret
 
 N = 30
 
@@ -206,7 +206,7 @@ def test_secret_shared_with_access_layer(tmp_path: Path) -> None:
     cfg = parse_config(f"state_dir: {tmp_path}", env={})
     with pytest.raises(SecretMissing):
         load_secret(cfg, create=False)
-    from fortress.access.secret import load_secret as access_secret
+    from fortress.core.secret import load_secret as access_secret
 
     first = access_secret(cfg)
     assert load_secret(cfg) == first == load_secret(cfg, create=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +13,8 @@ from fortress.audit.layer import build_audit
 from fortress.audit.query import verify
 from fortress.audit.records import COLUMNS, REDACTED, RecordBuilder
 from fortress.config import HealthCheck, Tier, parse_config
-from fortress.gateway.context import RequestContext
-from fortress.gateway.errors import GatewayError
+from fortress.core.context import Identity, RequestContext
+from fortress.core.errors import GatewayError
 from fortress.routing.replica import Replica
 from fortress.store.db import database_url, get_engine
 
@@ -48,14 +47,14 @@ def finished_ctx(**over: Any) -> RequestContext:
     ctx.model = "gpt-4o-mini"
     ctx.stream = True
     ctx.want_usage = False
-    ctx.replica = Replica("http://127.0.0.1:9", Tier.SECONDARY, HealthCheck(), name="r7")
+    ctx.replica = Replica("r7", "http://127.0.0.1:9", Tier.SECONDARY, HealthCheck())
     ctx.attempts = 2
     ctx.status = 200
     ctx.usage = {"prompt_tokens": 12, "completion_tokens": 34, "prompt_tokens_details": {"cached_tokens": 8}}
     ctx.ttfb = 0.05
     ctx.bytes_in = 321
     ctx.bytes_out = 4567
-    ctx.identity = SimpleNamespace(key_id="key_9", key_name="alice-laptop")
+    ctx.identity = Identity("key_9", "alice-laptop", "default", frozenset(), "fk_abcd")
     for k, v in over.items():
         setattr(ctx, k, v)
     return ctx
@@ -176,7 +175,7 @@ async def test_layer_lifecycle(tmp_path: Path) -> None:
     assert stats["journal_seq"] == 6
     await layer2.stop()
     assert sql(db, "SELECT max(seq), count(DISTINCT gateway_id) FROM audit_records") == [(6, 1)]
-    from fortress.secret import load_secret
+    from fortress.core.secret import load_secret
 
     report = verify(get_engine(database_url(cfg)), load_secret(cfg))
     assert report.ok, report.problems

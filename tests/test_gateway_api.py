@@ -57,7 +57,7 @@ def test_chat_non_stream_sync_sdk(gw: str) -> None:
     body = json.loads(raw.http_response.content)
     assert_schema(body, "CreateChatCompletionResponse")
     assert raw.headers["x-request-id"] == "abc-123"
-    assert raw.headers["x-fortress-replica"] == "r1"
+    assert raw.headers["x-fortress-replica"] == "smollm2-1"  # pool + index, from the config
     assert raw.headers["x-fortress-tier"] == "primary"
     assert float(raw.headers["x-fortress-overhead-ms"]) > 0
     parsed = raw.parse()

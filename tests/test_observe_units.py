@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fortress.config import AccessLog as AccessLogConfig
 from fortress.config import ConfigError, parse_config
 from fortress.core.admin import COOKIE, admin_allowed, cookie_value
-from fortress.core.context import RequestContext
+from fortress.core.context import Identity, RequestContext
 from fortress.gateway.app import Gateway
 from fortress.observe.grafana import grafana_dashboard
 from fortress.observe.logs import AccessLog
@@ -269,7 +269,7 @@ def test_access_log_line_and_emf() -> None:
         ctx = make_ctx(
             200, t0=0.0, stream=True, ttfb=0.25, usage={"prompt_tokens": 7, "completion_tokens": 3}
         )
-        ctx.identity = {"key_id": "key_123", "secret": "never logged"}
+        ctx.identity = Identity("key_123", "never logged", "default", frozenset(), "fk_abcd")
         log.observe(ctx)
         log.emit_gauges({"UnhealthyReplicas": 1.0, "GpuUtilization": None, "Bogus": 3.0})
     finally:

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-from fortress.replicas.supervisor import ProcState, RestartPolicy, Supervisor
 from helpers import (
     Proc,
     alive,
@@ -33,8 +32,10 @@ from helpers import (
 from pydantic import ValidationError
 
 from fortress.config import SimOptions, parse_config
+from fortress.fleet.supervisor import ProcState, RestartPolicy, Supervisor, SupervisorError
 from fortress.routing.pool import Router
-from fortress.routing.replica import State
+from fortress.routing.replica import OriginKind, State
+from fortress.runtime import Runtime
 
 # -- the restart policy, with a fake clock -------------------------------------------------
 
@@ -133,9 +134,11 @@ def make_supervisor(
             }
         ]
     }
-    router = Router(parse_config(yaml.safe_dump(doc), env={}))
-    sup = Supervisor(router, state_dir=tmp, quiet=True, poll_interval=0.05, **supervisor_kw)
-    sup.plan()
+    doc |= {"auth": {"enabled": False}, "audit": {"enabled": False}, "observe": {"enabled": False}}
+    # The runtime is the supervisor's listener, as in `fortress up`: it keeps the router in step.
+    runtime = Runtime(parse_config(yaml.safe_dump(doc), env={}))
+    router = runtime.router
+    sup = Supervisor(router.planned, runtime, state_dir=tmp, poll_interval=0.05, **supervisor_kw)
     return router, sup
 
 
@@ -177,28 +180,36 @@ async def test_start_registers_ready_processes_as_initial(
     assert sorted(replica_urls(router)) == sorted([a.url, b.url])
     for slot in sup.slots:
         assert alive(slot.pid)
-        assert slot.replica is not None and slot.replica.local
-        assert slot.replica.state is State.INITIAL  # traffic only once the health checker agrees
-        assert slot.replica.labels["process"] == slot.name
+        replica = router.replica_named(slot.name)
+        assert replica is not None and replica.url == slot.url
+        assert replica.origin.kind is OriginKind.LOCAL and replica.origin.pid == slot.pid
+        assert replica.origin.engine == "sim" and replica.incarnation == slot.incarnation == 1
+        assert replica.state is State.INITIAL  # traffic only once the health checker agrees
         assert http_get(slot.url + "/health")[0] == 200
         assert (tmp_path / "logs" / f"{slot.name}.log").exists()
     status = {row["name"]: row for row in sup.status()}
     assert status["sim-model-1"]["state"] == "running" and status["sim-model-1"]["pid"] == a.pid
 
 
-async def test_restarts_a_killed_replica_as_a_new_router_replica(supervised: Callable[..., Any]) -> None:
+async def test_restarts_a_killed_replica_under_its_name_as_the_next_incarnation(
+    supervised: Callable[..., Any],
+) -> None:
     router, sup = supervised()
     await sup.start()
     slot = sup.slots[0]
-    old_pid, old_replica = slot.pid, slot.replica
+    old_pid, old_replica = slot.pid, router.replica_named(slot.name)
+    assert old_replica is not None
+    old_replica.served = 5
     os.kill(old_pid, signal.SIGKILL)
     await until(lambda: slot.restarts == 1 and slot.state is ProcState.RUNNING, what="a restart")
     assert slot.pid != old_pid and alive(slot.pid) and not alive(old_pid)
     assert slot.exit_codes[-1] == -signal.SIGKILL
     assert old_replica not in list(router.all_replicas())  # the dead process's replica is gone
-    assert slot.replica is not None and slot.replica is not old_replica
-    assert list(router.all_replicas()) == [slot.replica]
-    assert slot.replica.state is State.INITIAL  # the new process must pass a check again
+    new = router.replica_named(slot.name)
+    assert new is not None and new is not old_replica and list(router.all_replicas()) == [new]
+    assert (new.name, new.incarnation, slot.incarnation, new.origin.pid) == (slot.name, 2, 2, slot.pid)
+    assert new.served == 5  # its counters carry over: one series per name
+    assert new.state is State.INITIAL  # the new process must pass a check again
     assert http_get(slot.url + "/health")[0] == 200
     log = slot.log_path.read_text()
     assert f"pid {old_pid} exited with status -9" in log and log.count("=== fortress: starting") == 2
@@ -259,7 +270,7 @@ async def test_graceful_stop_drains_first_and_leaves_no_process(supervised: Call
     router, sup = supervised(count=2, deregistration_delay=0.6)
     await sup.start()
     pids = [s.pid for s in sup.slots]
-    replica = sup.slots[0].replica
+    replica = router.replica_named(sup.slots[0].name)
     assert replica is not None
     replica.in_flight = 1  # a request still running: the drain waits up to the delay for it
     stop = asyncio.create_task(sup.stop())
@@ -276,6 +287,32 @@ async def test_graceful_stop_drains_first_and_leaves_no_process(supervised: Call
             os.kill(pid, 0)
     # SIGTERM was enough: the simulator shut down on its own (status 0), no SIGKILL needed.
     assert [s.exit_codes[-1] for s in sup.slots] == [0, 0]
+
+
+async def test_stop_slot_drains_and_stops_one_and_start_slot_brings_it_back(
+    supervised: Callable[..., Any],
+) -> None:
+    router, sup = supervised(count=2, deregistration_delay=0.5)
+    await sup.start()
+    one, two = sup.slots
+    pid_one, pid_two = one.pid, two.pid
+    replica = router.replica_named(one.name)
+    assert replica is not None
+    replica.in_flight = 1  # the drain waits for it (up to the deregistration delay)
+    stop = asyncio.create_task(sup.stop_slot(one.name))
+    await until(lambda: replica.state is State.DRAINING, within=2, what="draining")
+    assert alive(pid_one)
+    await stop
+    assert one.state is ProcState.STOPPED and not alive(pid_one)
+    assert [r.name for r in router.all_replicas()] == [two.name]  # the other keeps serving
+    await asyncio.sleep(0.5)
+    assert one.state is ProcState.STOPPED and one.restarts == 0  # a stop is not a crash
+    assert two.state is ProcState.RUNNING and two.pid == pid_two and alive(pid_two)
+    assert await sup.start_slot(one.name)
+    back = router.replica_named(one.name)
+    assert back is not None and back.incarnation == 2 and alive(one.pid) and one.pid != pid_one
+    with pytest.raises(SupervisorError, match="no local replica slot"):
+        await sup.stop_slot("nope")
 
 
 async def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(

@@ -200,7 +200,7 @@ def verify(
     from fortress.audit.chain import summarize
     from fortress.audit.layer import journal_dir
     from fortress.audit.query import verify as run_verify
-    from fortress.secret import SecretMissing, load_secret
+    from fortress.core.secret import SecretMissing, load_secret
 
     cfg = load_cli_config(config)
     try:

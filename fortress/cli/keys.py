@@ -27,7 +27,7 @@ keys_app = typer.Typer(
 
 def _store(path: Path | None) -> tuple[Any, Any]:
     from fortress.access.keys import KeyStore
-    from fortress.access.secret import load_secret, secret_path
+    from fortress.core.secret import load_secret, secret_path
     from fortress.store.db import database_url, migrate
 
     cfg = load_cli_config(path)

@@ -37,31 +37,29 @@ def _load(
     host: str | None,
     port: int | None,
 ):
-    from fortress.config import PoolConfig, ReplicaConfig, Server, Tier
+    from fortress.config import ExternalReplicaConfig, LocalReplicaConfig, PoolConfig, Tier
 
     cfg = load_cli_config(config)
     try:
         extra = (
-            [ReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
-            + [ReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
-            + [ReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
+            [ExternalReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
+            + [ExternalReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
+            + [ExternalReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
         )
-    except ValueError as exc:  # a --replica URL that is not http(s)
+        if extra:
+            pools = list(cfg.pools)
+            auto = next((p for p in pools if p.model is None), None)
+            if auto is None:
+                pools.append(PoolConfig(replicas=extra))
+            else:
+                pools[pools.index(auto)] = auto.replace(replicas=[*auto.replicas, *extra])
+            cfg = cfg.replace(pools=pools)
+        if host is not None or port is not None:
+            changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+            cfg = cfg.replace(server=cfg.server.replace(**changes))
+    except ValueError as exc:  # a --replica URL that is not http(s), a port out of range
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    if extra:
-        pools = list(cfg.pools)
-        auto = next((p for p in pools if p.model is None), None)
-        if auto is None:
-            pools.append(PoolConfig(replicas=extra))
-        else:
-            pools[pools.index(auto)] = auto.model_copy(update={"replicas": [*auto.replicas, *extra]})
-        cfg = cfg.model_copy(update={"pools": pools})
-    if host is not None or port is not None:
-        server = cfg.server.model_copy(
-            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        )
-        cfg = cfg.model_copy(update={"server": Server.model_validate(server.model_dump())})
     if not any(p.replicas for p in cfg.pools):
         err_console.print(
             "[red]error:[/red] no replicas: give a config file (-c fortress.yaml) or --replica URL"
@@ -71,7 +69,7 @@ def _load(
         f"pools[{i}] ({pool.model or 'any model'}) replicas[{j}]: engine {r.engine}"
         for i, pool in enumerate(cfg.pools)
         for j, r in enumerate(pool.replicas)
-        if r.engine != "external"
+        if isinstance(r, LocalReplicaConfig)
     ]
     if local:
         # A replica nobody starts would sit in the config doing nothing: say so instead.
@@ -99,10 +97,18 @@ def serve(
 
     or, with a config file: [bold]fortress serve -c fortress.yaml[/bold]
     """
-    from fortress.gateway.server import serve as run
+    from fortress.routing.pool import NamingError
+    from fortress.runtime import Runtime, StartError, bind, setup_logging
 
     cfg = _load(config, replica, secondary, standby, host, port)
-    run(cfg)
+    setup_logging(cfg)
+    try:
+        runtime = Runtime(cfg)
+        sock = bind(cfg.server.host, cfg.server.port)
+    except (NamingError, StartError) as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2 if isinstance(exc, NamingError) else 1) from None
+    raise typer.Exit(runtime.run(sock))
 
 
 @app.command()

@@ -1,11 +1,10 @@
 """``fortress up``: start local replicas (the embedded model by default) and the gateway, in one
 process, and stop both cleanly on Ctrl-C or SIGTERM.
 
-One event loop runs the supervisor and uvicorn. The gateway's port is bound before any model
-loads, so a busy port fails at once rather than after minutes of loading. ``fortress up`` owns
-SIGINT and SIGTERM in both phases: while replicas load, a signal cancels the start and stops
-them; while serving, it stops uvicorn, whose shutdown drains and stops the replicas. A second
-signal kills everything at once.
+Thin: it turns its flags into a ``FortressConfig`` (built as objects) and hands it to
+``fortress.runtime``, which binds the port before any model loads (a busy port fails at once),
+runs the replicas and the gateway on one event loop and owns the signals. What is this
+command's own: the progress display while models load, the first API key and the banner.
 """
 
 from __future__ import annotations
@@ -13,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import signal
-import socket
-import sys
+from collections.abc import Awaitable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -67,15 +63,7 @@ def up(
     [bold]fortress up -c fortress.yaml[/bold]  (pools with engine: llamacpp / vllm / external)
     """  # noqa: E501
     cfg = _config(config, replicas, model, engine, port)
-    logging.basicConfig(
-        level=cfg.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        code = _run(cfg, quiet)
-    except KeyboardInterrupt:  # a signal before our handlers were installed
-        code = 130
-    raise typer.Exit(code)
+    raise typer.Exit(_run(cfg, quiet))
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -84,10 +72,19 @@ def up(
 def _config(
     path: Path | None, replicas: int | None, model: str | None, engine: EngineChoice, port: int | None
 ) -> Any:
-    import yaml
+    from pydantic import ValidationError
 
-    from fortress.config import ConfigError, Server, load_config, parse_config
-    from fortress.replicas.engines import EngineError, LlamaCppEngine, VllmEngine
+    from fortress.config import (
+        ConfigError,
+        LlamaCppOptions,
+        LlamaCppReplicaConfig,
+        PoolConfig,
+        VllmOptions,
+        VllmReplicaConfig,
+        build_config,
+        load_config,
+    )
+    from fortress.engines import EngineError, engine_for
 
     try:
         if path is not None:
@@ -95,30 +92,26 @@ def _config(
                 _fail("with --config the file describes the replicas: drop --replicas/--model/--engine")
             cfg = load_config(path)
         else:
-            options: dict[str, Any] = {"model": model} if model else {}
+            count = replicas or 1
+            rc: LlamaCppReplicaConfig | VllmReplicaConfig
             if engine is EngineChoice.vllm:
                 if not model:
                     _fail("--engine vllm needs --model (a Hugging Face model id or a model directory)")
-                served = VllmEngine.from_options(options).model
+                rc = VllmReplicaConfig(count=count, options=VllmOptions(model=model))
             else:
-                served = LlamaCppEngine.from_options(options).model  # resolves binary and GGUF now
+                rc = LlamaCppReplicaConfig(count=count, options=LlamaCppOptions(model=model))
+            served = engine_for(rc).model  # llama.cpp: resolves the binary and the GGUF now
             # A quick local start on loopback with the defaults: API keys (a first one is created
             # and printed), audit headers and the audit trail are on. Anything else is a config
             # file away; FORTRESS__* environment overrides still apply.
-            doc = {
-                "pools": [
-                    {
-                        "model": served,
-                        "replicas": [{"engine": engine.value, "count": replicas or 1, "options": options}],
-                    }
-                ],
-            }
-            cfg = parse_config(yaml.safe_dump(doc), "(fortress up)")
+            cfg = build_config({}, "(fortress up)")
+            cfg = cfg.replace(pools=[PoolConfig(model=served, replicas=[rc])])
+        if port is not None:
+            cfg = cfg.replace(server=cfg.server.replace(port=port))
     except (ConfigError, EngineError) as exc:
         _fail(str(exc))
-    if port is not None:
-        server = cfg.server.model_copy(update={"port": port})
-        cfg = cfg.model_copy(update={"server": Server.model_validate(server.model_dump())})
+    except ValidationError as exc:  # a value given on the command line
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()))
     if not any(p.replicas for p in cfg.pools):
         _fail("the config has no replicas to start or to route to")
     return cfg
@@ -132,42 +125,26 @@ def _fail(message: str, code: int = 2) -> Any:
 # -- running -------------------------------------------------------------------------------
 
 
-def _server(gateway: Any, cfg: Any) -> Any:
-    """A uvicorn server without its own signal handlers: ``fortress up`` handles signals for both
-    phases (uvicorn's would act only once startup completes, and re-raise the signal on exit)."""
-    import uvicorn
-
-    from fortress.gateway.server import build_server
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:
-            yield
-
-    return Server(build_server(gateway, cfg).config)
-
-
 def _run(cfg: Any, quiet: bool) -> int:
+    """Build the runtime (engine errors surface now), bind the port, then serve until stopped."""
+    from fortress.engines import EngineError
+    from fortress.fleet.supervisor import SupervisorError
+    from fortress.routing.pool import NamingError
+    from fortress.runtime import Runtime, StartError, bind, setup_logging
+
+    setup_logging(cfg)
     try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        factory = asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_main(cfg, quiet))
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        runtime = Runtime(cfg)
+    except (EngineError, SupervisorError, NamingError) as exc:
+        return _fail(str(exc))
     try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
-    return sock  # not inheritable: the replica processes must not hold the gateway's port
+        sock = bind(cfg.server.host, cfg.server.port)
+    except StartError as exc:
+        return _fail(str(exc), 1)
+    url = _display_url(cfg.server.host, sock.getsockname()[1])
+    if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
+        err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
+    return int(runtime.run(sock, watch=None if quiet else _progress, on_ready=_ready, url=url))
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -179,129 +156,64 @@ def _display_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def _main(cfg: Any, quiet: bool) -> int:
-    from fortress.gateway.server import build_gateway
-    from fortress.replicas.engines import EngineError
-    from fortress.replicas.supervisor import Supervisor, SupervisorError, kill_all_now
-    from fortress.routing.pool import Router
+async def _progress(supervisor: Any, started: Awaitable[list[Any]]) -> list[Any]:
+    """A Rich progress line per local replica while the models load."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    router = Router(cfg)
-    supervisor = Supervisor(router, state_dir=cfg.state_dir, quiet=quiet, console=err_console)
-    try:
-        supervisor.plan()
-    except (EngineError, SupervisorError) as exc:
-        _fail(str(exc))
-    gateway = build_gateway(cfg, router)
-    sock = _bind(cfg.server.host, cfg.server.port)
-    store = await asyncio.to_thread(_key_store, cfg) if cfg.auth.enabled else None
-    url = _display_url(cfg.server.host, sock.getsockname()[1])
-    if not cfg.auth.enabled and cfg.server.host not in _LOOPBACK:
-        err_console.print(f"[yellow]warning:[/yellow] API keys are off and the gateway listens on {url}")
-    gateway.processes = lambda: [slot.snapshot() for slot in supervisor.slots]  # fortress status
-    # Drain and stop the replicas first on shutdown, while the relay is still there.
-    gateway.on_shutdown.insert(0, supervisor.stop)
-    server = _server(gateway, cfg)
-
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    serving = False
-    signals = 0
-
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:  # asked twice: do not wait for drains or slow replicas
-            err_console.print(f"{sig.name} again: killing the replicas now")
-            kill_all_now()
-            server.force_exit = True
-            server.should_exit = True
-            return
-        err_console.print(f"{sig.name}: stopping (drain, then stop the replicas)")
-        if serving:
-            server.should_exit = True
-        else:
-            main.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    announce: asyncio.Task[None] | None = None
-    try:
-        if supervisor.slots:
-            failed = await supervisor.start()
-            if len(failed) == len(supervisor.slots):
-                for slot in failed:
-                    err_console.print(
-                        f"[red]{slot.name} failed:[/red] {escape(slot.detail)}; log: {slot.log_path}"
-                    )
-                    print("\n".join(list(slot.tail)[-20:]), file=sys.stderr)
-                return 1
-        serving = True
-        announce = asyncio.create_task(_announce(server, gateway, cfg, url, supervisor, store))
-        await server.serve(sockets=[sock])
-        return 0
-    except asyncio.CancelledError:
-        if not signals:
-            raise
-        main.uncancel()
-        return 0
-    finally:
-        if announce is not None:
-            announce.cancel()
-        await supervisor.stop()
-        sock.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    done = asyncio.ensure_future(started)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        ids = {s: progress.add_task(s.name, total=1) for s in supervisor.slots}
+        while True:
+            for s, tid in ids.items():
+                what = f"[bold]{s.name}[/bold] {s.engine.kind} :{s.port or '?'} {escape(s.detail)}"
+                finished = s.first_ready.is_set()
+                progress.update(tid, description=what, completed=1 if finished else 0)
+                if finished:
+                    progress.stop_task(tid)
+            if done.done():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), 0.25)
+    return await done
 
 
-def _key_store(cfg: Any) -> Any:
-    """The API key store, migrated: a database we cannot use fails now, before models load."""
-    from fortress.access.keys import KeyStore
-    from fortress.access.secret import load_secret
-    from fortress.store.db import database_url, migrate
-
-    url = database_url(cfg)
-    try:
-        return KeyStore(migrate(url), load_secret(cfg))
-    except Exception as exc:
-        return _fail(f"cannot prepare API keys in {url}: {exc}", 1)
-
-
-async def _first_key(gateway: Any, cfg: Any, store: Any) -> tuple[str | None, list[dict[str, Any]]]:
+async def _first_key(runtime: Any) -> tuple[str | None, list[dict[str, Any]]]:
     """Create the first API key when the store has none, and make the gateway know it now.
 
     Done once everything is up, right before the banner that shows it: a start that fails
     never leaves behind a key nobody saw.
     """
     from fortress.access.keys import ensure_first_key
+    from fortress.access.layer import AccessControl
 
+    access = runtime.access
+    if not isinstance(access, AccessControl):
+        return None, []
     try:
-        keys = await asyncio.to_thread(ensure_first_key, store, list(cfg.plans))
-        cache = getattr(gateway.access, "cache", None)
-        if keys[0] is not None and cache is not None:
-            await cache.sync()  # usable at once, not after the next cache refresh
+        keys = await asyncio.to_thread(ensure_first_key, access.store, list(runtime.config.plans))
+        if keys[0] is not None:
+            await access.cache.sync()  # usable at once, not after the next cache refresh
         return keys
     except Exception as exc:
         err_console.print(f"[red]error:[/red] cannot create the first API key: {escape(str(exc))}")
         return None, []
 
 
-# -- the banner ----------------------------------------------------------------------------
-
-
-async def _announce(server: Any, gateway: Any, cfg: Any, url: str, supervisor: Any, store: Any) -> None:
-    """Print where to send requests once the gateway listens and every model has a healthy
-    replica (or after 60 s, with a warning), with the first API key when this run made it."""
-    router = gateway.router
-    for _ in range(1200):
-        if server.started and router.ready()[0]:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        err_console.print("[yellow]warning:[/yellow] not every model has a healthy replica yet")
-    keys = await _first_key(gateway, cfg, store) if store is not None else (None, [])
+async def _ready(runtime: Any, url: str) -> None:
+    """Print where to send requests, with the first API key when this run made it."""
+    router = runtime.router
+    keys = await _first_key(runtime)
     models = router.configured_models() or sorted(router.index)
-    print(_banner(cfg, url, models, supervisor, keys), flush=True)
+    print(_banner(runtime.config, url, models, runtime.supervisor, keys), flush=True)
+
+
+# -- the banner ----------------------------------------------------------------------------
 
 
 def _banner(
@@ -325,13 +237,15 @@ def _banner(
     curl.append(f"  -d '{body}'")
     extra = {k: v for k, v in headers.items() if k != "Authorization"}
     py_headers = f", default_headers={extra!r}" if extra else ""
-    procs = ", ".join(f"{s.name} ({s.engine.kind}, {s.url})" for s in supervisor.slots) or "none"
+    slots = supervisor.slots if supervisor is not None else []
+    procs = ", ".join(f"{s.name} ({s.engine.kind}, {s.url})" for s in slots) or "none"
+    logs = f"{supervisor.log_dir}/" if supervisor is not None else "(no local replicas)"
     lines = [
         "",
         f"Fortress is ready: {api}",
         f"  model{'s' if len(models) > 1 else ''}: {', '.join(models) or '(discovered from replicas)'}",
         f"  local replicas: {procs}",
-        f"  logs: {supervisor.log_dir}/   status: fortress status --url {url}   stop: Ctrl-C",
+        f"  logs: {logs}   status: fortress status --url {url}   stop: Ctrl-C",
     ]
     if cfg.observe.enabled and cfg.observe.dashboard:
         lines.append(f"  dashboard: {url}/dashboard   metrics: {url}/metrics")
