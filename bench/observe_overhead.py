@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """What observability costs the gateway per request: metrics, alarms, access log.
 
-Method: everything runs in this process, the way the gateway runs it. A ``Gateway`` is built
-from a config with two pools (two replicas each) and ``fortress.observe.attach`` wires the
-observers in. N finished ``RequestContext`` objects are prepared first with a realistic mix
+Method: everything runs in this process, the way the gateway runs it. ``fortress.runtime``
+builds the gateway from a config with two pools (two replicas each), observers included. N finished ``RequestContext`` objects are prepared first with a realistic mix
 (70 % non-stream 200, 20 % stream 200 with TTFT, 5 % 4xx before routing, 3 % 502 after a retry,
 2 % 429), then the gateway's observer list is called on each, timed with
 ``time.process_time`` (CPU time of this process, all threads). Separately:
@@ -42,7 +41,7 @@ from docs_section import machine_line, write_section  # noqa: E402
 from fortress.config import parse_config  # noqa: E402
 from fortress.core.context import RequestContext  # noqa: E402
 from fortress.gateway.app import Gateway  # noqa: E402
-from fortress.observe import attach  # noqa: E402
+from fortress.runtime import Runtime  # noqa: E402
 from fortress.observe.logs import LOGGER  # noqa: E402
 from fortress.routing.replica import State  # noqa: E402
 
@@ -117,8 +116,9 @@ def cpu_per_call(fn: Any, items: list[Any], repeats: int) -> list[float]:
 
 def measure(n: int, repeats: int) -> dict[str, Any]:
     cfg = parse_config(CONFIG, "bench", env={})
-    gw = Gateway(cfg)
-    obs = attach(gw, cfg)
+    runtime = Runtime(cfg)  # built as `fortress serve` builds it; nothing is started
+    gw, obs = runtime.gateway, runtime.observe
+    assert obs is not None
     for r in gw.router.all_replicas():  # as after the first health checks
         r.state = State.HEALTHY
         r.models = frozenset({"m1"} if r.url.endswith((":9", ":10")) else {"m2"})
@@ -196,7 +196,7 @@ def report(r: dict[str, Any]) -> str:
         f"Measured {dt.date.today().isoformat()} on {machine_line()}",
         f"(shared, busy machine), with `python bench/observe_overhead.py --n {r['n']}`: {r['n']:,} finished",
         "requests (70 % non-stream 200, 20 % stream 200, 5 % 4xx before routing, 3 % 502 after a retry,",
-        "2 % 429) passed to the gateway's observers in-process, as `fortress.observe.attach` installs them;",
+        "2 % 429) passed to the gateway's observers in-process, as the runtime hands them to the gateway;",
         f"CPU time by `time.process_time`, median of {r['repeats']} runs.",
         "",
         "| what | CPU per request | all runs (µs) |",

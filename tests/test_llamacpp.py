@@ -251,12 +251,31 @@ class Load:
         wait_for(lambda: self.ok >= target, timeout=timeout, what=f"{more} more successful requests")
 
 
-def test_sigkill_one_of_two_replicas_no_request_fails(up: Up) -> None:
+def replica_series(url: str) -> dict[str, dict[frozenset, float]]:
+    """Per-replica series of /metrics: metric -> {label set: value} (replica-labelled only)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = http_get(url + "/metrics")
+    out: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if "replica" in sample.labels:
+                out.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return out
+
+
+def test_sigkill_one_of_two_replicas_no_request_fails_and_its_name_stays(up: Up) -> None:
     up.wait_all_healthy()
     before = up.llama_pids()
+    rows = {r["name"]: r for r in replica_table(up.url).values()}
+    assert sorted(rows) == ["smollm2-1", "smollm2-2"]  # pool + index, from the config
+    victim = before[0]
+    victim_name = next(n for n, r in rows.items() if r["origin"]["pid"] == victim)
+    other_name = next(n for n in rows if n != victim_name)
+    assert rows[victim_name]["origin"]["kind"] == "local"
+    series_before = replica_series(up.url)
     with Load(up) as load:
         load.wait_ok(6)
-        victim = before[0]
         os.kill(victim, signal.SIGKILL)
         # The supervisor starts a new llama-server; it rejoins after its first passing check.
         wait_for(
@@ -270,6 +289,27 @@ def test_sigkill_one_of_two_replicas_no_request_fails(up: Up) -> None:
     )
     assert load.ok >= 12
     assert before[1] in up.llama_pids(), "the surviving replica was left alone"
+    # The restarted process came back under the same name, as the next incarnation.
+    after = {r["name"]: r for r in replica_table(up.url).values()}
+    assert sorted(after) == sorted(rows)
+    assert after[victim_name]["incarnation"] == rows[victim_name]["incarnation"] + 1
+    assert after[victim_name]["origin"]["pid"] not in (victim, None)
+    assert after[other_name]["incarnation"] == rows[other_name]["incarnation"]
+    # /metrics keeps one series per replica name: the same label sets before and after.
+    series_after = replica_series(up.url)
+    for metric in (
+        "fortress_replica_requests_total",
+        "fortress_replica_state",
+        "fortress_replica_incarnation",
+    ):
+        assert set(series_after[metric]) == set(series_before[metric]), metric
+    incarnation = {dict(k)["replica"]: v for k, v in series_after["fortress_replica_incarnation"].items()}
+    assert incarnation[victim_name] == after[victim_name]["incarnation"]
+    requests = {dict(k)["replica"]: v for k, v in series_after["fortress_replica_requests_total"].items()}
+    requests_before = {
+        dict(k)["replica"]: v for k, v in series_before["fortress_replica_requests_total"].items()
+    }
+    assert requests[victim_name] >= requests_before[victim_name]  # the counter did not reset
 
 
 def test_sigkill_all_under_load_and_while_loading_then_serves_again(up: Up) -> None:

@@ -109,8 +109,9 @@ async def test_retry_on_5xx_ejects_and_never_fails_the_client(cluster) -> None:
         results = [await post(s, gw, CHAT) for _ in range(20)]
     assert all(status == 200 for status, _, _ in results)
     table = replica_table(gw)
-    assert table[bad]["state"] == "unhealthy" and table[bad]["failures"] >= 1
-    assert "ejected: status 500" in table[bad]["reason"]
+    # Outlier detection: out after 5 consecutive 500s (each one retried on the good replica).
+    assert table[bad]["state"] == "unhealthy" and table[bad]["failures"] == 5
+    assert table[bad]["reason"] == "ejected: 5 consecutive 5xx (last: status 500)"
 
 
 async def test_all_attempts_failing_answers_502_in_openai_format(cluster) -> None:
@@ -180,11 +181,19 @@ async def test_new_replica_starts_initial_and_gets_traffic_after_one_check(clust
 async def test_hung_replica_first_byte_timeout_retries_elsewhere(cluster) -> None:
     hung, _ = cluster.sim("m", "--hang-rate", "1")
     good, _ = cluster.sim("m")
-    gw, _ = cluster.gateway(pool([(hung, "primary"), (good, "primary")]) + "timeouts: {first_byte: 0.5}\n")
+    config = pool([(hung, "primary"), (good, "primary")]) + "timeouts: {first_byte: 0.5}\n"
+    config = config.replace("outlier: {", "outlier: {consecutive_gateway_failure: 2, ")
+    gw, _ = cluster.gateway(config)
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(post(s, gw, CHAT) for _ in range(6)))
-    assert all(status == 200 for status, _, _ in results)
-    assert replica_table(gw)[hung]["state"] == "unhealthy"
+        assert all(status == 200 for status, _, _ in results)
+        row = replica_table(gw)[hung]
+        assert row["state"] == "unhealthy" and row["failures"] >= 2
+        assert "consecutive gateway failures (last: first_byte timeout)" in row["reason"]
+        # Out of rotation now: no request waits for the hung replica's timeout any more.
+        t0 = time.monotonic()
+        assert [(await post(s, gw, CHAT))[0] for _ in range(4)] == [200] * 4
+        assert time.monotonic() - t0 < 0.5 * 4
 
 
 async def test_first_byte_timeout_gives_504(cluster) -> None:
