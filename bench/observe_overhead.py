@@ -2,7 +2,8 @@
 """What observability costs the gateway per request: metrics, alarms, access log.
 
 Method: everything runs in this process, the way the gateway runs it. ``fortress.runtime``
-builds the gateway from a config with two pools (two replicas each), observers included. N finished ``RequestContext`` objects are prepared first with a realistic mix
+builds the gateway from a config with two pools (two replicas each), observers included. N
+finished ``RequestContext`` objects are prepared first with a realistic mix
 (70 % non-stream 200, 20 % stream 200 with TTFT, 5 % 4xx before routing, 3 % 502 after a retry,
 2 % 429), then the gateway's observer list is called on each, timed with
 ``time.process_time`` (CPU time of this process, all threads). Separately:
@@ -41,9 +42,9 @@ from docs_section import machine_line, write_section  # noqa: E402
 from fortress.config import parse_config  # noqa: E402
 from fortress.core.context import RequestContext  # noqa: E402
 from fortress.gateway.app import Gateway  # noqa: E402
-from fortress.runtime import Runtime  # noqa: E402
 from fortress.observe.logs import LOGGER  # noqa: E402
 from fortress.routing.replica import State  # noqa: E402
+from fortress.runtime import Runtime  # noqa: E402
 
 CONFIG = """\
 pools:
