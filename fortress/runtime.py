@@ -230,6 +230,7 @@ class Runtime:
         replica processes at once.
         """
         server = self.server = self.uvicorn_server()
+        server.config.load()  # before start(): what it builds is frozen out of the GC with the rest
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None

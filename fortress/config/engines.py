@@ -52,7 +52,7 @@ class LocalOptions(ConfigModel):
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
     ready_timeout: float | None = Field(None, gt=0, description="seconds; None: the engine's default")
-    # The supervisor's restart policy (see fortress.replicas.supervisor.RestartPolicy).
+    # The supervisor's restart policy (see fortress.fleet.supervisor.RestartPolicy).
     stop_timeout: float = Field(15.0, gt=0, description="seconds from SIGTERM to SIGKILL on stop")
     max_crashes: int = Field(5, ge=1, description="crashes within crash_window that mean: give up")
     crash_window: float = Field(60.0, gt=0, description="seconds")
