@@ -33,12 +33,18 @@ per request the gateway answered (wrk's count, plus requests still in flight whe
 Run ``python bench/gateway_layers.py`` (about 3 minutes; ``--quick`` ~40 s; ``--write-docs``
 replaces the "Gateway overhead by layer" section of ``docs/benchmarks.md``). Needs nginx, wrk and
 redis-server (``make bench`` installs them on Debian) and two CPU cores.
+
+``--before PATH/TO/fortress`` also runs every configuration with another build (another
+checkout's environment) as ``<name>@before``, in the same rounds: a before/after comparison of
+each layer's cost on the same machine at the same time, e.g. ``--only access-memory --before
+/tmp/before-venv/bin/fortress`` (see ``bench/before_after.py`` for making such a build).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -82,6 +88,7 @@ class Variant:
     redis: bool = False
     baseline: str | None = None  # the variant whose CPU this one is compared with
     target_us: float | None = None
+    binary: str = ""  # the `fortress` executable; empty: this environment's
     port: int = 0
     pid: int = 0
     key: str = ""
@@ -230,6 +237,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--only: unknown configurations {unknown}; known: {sorted(names)}")
         keep = wanted | {v.baseline for v in vs if v.name in wanted and v.baseline}
         vs = [v for v in vs if v.name in keep]
+    if args.before:
+        # The same configurations run by another build, side by side: "<name>@before".
+        twins = [
+            dataclasses.replace(
+                v,
+                name=f"{v.name}@before",
+                what=f"{v.what} (before build)",
+                baseline=f"{v.baseline}@before" if v.baseline else None,
+                binary=args.before,
+                cpu_us=[],
+                rps=[],
+            )
+            for v in vs
+        ]
+        vs = [x for pair in zip(vs, twins, strict=True) for x in pair]
     by_name = {v.name: v for v in vs}
     results: dict[str, Any] = {
         "machine": go.machine(),
@@ -256,9 +278,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path = write_config(v, workdir, p_json, redis_url)
             if v.auth:
                 v.key = create_key(path)
-            gw = procs.start(
-                f"gateway-{v.name}", [fortress_bin, "serve", "-c", str(path), "--port", str(v.port)], gw_core
-            )
+            argv = [v.binary or fortress_bin, "serve", "-c", str(path), "--port", str(v.port)]
+            gw = procs.start(f"gateway-{v.name}", argv, gw_core)
             v.pid = gw.pid
         for v in vs:
             go.wait_for(f"http://127.0.0.1:{v.port}/ready", procs)
@@ -420,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", metavar="NAMES", help="only these configurations (and their baselines), comma-separated"
     )
     ap.add_argument("--profile", metavar="DIR", help="also sample each gateway with py-spy; stacks to DIR")
+    ap.add_argument(
+        "--before",
+        metavar="FORTRESS",
+        help="also run every configuration with this other build's `fortress` (as <name>@before)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
     results, body, checks = go.measure("gateway_layers.py", argv, args, run, report)
