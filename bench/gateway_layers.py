@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
     results, body, checks = go.measure("gateway_layers.py", argv, args, run, report)
+    if args.before:  # the report names the other build's place generically
+        body = body.replace(args.before, "BEFORE/bin/fortress")
     for name, v in results["variants"].items():
         if v.get("profile"):
             print(f"\n{name}: Fortress functions by inclusive share of samples (all threads)")
