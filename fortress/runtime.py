@@ -37,7 +37,7 @@ from fortress.routing.health import HealthChecker
 from fortress.routing.load import EngineLoad
 from fortress.routing.outlier import OutlierDetector
 from fortress.routing.pool import Router
-from fortress.routing.replica import Origin, OriginKind, Replica
+from fortress.routing.replica import Origin, OriginKind
 
 log = logging.getLogger("fortress.runtime")
 
@@ -100,7 +100,6 @@ class Runtime:
         self.supervisor: Supervisor | None = None
         if self.router.planned:
             self.supervisor = Supervisor(self.router.planned, self, state_dir=config.state_dir)
-        self._slots: dict[str, Replica] = {}
         self.relay = Relay(
             config,
             self.router,
@@ -171,21 +170,19 @@ class Runtime:
     def slot_ready(self, slot: Slot) -> None:
         assert slot.url is not None
         origin = Origin(OriginKind.LOCAL, engine=slot.engine.kind, pid=slot.pid)
-        replica = self.router.add_replica(
+        self.router.add_replica(
             slot.pool, slot.url, slot.tier, name=slot.name, origin=origin, incarnation=slot.incarnation
         )
-        self._slots[slot.name] = replica
 
     def slot_down(self, slot: Slot) -> None:
-        replica = self._slots.pop(slot.name, None)
+        replica = self.router.replica_named(slot.name)
         if replica is not None:
             self.router.remove_replica(replica)
 
     async def slot_drain(self, slot: Slot) -> None:
-        replica = self._slots.get(slot.name)
+        replica = self.router.replica_named(slot.name)
         if replica is not None:
-            await self.router.drain(replica)
-            self._slots.pop(slot.name, None)
+            await self.router.drain(replica)  # removes it once drained
 
     # -- serving -----------------------------------------------------------------------------
 

@@ -176,6 +176,30 @@ async def test_new_replica_starts_initial_and_gets_traffic_after_one_check(clust
         wait_for(lambda: replica_table(gw)[new]["state"] == "healthy", 3, what="healthy")
         served = {(await post(s, gw, CHAT))[2]["x-fortress-replica"] for _ in range(30)}
     assert added["name"] in served
+    assert (added["name"], added["origin"]["kind"]) == ("m-2", "admin")  # the pool's next name
+
+
+async def test_admin_replica_input_errors_are_openai_errors_and_change_nothing(cluster) -> None:
+    first, _ = cluster.sim("m")
+    gw, _ = cluster.gateway(pool([(first, "primary")]))
+    cases = [
+        ({"url": first, "model": "m", "name": "m-1"}, 409, "name"),  # the name is taken
+        ({"url": "ftp://x", "model": "m"}, 400, "url"),
+        ({"url": first, "model": "m", "tier": "gold"}, 400, None),
+        ({"url": first, "model": "m", "name": ""}, 400, None),
+        ({"tier": "primary"}, 400, None),  # no url
+        ({"url": first, "model": "other"}, 404, None),
+    ]
+    async with aiohttp.ClientSession() as s:
+        for body, status, param in cases:
+            async with s.post(gw + "/admin/replicas", json=body) as r:
+                answer = await r.json()
+                assert r.status == status, (body, answer)
+                assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
+                assert answer["error"]["param"] == param
+        async with s.put(gw + "/admin/replicas", json={}) as r:
+            assert r.status == 405 and (await r.json())["error"]["message"]
+    assert list(replica_table(gw)) == [first]  # nothing was added
 
 
 async def test_hung_replica_first_byte_timeout_retries_elsewhere(cluster) -> None:

@@ -151,9 +151,11 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _display_url(host: str, port: int) -> str:
+    from fortress.engines.base import http_url
+
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"  # what to paste on this machine
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return http_url(host, port)
 
 
 async def _progress(supervisor: Any, started: Awaitable[list[Any]]) -> list[Any]:

@@ -196,7 +196,7 @@ class Relay:
                     await self._finish(ctx)
                     await send({"type": "http.response.start", "status": status, "headers": hdrs})
                     await send({"type": "http.response.body", "body": data, "more_body": False})
-                if status < 500 and ctx.status < 500:
+                if ctx.status < 500:  # not a stream the replica cut short
                     self.outlier.success(replica)
         except _Retry:
             raise

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fortress.config import (
-    LOCAL_ENGINES,
     TIER_ORDER,
+    ExternalReplicaConfig,
     FortressConfig,
     LocalReplicaConfig,
     OutlierDetection,
@@ -99,16 +99,15 @@ class Router:
             pool = self._new_pool(pc)
             n = 0
             for rc in pc.replicas:
-                local = rc.engine in LOCAL_ENGINES
-                count = rc.count if local else 1  # type: ignore[union-attr]
-                for i in range(count):
+                if isinstance(rc, ExternalReplicaConfig):
                     n += 1
-                    explicit = rc.name if count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
-                    name = self._claim(explicit, pool, n)
-                    if local:
-                        self.planned.append(PlannedSlot(name, pool, rc))  # type: ignore[arg-type]
-                    else:
-                        self._new_replica(pool, rc.url, rc.tier, name, Origin(OriginKind.STATIC))  # type: ignore[union-attr]
+                    name = self._claim(rc.name, pool, n)
+                    self._new_replica(pool, rc.url, rc.tier, name, Origin(OriginKind.STATIC))
+                    continue
+                for i in range(rc.count):  # a local replica: `count` slots, started by the fleet
+                    n += 1
+                    explicit = rc.name if rc.count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
+                    self.planned.append(PlannedSlot(self._claim(explicit, pool, n), pool, rc))
         self.rebuild_index()
 
     # -- names -----------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""The runtime's failure paths, driven for real: a port already taken, a database that is down
+at start. Each must end the process with a clear message, nothing left running."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import fortress_argv, free_port
+from sqlalchemy.exc import OperationalError
+
+from fortress.audit.journal import JournalError
+from fortress.config import parse_config
+from fortress.core.context import RequestContext
+from fortress.runtime import Runtime
+
+
+def serve(tmp_path: Path, config: str, port: int) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "fortress.yaml"
+    path.write_text(config + f"state_dir: {tmp_path / 'state'}\n")
+    argv = fortress_argv("serve", "-c", str(path), "--port", str(port))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_serve_on_a_taken_port_fails_at_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = serve(tmp_path, "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n", port)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr
+
+
+def test_a_database_down_at_start_exits_1_with_a_message(tmp_path: Path) -> None:
+    dead = free_port()  # nothing listens there
+    config = (
+        "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
+        f"database: {{url: 'postgresql+psycopg://fortress:x@127.0.0.1:{dead}/fortress?connect_timeout=2'}}\n"
+        # Without audit: its shipper's bounded last try (10 s) is the next test's subject.
+        "audit: {enabled: false}\n"
+    )
+    out = serve(tmp_path, config, free_port())
+    assert out.returncode == 1, out.stderr
+    assert "cannot start" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_start_failure_stops_the_parts_already_started(tmp_path: Path) -> None:
+    dead = free_port()
+    cfg = parse_config(
+        "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"database: {{url: 'postgresql+psycopg://fortress:x@127.0.0.1:{dead}/fortress?connect_timeout=2'}}\n",
+        env={},
+    )
+    runtime = Runtime(cfg)
+    with pytest.raises(OperationalError):
+        await runtime.start()
+    # The audit layer started before the access layer failed: it was stopped again, and a
+    # request can no longer be recorded (no request could get in anyway: nothing serves).
+    assert runtime.audit is not None
+    ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, None)
+    with pytest.raises(JournalError, match="closed"):
+        await runtime.audit.record(ctx)
