@@ -313,6 +313,10 @@ async def test_stop_slot_drains_and_stops_one_and_start_slot_brings_it_back(
     assert back is not None and back.incarnation == 2 and alive(one.pid) and one.pid != pid_one
     with pytest.raises(SupervisorError, match="no local replica slot"):
         await sup.stop_slot("nope")
+    await sup.stop()
+    with pytest.raises(SupervisorError, match="stopping"):
+        await sup.start_slot(one.name)
+    assert not alive(one.pid) and not alive(pid_two)
 
 
 async def test_sigkill_after_stop_timeout_when_sigterm_is_ignored(

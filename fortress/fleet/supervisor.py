@@ -374,6 +374,8 @@ class Supervisor:
     async def start_slot(self, name: str) -> bool:
         """Start one stopped (or failed) slot again and wait until it is ready; True when it is."""
         slot = self.slot(name)
+        if self._stopping.is_set():
+            raise SupervisorError("the supervisor is stopping: no slot starts any more")
         if slot.task is not None and not slot.task.done():
             await slot.first_ready.wait()
             return slot.state is ProcState.RUNNING
@@ -395,15 +397,12 @@ class Supervisor:
         if slot.task is None or slot.task.done():
             slot.task = asyncio.create_task(self._run(slot), name=f"supervise-{slot.name}")
 
-    def _halted(self, slot: Slot) -> bool:
-        return self._stopping.is_set() or slot.stopping.is_set()
-
     async def _run(self, slot: Slot) -> None:
         """One slot's life: spawn, wait ready, register, wait exit, back off, again."""
         try:
-            while not self._halted(slot):
+            while not slot.stopping.is_set():
                 outcome = await self._one_incarnation(slot)
-                if self._halted(slot):
+                if slot.stopping.is_set():
                     break
                 self._down(slot)
                 code = slot.exit_codes[-1] if outcome == "exited" and slot.exit_codes else None
@@ -432,18 +431,9 @@ class Supervisor:
                 self._set(slot, ProcState.BACKOFF, f"{why}; restarting in {delay:g}s")
                 log.warning("replica %s %s; restart %d in %gs", slot.name, why, slot.restarts, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._halt(slot), delay)
+                    await asyncio.wait_for(slot.stopping.wait(), delay)
         finally:
             slot.first_ready.set()
-
-    async def _halt(self, slot: Slot) -> None:
-        """Returns when the supervisor or this slot is asked to stop."""
-        waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(slot.stopping.wait())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
 
     async def _one_incarnation(self, slot: Slot) -> str:
         """Run one process until it exits: "exited", "timeout" (never ready) or "spawn"."""
@@ -492,7 +482,7 @@ class Supervisor:
         deadline = self.clock() + slot.engine.ready_timeout
         timeout = aiohttp.ClientTimeout(total=2.0)
         while self.clock() < deadline:
-            if self._halted(slot):
+            if slot.stopping.is_set():
                 return None
             if slot.exited.done():
                 return False
@@ -566,6 +556,8 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         self._stopping.set()
+        for s in self.slots:  # each slot's loop watches only its own flag
+            s.stopping.set()
         await asyncio.gather(*(self._stop_one(s) for s in self.slots), return_exceptions=True)
         tasks = [s.task for s in self.slots if s.task is not None]
         for t in tasks:
