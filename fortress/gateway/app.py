@@ -69,17 +69,9 @@ class Gateway:
         self.admin_token = config.server.admin_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        # HTTP only: the runtime starts and stops every part (uvicorn runs with lifespan off).
+        if scope["type"] == "http":
             await self._http(scope, receive, send)
-        elif kind == "lifespan":  # the runtime starts and stops everything: nothing to do here
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
 
     # -- dispatch --------------------------------------------------------------------------
 
