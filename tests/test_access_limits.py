@@ -413,9 +413,11 @@ async def test_redis_down_fails_open_or_closed() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     open_ = RedisLimiter(url, fail_open=True)
     d = await open_.admit("k", plan, 0, 0)
-    assert d.ticket is not None
-    open_.settle(d.ticket, 1, 1)  # nothing reserved, nothing scheduled
+    assert d.ticket is not None  # admitted by this gateway's own limiter, and counted
+    open_.settle(d.ticket, 1, 1)  # owed to Redis with the admission, nothing sent now
     assert not open_.pending
+    assert open_.stats()["fail_open_admissions_total"] == 1
+    assert open_.stats()["pending_replay"] == 1
     closed = RedisLimiter(url, fail_open=False)
     with pytest.raises(LimiterUnavailable):
         await closed.admit("k", plan, 0, 0)
@@ -434,10 +436,16 @@ async def test_redis_restart_and_script_flush_are_survived(tmp_path: Any) -> Non
         assert (await limiter.admit("k", plan, 0, 0)).used[0] == 2  # NOSCRIPT: loaded again
         server.stop()
         d = await limiter.admit("k", plan, 0, 0)
-        assert d.ticket is not None and d.ticket.done  # fail open, nothing reserved
+        assert d.ticket is not None and d.used[0] == 3  # fail open: locally, from Redis's last count
         server = RedisServer(tmp_path, port=server.port)  # back, empty
         d = await limiter.admit("k", plan, 0, 0)
         assert d.ticket is not None and d.used[0] == 1
+        await limiter.drain()
+        for _ in range(100):  # the admission made while it was down is added in the background
+            if limiter.stats()["pending_replay"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await limiter.usage("k", plan))["requests"]["day"] == 2
     finally:
         await limiter.stop()
         server.stop()

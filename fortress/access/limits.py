@@ -202,6 +202,11 @@ class Limiter(Protocol):
     async def usage(self, key_id: str, plan: Plan) -> dict[str, dict[str, int]]:
         """Current counters of a key: ``{"requests": {"day": 12, "month": 340}, ...}``."""
 
+    def stats(self) -> dict[str, Any]:
+        """The limiter's health: ``limiter_state`` (``ok`` | ``open`` | ``half_open``),
+        ``fail_open_admissions_total``, ``redis_errors_total``, ``breaker_opens_total``,
+        ``pending_replay``."""
+
 
 def amounts_for(plan: Plan, reserve_in: int, reserve_out: int) -> tuple[int, ...]:
     """What an admission adds to each of the plan's counters."""
@@ -241,6 +246,23 @@ class MemoryLimiter:
 
     async def stop(self) -> None:
         pass
+
+    def stats(self) -> dict[str, Any]:
+        """Nothing to fail here: always ``ok`` and zeros (the keys are the Redis limiter's)."""
+        return {
+            "limiter_state": "ok",
+            "fail_open_admissions_total": 0,
+            "redis_errors_total": 0,
+            "breaker_opens_total": 0,
+            "pending_replay": 0,
+        }
+
+    def seed(self, key_id: str, plan: Plan, windows: tuple[int, ...], used: list[int]) -> None:
+        """Start a key's counters from usage known elsewhere: the Redis limiter's fallback goes on
+        from what Redis last reported instead of from zero. ``windows``: each counter's period
+        start that ``used`` belongs to (older periods are reset at the next admission)."""
+        st = self.states[key_id] = _KeyState(plan, self.clock(), list(windows))
+        st.used = list(used)
 
     async def admit(self, key_id: str, plan: Plan, reserve_in: int, reserve_out: int) -> Decision:
         return self.admit_now(key_id, plan, reserve_in, reserve_out)

@@ -40,5 +40,14 @@ class Limits(ConfigModel):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "fortress:"
-    # Redis unreachable: admit and log (true, the gateway stays up) or answer 503 (false).
+    # Redis unavailable: admit through this gateway's own limiter (the same plans, enforced per
+    # gateway), count those admissions and add them to Redis's usage when it is back (true); or
+    # answer 503 (false).
     fail_open: bool = True
+    # The longest one Redis call may take, connecting included; a frozen Redis costs a request
+    # at most this much, and only until the breaker opens.
+    timeout: float = Field(0.25, gt=0, le=30, description="seconds one Redis call may take")
+    # This many failed calls in a row open the breaker: no Redis call at all, immediate decisions.
+    breaker_failures: int = Field(3, ge=1, description="failures in a row that open the breaker")
+    # While open, one probe every this many seconds; when Redis answers the breaker closes.
+    breaker_reset: float = Field(5.0, gt=0, description="seconds between probes while open")
