@@ -11,6 +11,7 @@ from fortress.config.base import ConfigModel, seconds
 AlarmMetric = Literal[
     "unhealthy_replicas",  # replicas in state unhealthy (all models)
     "healthy_replicas",  # fewest healthy replicas of any configured model
+    "wrong_model_replicas",  # replicas seen serving another model than their pool's
     "avg_latency",  # seconds, mean over the window
     "p95_latency",  # seconds
     "ttft_p95",  # seconds to the first streamed token
@@ -68,6 +69,13 @@ def default_alarm_rules() -> list[AlarmRule]:
             threshold=0,
             severity="page",
             description="A replica failed its health checks or was ejected.",
+        ),
+        AlarmRule(
+            name="model_mismatch",
+            metric="wrong_model_replicas",
+            threshold=0,
+            severity="page",
+            description="A replica serves another model than its pool's (its answers are not relayed).",
         ),
         AlarmRule(
             name="latency_warning",

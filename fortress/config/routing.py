@@ -21,8 +21,6 @@ class HealthCheck(ConfigModel):
     healthy_threshold: int = Field(2, ge=1, le=10)
     unhealthy_threshold: int = Field(2, ge=1, le=10)
     expected_status: list[int] = Field(default_factory=lambda: [200])
-    # How often (in checks) a healthy replica's /v1/models is re-read to confirm its model.
-    models_refresh_every: int = Field(6, ge=1)
 
     @field_validator("path")
     @classmethod

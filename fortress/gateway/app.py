@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import orjson
@@ -34,6 +34,50 @@ from fortress.routing.pool import Route, Router
 log = logging.getLogger("fortress.gateway")
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Deeper JSON is refused: nothing OpenAI's API takes nests this far, and orjson cannot re-encode
+# (for the replica, for the audit record) past 254 levels.
+MAX_DEPTH = 128
+# Answering before the body is read: end the connection rather than read what is left.
+_CLOSE = (b"connection", b"close")
+# One logged traceback per exception type and minute: a request that trips a bug must not
+# become a way to flood the logs.
+_LOG_EVERY = 60.0
+_logged: dict[type[BaseException], float] = {}
+
+
+class _ClientGone(Exception):
+    """The client disconnected, or the server closed a too-slow upload, before the body was read."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+    @classmethod
+    def from_scope(cls, scope: Scope | None) -> _ClientGone:
+        # The connection layer marks a request whose body did not arrive in time.
+        if scope is not None and scope.get("fortress.timeout") == "body":
+            return cls(408, "request body not received in time")
+        return cls(499, "client disconnected during upload")
+
+
+def _log_internal(exc: BaseException) -> None:
+    now = monotonic()
+    kind = type(exc)
+    if now - _logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
+        _logged[kind] = now
+        log.error("request failed inside the gateway (logged once a minute per kind)", exc_info=exc)
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def new_request_id() -> str:
@@ -124,7 +168,7 @@ class Gateway:
         ctx = RequestContext(request_id or new_request_id(), path, t0, client[0] if client else None)
         ctx.headers = headers
         try:
-            await self._complete(ctx, receive, send, content_length)
+            await self._complete(ctx, scope, receive, send, content_length)
         finally:
             for observe in self.observers:
                 try:
@@ -132,36 +176,69 @@ class Gateway:
                 except Exception:  # one broken observer must not hide the others
                     log.exception("observer %r failed", observe)
 
-    async def _complete(self, ctx: RequestContext, receive: Receive, send: Send, content_length: int) -> None:
-        if content_length > self.max_body:
-            await self._drain_body(receive)
-            await self.relay.send_error(send, ctx, errors.too_large(self.max_body))
-            return
-        raw = await self._read_body(receive)
-        if raw is None:
-            await self.relay.send_error(send, ctx, errors.too_large(self.max_body))
-            return
-        ctx.bytes_in = len(raw)
+    async def _complete(
+        self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, content_length: int
+    ) -> None:
         access = self.access
         try:
-            # Who, then what: 401 before 400, as an API gateway answers.
-            if access is not None:
-                access.authenticate(ctx)
-            if self.audit is not None:
-                self.audit.check_headers(ctx)
-            route = self._parse(ctx, raw)
-            if access is not None:
-                access.authorize(ctx, route.name)
-                await access.admit(ctx)
-        except errors.GatewayError as err:
-            await self.relay.send_error(send, ctx, err)
+            try:
+                # Who, from the headers alone: a keyless client gets its 401 before a byte of
+                # its body is read or buffered (what it still sends is discarded as it comes).
+                if access is not None:
+                    access.authenticate(ctx)
+                if self.audit is not None:
+                    self.audit.check_headers(ctx)
+                if content_length > self.max_body:
+                    ctx.extra_headers.append(_CLOSE)  # not worth reading: end the connection
+                    raise errors.too_large(self.max_body)
+            except errors.GatewayError as err:
+                await self.relay.send_error(send, ctx, err)
+                return
+            raw = await self._read_body(receive, scope)
+            if raw is None:
+                await self.relay.send_error(send, ctx, errors.too_large(self.max_body))
+                return
+            ctx.bytes_in = len(raw)
+            try:
+                route = self._parse(ctx, raw)
+                body = self.relay.upstream_body(ctx, route, raw)
+                if access is not None:
+                    access.authorize(ctx, route.name)
+                    await access.admit(ctx)
+            except errors.GatewayError as err:
+                await self.relay.send_error(send, ctx, err)
+                return
+            await self._relay(ctx, route, body, receive, send)
+        except _ClientGone as gone:
+            # The client went away (or was too slow) before its body was read: a record, no
+            # traceback (anyone can do this, and cheaply).
+            ctx.status = gone.status
+            ctx.error = gone.reason
+            await self.relay.record_end(ctx)
+        except Exception as exc:  # a bug must still answer in OpenAI's format and be recorded
+            _log_internal(exc)
+            err = errors.GatewayError(
+                500,
+                f"The gateway failed on this request ({type(exc).__name__}); it is recorded as "
+                f"{ctx.request_id}.",
+                "server_error",
+                "internal_error",
+            )
+            # Records the request (unless it already was), then answers; the answer fails
+            # harmlessly when a response had already started.
+            with contextlib.suppress(Exception):
+                await self.relay.send_error(send, ctx, err)
+        finally:
             if access is not None and ctx.ticket is not None:
                 access.release(ctx)
-            return
+
+    async def _relay(
+        self, ctx: RequestContext, route: Route, body: bytes, receive: Receive, send: Send
+    ) -> None:
         task = asyncio.current_task()
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, ctx, task))
         try:
-            await self.relay.handle(ctx, route, raw, send)
+            await self.relay.handle(ctx, route, body, send)
         except asyncio.CancelledError:
             if ctx.cancelled_by != "client_disconnect":
                 raise
@@ -173,8 +250,6 @@ class Gateway:
         finally:
             ctx.cancelled_by = ctx.cancelled_by or "done"
             watcher.cancel()
-            if access is not None and ctx.ticket is not None:
-                access.release(ctx)
 
     @staticmethod
     async def _watch_disconnect(
@@ -198,6 +273,9 @@ class Gateway:
             ) from None
         if not isinstance(body, dict):
             raise errors.bad_request("The request body must be a JSON object.")
+        # Counting brackets is a C-speed scan; only a body with enough of them is walked.
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+            raise errors.bad_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("You must provide a model parameter.", "model")
@@ -216,13 +294,13 @@ class Gateway:
         ctx.max_tokens = max_tokens
         return route
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, scope: Scope | None = None) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise _ClientGone.from_scope(scope)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -268,7 +346,10 @@ class Gateway:
         if not admin_allowed(scope, self.admin_token):
             await respond_error(send, errors.admin_required())
             return
-        body = await self._read_body(receive) or b""
+        try:
+            body = await self._read_body(receive, scope) or b""
+        except _ClientGone:
+            return  # nothing to answer, nobody to answer to
         if await self.replica_admin.handle(method, path, body, send):
             return
         if self.access is not None:

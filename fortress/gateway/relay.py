@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -23,7 +23,7 @@ from fortress.config import FortressConfig
 from fortress.core import errors
 from fortress.core.context import RequestContext
 from fortress.gateway.conform import fix_chat_completion
-from fortress.gateway.sse import StreamTap
+from fortress.gateway.sse import StreamTap, first_event_model
 from fortress.gateway.watchdog import Watchdog
 from fortress.routing.outlier import Failure, OutlierDetector
 from fortress.routing.pool import Route, Router
@@ -98,9 +98,9 @@ class Relay:
             if session is not None:
                 await session.close()
 
-    async def handle(self, ctx: RequestContext, route: Route, raw: bytes, send: Send) -> None:
-        """Pick, relay, retry. Ends with a complete response sent to the client."""
-        body = self._upstream_body(ctx, route, raw)
+    async def handle(self, ctx: RequestContext, route: Route, body: bytes, send: Send) -> None:
+        """Pick, relay, retry. Ends with a complete response sent to the client. ``body`` is
+        what goes upstream (``upstream_body``)."""
         rcfg = self.config.routing
         wd = Watchdog(ctx, self.config.timeouts.total)
         tried: tuple[Replica, ...] = ()
@@ -116,7 +116,9 @@ class Relay:
                     ctx.attempts += 1
                 ctx.replica = replica
                 try:
-                    await self._attempt(ctx, replica, body, send, wd, fresh=again is not None)
+                    await self._attempt(
+                        ctx, replica, route.upstream_model, body, send, wd, fresh=again is not None
+                    )
                     return
                 except _Retry as r:
                     last_error = r.error
@@ -131,7 +133,9 @@ class Relay:
             ctx.replica = None
         await self.send_error(send, ctx, last_error)
 
-    def _upstream_body(self, ctx: RequestContext, route: Route, raw: bytes) -> bytes:
+    def upstream_body(self, ctx: RequestContext, route: Route, raw: bytes) -> bytes:
+        """The body to send upstream: as received, or re-encoded to ask for stream usage or to
+        replace an alias. Raises a 400 ``GatewayError`` for a body JSON cannot re-encode."""
         assert ctx.body is not None
         body = dict(ctx.body)  # ctx.body stays what the client sent (audit captures it)
         changed = False
@@ -144,12 +148,18 @@ class Relay:
             if not ctx.want_usage:
                 body["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
                 changed = True
-        return orjson.dumps(body) if changed else raw
+        if not changed:
+            return raw
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (254 levels)
+            raise errors.bad_request(f"The request body cannot be relayed: {exc}.") from None
 
     async def _attempt(
         self,
         ctx: RequestContext,
         replica: Replica,
+        want: str,
         body: bytes,
         send: Send,
         wd: Watchdog,
@@ -175,17 +185,26 @@ class Relay:
                     raise _Retry(
                         errors.upstream_failed(f"Replica {replica.name} answered {status}: {_snippet(text)}")
                     )
+                if status == 404:
+                    # The pool's model is not there (a vLLM serving another model answers 404):
+                    # not the client's fault, and no answer for it.
+                    text = await resp.read()
+                    self._wrong_model(replica, f"unknown (404: {_snippet(text, 120)})", want)
                 wd.expect(self.config.timeouts.idle, "idle")
                 ctx.error = None  # an earlier attempt's failure is not this answer's
                 if ctx.stream and status == 200:
+                    head = await self._first_event(resp)
+                    got = first_event_model(head)
+                    if got is not None and got != want:
+                        self._wrong_model(replica, got, want)
                     started = True
-                    await self._relay_stream(ctx, replica, resp, send, wd)
+                    await self._relay_stream(ctx, replica, resp, send, wd, head)
                 else:
                     data = await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
                     ctx.status = status
                     if status == 200:
-                        data = self._inspect(ctx, data)
+                        data = self._inspect(ctx, replica, want, data)
                     t_out = perf_counter()
                     hdrs = self._headers(ctx, replica, resp.headers.get("content-type", "application/json"))
                     hdrs.append((b"content-length", str(len(data)).encode()))
@@ -228,6 +247,28 @@ class Relay:
         finally:
             replica.in_flight -= 1
 
+    def _wrong_model(self, replica: Replica, served: str, want: str) -> None:
+        """An answer from another model: never relayed; the replica leaves rotation."""
+        self.outlier.wrong_model(replica, served, want)
+        raise _Retry(
+            errors.upstream_failed(
+                f"Replica {replica.name} answered as model {served!r}, not {want!r}; "
+                "the answer was not relayed."
+            )
+        )
+
+    @staticmethod
+    async def _first_event(resp: aiohttp.ClientResponse) -> bytes:
+        """The stream's bytes up to at least its first complete SSE event, or all of it if it
+        ends before one: the event's model is checked before anything goes to the client."""
+        head = b""
+        while b"\n\n" not in head:
+            data = await resp.content.readany()
+            if not data:
+                break
+            head += data
+        return head
+
     async def _relay_stream(
         self,
         ctx: RequestContext,
@@ -235,6 +276,7 @@ class Relay:
         resp: aiohttp.ClientResponse,
         send: Send,
         wd: Watchdog,
+        head: bytes,
     ) -> None:
         t_in = perf_counter()
         ctx.status = 200
@@ -245,7 +287,7 @@ class Relay:
         tap = StreamTap(strip_usage=not ctx.want_usage)
         mark = wd.mark
         first = True
-        async for data in resp.content.iter_any():
+        async for data in _chain(head, resp):
             mark()
             out = tap.feed(data)
             if out:
@@ -272,14 +314,17 @@ class Relay:
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
-    def _inspect(self, ctx: RequestContext, data: bytes) -> bytes:
-        """Keep the usage of a non-stream answer; fill in fields OpenAI's schema requires."""
+    def _inspect(self, ctx: RequestContext, replica: Replica, want: str, data: bytes) -> bytes:
+        """Check the answer's model; keep its usage; fill in fields OpenAI's schema requires."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return data  # not JSON: relay it as the replica sent it
         if not isinstance(obj, dict):
             return data
+        got = obj.get("model")
+        if isinstance(got, str) and got != want:
+            self._wrong_model(replica, got, want)
         usage = obj.get("usage")
         ctx.usage = usage if isinstance(usage, dict) else None
         if self.conform and obj.get("object") == "chat.completion" and fix_chat_completion(obj):
@@ -335,6 +380,14 @@ class Relay:
         await self._finish(ctx)
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _chain(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The bytes already read (``head``), then the rest of the body."""
+    if head:
+        yield head
+    async for data in resp.content.iter_any():
+        yield data
 
 
 def _snippet(text: bytes, limit: int = 200) -> str:

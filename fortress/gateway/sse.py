@@ -82,3 +82,18 @@ class StreamTap:
             return b""  # the usage-only chunk the client did not ask for
         del obj["usage"]
         return head + b"data: " + orjson.dumps(obj)
+
+
+def first_event_model(data: bytes) -> str | None:
+    """The ``model`` named by the first event of an SSE byte stream, None when it names none
+    (an error event, ``[DONE]``, not JSON)."""
+    event = data.split(_EVENT_END, 1)[0]
+    _, sep, payload = event.partition(b"data:")
+    if not sep:
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else None

@@ -152,6 +152,10 @@ class Signals:
             if self.router is None:
                 return None
             return float(sum(1 for r in self.router.all_replicas() if r.state is State.UNHEALTHY))
+        if m == "wrong_model_replicas":
+            if self.router is None:
+                return None
+            return float(sum(1 for r in self.router.all_replicas() if r.wrong_model is not None))
         if m == "healthy_replicas":
             if self.router is None:
                 return None

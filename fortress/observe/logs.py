@@ -48,6 +48,7 @@ _TTFT_METRIC = {"Name": "TimeToFirstToken", "Unit": "Seconds"}
 GAUGE_METRICS = {
     "UnhealthyReplicas": "Count",
     "HealthyReplicas": "Count",
+    "WrongModelReplicas": "Count",
     "GpuUtilization": "Percent",
     "MemoryUtilization": "Percent",
 }

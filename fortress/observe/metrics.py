@@ -331,6 +331,17 @@ class StateCollector(Collector):
             "1 + restarts of the process behind this replica name (local replicas).",
             labels=labels,
         )
+        wrong = GaugeMetricFamily(
+            "fortress_replica_wrong_model",
+            "1 while the replica serves another model than its pool's (out of rotation).",
+            labels=labels,
+        )
+        mismatches = CounterMetricFamily(
+            "fortress_replica_model_mismatches",
+            "Times the replica was seen serving another model: by a health check's /v1/models "
+            "(source=check) or in an answer, which was not relayed (source=answer).",
+            labels=[*labels, "source"],
+        )
         per_state: dict[tuple[str, str, str], int] = {}
         per_tier: dict[tuple[str, str], int] = {}
         per_model: dict[str, int] = {}
@@ -347,6 +358,9 @@ class StateCollector(Collector):
                 failures.add_metric(lv, float(r.failures))
                 ejections.add_metric(lv, float(r.ejections_total))
                 incarnation.add_metric(lv, float(r.incarnation))
+                wrong.add_metric(lv, 0.0 if r.wrong_model is None else 1.0)
+                for source in ("check", "answer"):
+                    mismatches.add_metric([*lv, source], float((r.model_mismatches or {}).get(source, 0)))
                 key = (model, tier, str(r.state))
                 per_state[key] = per_state.get(key, 0) + 1
                 per_tier[(model, tier)] = per_tier.get((model, tier), 0) + (r.state is State.HEALTHY)
@@ -358,7 +372,7 @@ class StateCollector(Collector):
         for model, n in per_model.items():
             in_flight_model.add_metric([model], float(n))
         yield from (healthy, counts, in_flight_model, info, state, in_flight, served, failures, ejections)
-        yield incarnation
+        yield from (incarnation, wrong, mismatches)
 
     def _engines(self) -> Iterable[Metric]:
         labels = ["replica", "model", "tier", "engine"]

@@ -158,6 +158,7 @@ class Observability:
         return {
             "UnhealthyReplicas": float(sum(1 for r in replicas if r.state is State.UNHEALTHY)),
             "HealthyReplicas": float(min(counts)) if counts else None,
+            "WrongModelReplicas": float(sum(1 for r in replicas if r.wrong_model is not None)),
             "GpuUtilization": self.gpu_series.last(),
             "MemoryUtilization": memory_percent(),
         }

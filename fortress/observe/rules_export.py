@@ -31,6 +31,8 @@ def promql(rule: AlarmRule) -> str:
         return 'sum(fortress_replicas{state="unhealthy"})'
     if m == "healthy_replicas":
         return "min(sum by (model) (fortress_replicas_healthy))"
+    if m == "wrong_model_replicas":
+        return "sum(fortress_replica_wrong_model)"
     if m == "avg_latency":
         return (
             f"sum(rate(fortress_request_duration_seconds_sum[{w}]))"
@@ -84,6 +86,7 @@ def prometheus_yaml(config: FortressConfig) -> str:
 _CLOUDWATCH: dict[str, tuple[str, str]] = {
     "unhealthy_replicas": ("UnhealthyReplicas", "Maximum"),
     "healthy_replicas": ("HealthyReplicas", "Minimum"),
+    "wrong_model_replicas": ("WrongModelReplicas", "Maximum"),
     "avg_latency": ("Latency", "Average"),
     "p95_latency": ("Latency", "p95"),
     "ttft_p95": ("TimeToFirstToken", "p95"),

@@ -6,7 +6,8 @@ replicas than that share of its members spills to the next tier that is not itse
 and when there is none it *fails open* within the tier (its unhealthy and ejected replicas take
 traffic too, as in Envoy's panic mode); when no tier has a healthy replica,
 ``routing.when_all_unhealthy: fail_open`` tries the unhealthy ones (as an ALB does) and
-``reject`` gives up. Within the chosen tier a strategy's ``choose`` picks one replica; it sees
+``reject`` gives up. Failing open never includes a replica known to serve another model.
+Within the chosen tier a strategy's ``choose`` picks one replica; it sees
 the request (``RequestView``: model, session key, prompt prefix, computed only when asked) and
 each replica's load (``in_flight``, and ``load`` from the engine's own metrics).
 
@@ -66,7 +67,7 @@ class TieredBalancer:
                 if any(self._serves(t) for t in tiers[i + 1 :]):
                     continue  # spill to a lower tier that has the capacity
                 # Nowhere to spill: fail open within this tier (Envoy's panic mode).
-                cands = [r for r in tier if r.state in (State.HEALTHY, State.UNHEALTHY)]
+                cands = [r for r in tier if _may_fail_open(r) or r.state is State.HEALTHY]
             if exclude:
                 cands = [r for r in cands if r not in exclude]
             if cands:
@@ -74,7 +75,7 @@ class TieredBalancer:
         if any_healthy or not self.fail_open:
             return None
         for tier in tiers:
-            cands = [r for r in tier if r.state is State.UNHEALTHY and r not in exclude]
+            cands = [r for r in tier if _may_fail_open(r) and r not in exclude]
             if cands:
                 return self.choose(cands, view)
         return None
@@ -85,6 +86,12 @@ class TieredBalancer:
     def _serves(self, tier: list[Replica]) -> bool:
         healthy = sum(1 for r in tier if r.state is State.HEALTHY)
         return healthy > 0 and not self._panics(tier, healthy)
+
+
+def _may_fail_open(r: Replica) -> bool:
+    # Unhealthy, but never one known to serve another model: failing open trades health for
+    # availability, never identity.
+    return r.state is State.UNHEALTHY and r.wrong_model is None
 
 
 class LeastOutstanding(TieredBalancer):

@@ -1,9 +1,11 @@
 """Active health checks: one task per replica, beside the request path, never inside it.
 
 Each check is a GET of the pool's check path with the pool's timeout; a status in
-``expected_status`` passes. The replica's ``/v1/models`` is read while it is not yet healthy and
-every few checks afterwards, so the router learns (and keeps verifying) which model it serves.
-A replica that reports a different model than its pool expects fails its checks.
+``expected_status`` passes. Then the replica's ``/v1/models`` is read (on every check: it is
+cheap, and one request when the check path is ``/v1/models``), so the router learns and keeps
+verifying which model it serves. A replica that reports another model than its pool's is taken
+out of rotation at once, without waiting for ``unhealthy_threshold`` (``Replica.misidentify``),
+and comes back through ``healthy_threshold`` passing checks once it serves the right one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fortress.routing.pool import Router
 from fortress.routing.replica import Replica, State
 
 log = logging.getLogger("fortress.health")
+
+MODELS_PATH = "/v1/models"
 
 
 class HealthChecker:
@@ -83,9 +87,11 @@ class HealthChecker:
 
     async def check_once(self, replica: Replica) -> None:
         """Run one check and apply its result."""
-        ok, detail = await self._probe(replica)
-        if ok and self._models_due(replica):
-            ok, detail = await self._discover(replica)
+        ok, detail, body = await self._probe(replica)
+        if ok:
+            # The check path may be /v1/models itself: then one request answers both questions.
+            models_body = body if replica.check.path == MODELS_PATH else None
+            ok, detail = await self._verify_model(replica, models_body)
         before = replica.state
         changed = replica.record_check(ok, detail, self.router.clock(), time.time())
         if changed:
@@ -101,47 +107,59 @@ class HealthChecker:
                 replica.reason,
             )
 
-    def _models_due(self, replica: Replica) -> bool:
-        return (
-            not replica.models
-            or replica.state is not State.HEALTHY
-            or replica.checks % replica.check.models_refresh_every == 0
-        )
-
-    async def _probe(self, replica: Replica) -> tuple[bool, str]:
+    async def _probe(self, replica: Replica) -> tuple[bool, str, bytes]:
         assert self._session is not None
         hc = replica.check
         try:
             async with self._session.get(
                 replica.url + hc.path, timeout=aiohttp.ClientTimeout(total=hc.timeout)
             ) as resp:
-                await resp.read()
+                body = await resp.read()
                 if resp.status in hc.expected_status:
-                    return True, f"{resp.status}"
-                return False, f"status {resp.status}"
+                    return True, f"{resp.status}", body
+                return False, f"status {resp.status}", b""
         except TimeoutError:
-            return False, f"timeout after {hc.timeout:g}s"
+            return False, f"timeout after {hc.timeout:g}s", b""
         except aiohttp.ClientConnectorError as exc:
-            return False, f"connect failed: {exc.os_error.strerror or exc}"
+            return False, f"connect failed: {exc.os_error.strerror or exc}", b""
         except (aiohttp.ClientError, OSError) as exc:
-            return False, f"{type(exc).__name__}: {exc}"
+            return False, f"{type(exc).__name__}: {exc}", b""
 
-    async def _discover(self, replica: Replica) -> tuple[bool, str]:
+    async def _verify_model(self, replica: Replica, body: bytes | None) -> tuple[bool, str]:
+        """Read what the replica serves (every check: /v1/models is cheap) and judge it."""
         assert self._session is not None
         try:
-            async with self._session.get(
-                replica.url + "/v1/models",
-                timeout=aiohttp.ClientTimeout(total=replica.check.timeout),
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    return False, f"/v1/models status {resp.status}"
+            if body is None:
+                async with self._session.get(
+                    replica.url + MODELS_PATH,
+                    timeout=aiohttp.ClientTimeout(total=replica.check.timeout),
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        return False, f"{MODELS_PATH} status {resp.status}"
             ids = frozenset(str(m["id"]) for m in orjson.loads(body)["data"])
         except TimeoutError:
-            return False, "/v1/models timeout"
+            return False, f"{MODELS_PATH} timeout"
         except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
-            return False, f"/v1/models unreadable: {type(exc).__name__}"
+            return False, f"{MODELS_PATH} unreadable: {type(exc).__name__}"
         self.router.set_models(replica, ids)
-        if replica.expected_model is not None and replica.expected_model not in ids:
-            return False, f"serves {sorted(ids)}, not {replica.expected_model!r}"
+        now = self.router.clock()
+        want = replica.expected_model
+        if want is not None and want not in ids:
+            served = ", ".join(sorted(ids)) or "no model"
+            if replica.misidentify(served, want, "check", now):
+                log.warning(
+                    "replica %s (%s) serves %s, not %r: out of rotation until it serves %r again",
+                    replica.name,
+                    replica.url,
+                    served,
+                    want,
+                    want,
+                )
+            return False, f"serves {served}, not {want!r}"
+        if replica.identity_confirmed(now):
+            log.info("replica %s (%s) serves %r again", replica.name, replica.url, want)
+        elif replica.wrong_model is not None:
+            # Its answers named another model: /v1/models alone does not clear it before the hold.
+            return False, f"answered as {replica.wrong_model}"
         return True, "200"

@@ -12,6 +12,9 @@
   may always be ejected): one poison request that fails on every replica must not empty the
   primary tier.
 
+* An answer that names another model than the one asked for (``wrong_model``) takes the replica
+  out at once and keeps it out for an ejection time: the relay never passes such an answer on.
+
 Active health checks stay a separate input with ALB semantics (``routing.health``).
 """
 
@@ -91,6 +94,27 @@ class OutlierDetector:
             )
             return False
         return self._eject(replica, cfg, why)
+
+    def wrong_model(self, replica: Replica, served: str, wanted: str) -> None:
+        """An answer named another model than the one asked for (it was not relayed). Out of
+        rotation at once, whatever ``max_ejection_percent`` says: a replica serving the wrong
+        model is no capacity at all. Held for an ejection time, so a replica whose /v1/models
+        contradicts its answers is not back after two checks."""
+        replica.failures += 1
+        cfg = self.router.outlier_config(replica)
+        hold = min(cfg.base_ejection_time * (replica.ejections + 1), cfg.max_ejection_time)
+        replica.ejections += 1
+        if replica.misidentify(served, wanted, "answer", self.clock(), hold):
+            log.warning(
+                "replica %s (%s) answered as %s for %r: out of rotation for at least %gs",
+                replica.name,
+                replica.url,
+                served,
+                wanted,
+                hold,
+            )
+        if self.on_eject is not None:
+            self.on_eject(replica)
 
     def _room_to_eject(self, replica: Replica, cfg: OutlierDetection) -> bool:
         tier = [r for r in self.router.tier_of(replica) if r.state is not State.DRAINING]

@@ -87,6 +87,11 @@ class Replica:
     ejected_until: float | None = None  # monotonic; set while passively ejected
     # Engine load from the replica's own /metrics (routing.load), None until scraped.
     load: EngineSample | None = None
+    # Model identity: what the replica serves instead of its pool's model, while it does (seen by
+    # a health check's /v1/models or in an answer). Such a replica takes no traffic, not even
+    # when a tier fails open.
+    wrong_model: str | None = None
+    model_mismatches: dict[str, int] | None = None  # detections by source: "check" | "answer"
 
     # -- active health checks -------------------------------------------------------------
 
@@ -138,6 +143,33 @@ class Replica:
         self._set(State.UNHEALTHY, f"ejected: {reason}")
         return True
 
+    def misidentify(self, served: str, wanted: str, source: str, now: float, hold: float = 0.0) -> bool:
+        """The replica serves ``served`` instead of ``wanted`` (seen by ``source``: a
+        health "check" or an "answer"). Out of rotation at once, without thresholds: identity is
+        a fact, not a trend. ``hold`` keeps it out for that long even if /v1/models looks right
+        again (a replica whose answers contradict its /v1/models). Returns True on the first
+        detection."""
+        first = self.wrong_model is None
+        self.wrong_model = served
+        counts = self.model_mismatches if self.model_mismatches is not None else {}
+        counts[source] = counts.get(source, 0) + 1
+        self.model_mismatches = counts
+        if hold:
+            self.ejected_until = max(self.ejected_until or 0.0, now + hold)
+            self.next_check_at = min(self.next_check_at, self.ejected_until)
+        self.consecutive_ok = 0
+        if self.state is not State.DRAINING:
+            self._set(State.UNHEALTHY, f"wrong model: serves {served}, not {wanted!r}")
+        return first
+
+    def identity_confirmed(self, now: float) -> bool:
+        """/v1/models shows the pool's model again: forget a mismatch once its hold is over.
+        Returns True when a mismatch was forgotten (health checks then bring it back)."""
+        if self.wrong_model is None or (self.ejected_until is not None and now < self.ejected_until):
+            return False
+        self.wrong_model = None
+        return True
+
     @property
     def ejected(self) -> bool:
         """Out of rotation by outlier detection (until health checks bring it back)."""
@@ -168,6 +200,8 @@ class Replica:
             "failures": self.failures,
             "ejected": self.ejected,
             "ejections": self.ejections_total,
+            "wrong_model": self.wrong_model,
+            "model_mismatches": dict(self.model_mismatches or {}),
             "last_check_at": self.last_check_at,
             "last_check_ok": self.last_check_ok,
             "last_check_detail": self.last_check_detail,

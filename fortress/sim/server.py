@@ -4,10 +4,11 @@ THIS IS A TEST TOOL, NOT A MODEL. It never runs a model and is never a default b
 ``/v1/chat/completions`` and ``/v1/completions`` with placeholder tokens (`` tok0 tok1 ...``) on a
 configurable schedule (time to first token, inter-token latency, output length), and it can be made
 to misbehave on purpose: a loading period (``/health`` answers 503 like llama.cpp), injected 500s,
-requests that never answer, a crash mid-stream, or health forced down at runtime through
-``POST /sim/control``. ``GET /metrics`` speaks the vLLM or llama.cpp Prometheus dialect with real
-in-flight and token counts, and ``GET /sim/stats`` reports what happened, including requests whose
-client went away.
+requests that never answer, a crash mid-stream, or, at runtime through ``POST /sim/control``,
+health forced down, another model served (``model``) or another model named in answers only
+(``answer_model``: a replica lying about its model). ``GET /metrics`` speaks the vLLM or
+llama.cpp Prometheus dialect with real in-flight and token counts, and ``GET /sim/stats`` reports
+what happened, including requests whose client went away.
 
 Poisoned requests, for outlier-detection tests: a completion whose prompt (a chat message's content
 or the completion ``prompt``) contains the marker ``[sim:500]`` is answered 500 in OpenAI's error
@@ -228,7 +229,6 @@ class _Sim:
         # A private copy: /sim/control mutates it, the caller's object stays as given.
         self.cfg = dataclasses.replace(settings)
         self.rng = random.Random(settings.seed)
-        self.model_json = orjson.dumps(self.cfg.model)
         self.created = int(time.time())
         self.ready_at = math.inf  # set on startup; loading until then
         self.loaded = False
@@ -245,20 +245,23 @@ class _Sim:
         self.prefix_hits = 0
         self.live_tokens = 0  # prompt + generated tokens of requests in flight
         self._prefix: OrderedDict[int, None] = OrderedDict()
+        self._set_identity(self.cfg.model, None)
+
+    def _set_identity(self, model: str, answer_model: str | None) -> None:
+        """Serve ``model`` (/v1/models, /metrics); name ``answer_model`` (default: the same) in
+        answers. A different answer model is a replica lying about what it serves."""
+        self.cfg = dataclasses.replace(self.cfg, model=model)
+        self.answer_model = answer_model or model
+        self.model_json = orjson.dumps(self.answer_model)
         self._models_body = orjson.dumps(
             {
                 "object": "list",
                 "data": [
-                    {
-                        "id": self.cfg.model,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "fortress-sim",
-                    }
+                    {"id": model, "object": "model", "created": self.created, "owned_by": "fortress-sim"}
                 ],
             }
         )
-        label = self.cfg.model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         self._label = '{model_name="' + label + '"}'
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class _Sim:
             return _error(400, "The request body must be a JSON object.", "invalid_request_error")
         changes: dict[str, Any] = {}
         health: bool | None = None
+        identity: dict[str, str] = {}
         for key, value in req.items():
             if key == "health":
                 if value not in ("up", "down"):
@@ -325,6 +329,10 @@ class _Sim:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     return _error(400, f"'{key}' must be a number.", "invalid_request_error", param=key)
                 changes[key] = float(value)
+            elif key in ("model", "answer_model"):
+                if not isinstance(value, str) or not value or len(value) > 200:
+                    return _error(400, f"'{key}' must be a model id.", "invalid_request_error", param=key)
+                identity[key] = value
             elif key == "tokens":
                 if isinstance(value, bool) or not isinstance(value, int):
                     return _error(400, "'tokens' must be an integer.", "invalid_request_error", param=key)
@@ -337,6 +345,8 @@ class _Sim:
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
         self.cfg = new_cfg
+        if identity:
+            self._set_identity(identity.get("model", self.cfg.model), identity.get("answer_model"))
         if health is not None:
             self.health_down = health
         cfg = self.cfg
@@ -348,6 +358,8 @@ class _Sim:
             "ttft": cfg.ttft,
             "itl": cfg.itl,
             "tokens": cfg.tokens,
+            "model": cfg.model,
+            "answer_model": self.answer_model,
         }
         return web.Response(body=orjson.dumps(body), content_type=_JSON)
 
@@ -533,7 +545,7 @@ class _Sim:
                 "id": prefix + os.urandom(12).hex(),
                 "object": kind,
                 "created": int(time.time()),
-                "model": self.cfg.model,
+                "model": self.answer_model,
                 "choices": [choice],
                 "usage": usage,
             }
@@ -576,7 +588,7 @@ class _Sim:
                     "id": rid,
                     "object": obj,
                     "created": created,
-                    "model": cfg.model,
+                    "model": self.answer_model,
                     "choices": [
                         {
                             "index": 0,
@@ -601,7 +613,7 @@ class _Sim:
                         "id": rid,
                         "object": obj,
                         "created": created,
-                        "model": cfg.model,
+                        "model": self.answer_model,
                         "choices": [],
                         "usage": {
                             "prompt_tokens": job.prompt_tokens,
