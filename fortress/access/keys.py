@@ -7,6 +7,14 @@ listings; the plaintext is shown once, at creation or rotation.
 The gateway never reads the database per request: ``KeyCache`` maps digest → ``Identity`` in
 memory and a background task re-syncs it every ``auth.cache_refresh`` seconds (at most 5)
 with one aggregate query, reloading rows only when something changed.
+
+**Store outages.** Each time the cache changes it writes a snapshot of what it holds (HMAC
+digests and key metadata, never a plaintext key) to ``<state_dir>/key-cache.json``: mode 0600,
+written atomically, sealed with an HMAC under the server secret. A gateway that starts while the
+store is unreachable loads it, so keys it knew keep working; its first sync (with the schema
+migration before it) is retried in the background. While the store is unreachable a key the
+cache does not know may be one created meanwhile, so the access layer answers 503 rather than
+401 for it (``reachable``).
 """
 
 from __future__ import annotations
@@ -15,14 +23,20 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import string
 import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, func, insert, select, update
 
 from fortress.core.context import Identity
+from fortress.store.db import describe_error
 from fortress.store.tables import api_keys
 
 log = logging.getLogger("fortress.access")
@@ -31,6 +45,22 @@ KEY_PREFIX = "fk_"
 _ALPHABET = string.ascii_letters + string.digits
 _PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 _RESYNC_WINDOW_MS = 60_000  # rows committed late (out of updated_at order) are caught by this
+_RETRY_MAX = 5.0  # longest wait between syncs while the store is unreachable
+SNAPSHOT_VERSION = 1
+# The columns a snapshot keeps of an active key: what ``KeyCache.apply`` reads.
+_SNAPSHOT_COLUMNS = (
+    "id",
+    "name",
+    "prefix",
+    "hash",
+    "plan",
+    "models",
+    "updated_at",
+    "revoked_at",
+    "prev_hash",
+    "prev_prefix",
+    "prev_expires_at",
+)
 
 
 def new_key() -> tuple[str, str]:
@@ -216,19 +246,40 @@ class KeyCache:
     Lookup is by HMAC digest, so its timing depends only on the HMAC of what the client sent,
     which reveals nothing about stored keys without the server secret: it is constant-time
     with respect to the secret. The final check uses ``hmac.compare_digest`` all the same.
+
+    ``prepare`` (the schema migration) runs before the first sync and again until it works;
+    ``snapshot`` is the file the cache persists itself to, for starts while the store is down;
+    ``source`` names the store (no password) so a snapshot of another store is never loaded.
     """
 
-    def __init__(self, store: KeyStore, refresh: float) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        refresh: float,
+        *,
+        snapshot: str | Path | None = None,
+        prepare: Callable[[], Any] | None = None,
+        source: str = "",
+    ) -> None:
         self.store = store
         self.refresh = refresh
         self.secret = store.secret
+        self.snapshot = Path(snapshot) if snapshot is not None else None
+        self.prepare = prepare
+        self.source = source
         self.by_hash: dict[bytes, _Entry] = {}
         self._versions: dict[str, int] = {}  # key id → updated_at of every row seen (revoked too)
         self._hashes: dict[str, tuple[bytes, ...]] = {}  # key id → its digests in by_hash
         self._expiring: dict[bytes, float] = {}  # rotated-out digests → end of their grace
+        self._rows: dict[str, dict[str, Any]] = {}  # key id → active row, for the snapshot
         self._fingerprint: tuple[int, int, int] | None = None
+        self._prepared = prepare is None
         self._task: asyncio.Task[None] | None = None
-        self.synced_at = 0.0
+        self._snapshot_lock = asyncio.Lock()
+        self._snapshot_failing = False
+        self.synced_at = 0.0  # wall time of the data the cache holds (0: none yet)
+        self.reachable = True  # the last attempt to read the store worked
+        self.last_error: str | None = None
 
     def lookup(self, key: bytes) -> Identity | None:
         """The key's record, or None (unknown, revoked or past its rotation grace)."""
@@ -240,12 +291,38 @@ class KeyCache:
             return None
         return entry.record
 
+    @property
+    def size(self) -> int:
+        """Active keys in the cache."""
+        return len(self._hashes)
+
+    @property
+    def age(self) -> float | None:
+        """Seconds since the data in the cache was read from the store (None: never)."""
+        return max(0.0, time.time() - self.synced_at) if self.synced_at else None
+
     # -- syncing ---------------------------------------------------------------------------
     # The database is read in a thread; the cache is changed only on the event loop's thread,
     # between two requests, so a lookup never sees a key half-updated.
 
     async def sync(self) -> bool:
-        """Bring the cache up to date. True if anything changed."""
+        """Bring the cache up to date. True if anything changed. Raises when the store cannot
+        be read (``reachable`` turns false until a sync works again)."""
+        try:
+            if not self._prepared:
+                assert self.prepare is not None
+                await asyncio.to_thread(self.prepare)
+                self._prepared = True
+            changed = await self._sync()
+        except Exception as exc:
+            self._set_reachable(False, exc)
+            raise
+        self._set_reachable(True)
+        if changed:
+            await self.save_snapshot()
+        return changed
+
+    async def _sync(self) -> bool:
         fp = await asyncio.to_thread(self.store.fingerprint)
         if fp == self._fingerprint:
             self._sweep()
@@ -258,16 +335,38 @@ class KeyCache:
         if self._local_fingerprint() != fp:
             # A write committed out of updated_at order, beyond the window: reload everything.
             rows = await asyncio.to_thread(self.store.rows_since, None)
-            self.by_hash.clear()
-            self._hashes.clear()
-            self._expiring.clear()
-            self._versions.clear()
+            self._clear()
             for row in rows:
                 self.apply(row)
         self._fingerprint = self._local_fingerprint()
         self._sweep()
         self.synced_at = time.time()
         return True
+
+    def _set_reachable(self, ok: bool, exc: BaseException | None = None) -> None:
+        if ok:
+            if not self.reachable:
+                log.info("key cache: the key store is reachable again (%d keys)", self.size)
+            self.reachable, self.last_error = True, None
+            return
+        self.last_error = describe_error(exc) if exc is not None else "unknown"
+        if self.reachable:
+            age = self.age
+            log.warning(
+                "key cache: the key store is unreachable (%s): serving the %d cached keys (%s); "
+                "unknown keys get 503 until it is back",
+                self.last_error,
+                self.size,
+                f"read {age:.0f}s ago" if age is not None else "none read yet",
+            )
+        self.reachable = False
+
+    def _clear(self) -> None:
+        self.by_hash.clear()
+        self._hashes.clear()
+        self._expiring.clear()
+        self._versions.clear()
+        self._rows.clear()
 
     def _sweep(self) -> None:
         """Forget rotated-out values whose grace has passed."""
@@ -300,14 +399,114 @@ class KeyCache:
             self._expiring[old] = row.prev_expires_at
             hashes.append(old)
         self._hashes[row.id] = tuple(hashes)
+        self._rows[row.id] = {c: _plain(getattr(row, c)) for c in _SNAPSHOT_COLUMNS}
 
     def _drop(self, key_id: str) -> None:
+        self._rows.pop(key_id, None)
         for h in self._hashes.pop(key_id, ()):
             self.by_hash.pop(h, None)
             self._expiring.pop(h, None)
 
+    # -- the snapshot ----------------------------------------------------------------------
+
+    def _seal(self, data: dict[str, Any]) -> str:
+        return hmac.new(self.secret, orjson.dumps(data, option=orjson.OPT_SORT_KEYS), "sha256").hexdigest()
+
+    async def save_snapshot(self) -> None:
+        """Persist what the cache holds (in a thread); a failure is logged, never raised."""
+        if self.snapshot is None:
+            return
+        async with self._snapshot_lock:  # one writer at a time: the newest content lands last
+            data = {
+                "version": SNAPSHOT_VERSION,
+                "source": self.source,
+                "saved_at": self.synced_at,
+                "fingerprint": list(self._fingerprint) if self._fingerprint else None,
+                "versions": dict(self._versions),
+                "rows": list(self._rows.values()),
+            }
+            try:
+                await asyncio.to_thread(self._write_snapshot, data)
+            except OSError as exc:
+                if not self._snapshot_failing:
+                    log.warning("key cache: cannot write %s: %s", self.snapshot, exc)
+                self._snapshot_failing = True
+            else:
+                self._snapshot_failing = False
+
+    def _write_snapshot(self, data: dict[str, Any]) -> None:
+        assert self.snapshot is not None
+        path = self.snapshot
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = orjson.dumps({"mac": self._seal(data), "data": data})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)  # readers see the old snapshot or the new one, whole
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _read_snapshot(self) -> dict[str, Any] | None:
+        """The snapshot's data if it is there, sealed under this secret and of this store."""
+        if self.snapshot is None:
+            return None
+        try:
+            doc = orjson.loads(self.snapshot.read_bytes())
+            data, mac = doc["data"], doc["mac"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("key cache: ignoring %s: unreadable (%s)", self.snapshot, exc)
+            return None
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._seal(data)):
+            log.warning("key cache: ignoring %s: not sealed with this server secret", self.snapshot)
+            return None
+        if data.get("version") != SNAPSHOT_VERSION or data.get("source") != self.source:
+            log.warning("key cache: ignoring %s: written for another store", self.snapshot)
+            return None
+        return data
+
+    def load_snapshot(self, data: dict[str, Any]) -> None:
+        """Fill the (empty) cache from a snapshot's data."""
+        self._clear()
+        for row in data["rows"]:
+            self.apply(SimpleNamespace(**row))
+        self._versions.update({k: int(v) for k, v in data["versions"].items()})
+        fp = data.get("fingerprint")
+        self._fingerprint = (int(fp[0]), int(fp[1]), int(fp[2])) if fp else None
+        self.synced_at = float(data["saved_at"])
+        self._sweep()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
     async def start(self) -> None:
-        await self.sync()
+        """Sync once; if the store cannot be read, serve the snapshot. Then keep syncing."""
+        try:
+            await self.sync()
+        except Exception:
+            data = await asyncio.to_thread(self._read_snapshot)
+            if data is not None:
+                self.load_snapshot(data)
+                log.warning(
+                    "key cache: started from %s: %d keys as of %.0fs ago",
+                    self.snapshot,
+                    self.size,
+                    self.age or 0.0,
+                )
+            else:
+                log.warning(
+                    "key cache: no snapshot to start from: every key gets 503 until the store is back"
+                )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fortress-key-cache")
 
     async def stop(self) -> None:
@@ -320,15 +519,17 @@ class KeyCache:
             self._task = None
 
     async def _run(self) -> None:
-        failing = False
+        delay = self.refresh
         while True:
-            await asyncio.sleep(self.refresh)
+            await asyncio.sleep(delay)
             try:
                 await self.sync()
-                if failing:
-                    log.warning("key cache: database reachable again")
-                failing = False
-            except Exception as exc:  # keep serving the last known keys
-                if not failing:
-                    log.error("key cache: cannot sync with the database, serving cached keys: %s", exc)
-                failing = True
+                delay = self.refresh
+            except Exception as exc:  # keep serving the last known keys; sync logged the change
+                delay = min(delay * 2, max(self.refresh, _RETRY_MAX))
+                log.debug("key cache: sync failed (%s), next try in %.1fs", describe_error(exc), delay)
+
+
+def _plain(value: Any) -> Any:
+    """A column value as JSON can hold it (``models`` may come back as a tuple or list)."""
+    return list(value) if isinstance(value, tuple | list | frozenset | set) else value

@@ -3,12 +3,17 @@ does their usage plan admit one more request.
 
 Per request this costs one HMAC, a dict lookup and either an in-memory limiter call or one
 Redis EVALSHA; the database is only read by the key cache's background task.
+
+The gateway starts and serves while the store is down: the key cache migrates and syncs in the
+background (retrying), starting from its snapshot of the keys it knew. Until the store has been
+read again, a key the cache does not know gets 503 ``key_store_unavailable``, never 401: it may
+have been created meanwhile.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -22,6 +27,9 @@ from fortress.core.context import RequestContext
 from fortress.core.errors import GatewayError
 from fortress.core.secret import load_secret
 from fortress.store.db import database_url, get_engine, migrate
+
+KEY_CACHE_SNAPSHOT = "key-cache.json"
+KEY_STORE_RETRY_AFTER = 5
 
 log = logging.getLogger("fortress.access")
 
@@ -51,6 +59,17 @@ def _invalid_key(key: bytes) -> GatewayError:
     )
 
 
+def _store_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "This API key is not among the keys this gateway knows, and the key store cannot be "
+        "read right now to check it (a key created recently may be valid). Please try again shortly.",
+        "service_unavailable",
+        "key_store_unavailable",
+        headers=[(b"retry-after", str(KEY_STORE_RETRY_AFTER).encode())],
+    )
+
+
 class AccessControl:
     """API keys and usage plans for one gateway process (implements ``AccessLayer``)."""
 
@@ -59,13 +78,20 @@ class AccessControl:
         self.plans = {name: Plan.compile(name, p) for name, p in config.plans.items()}
         self.url = database_url(config)
         self.store = KeyStore(get_engine(self.url), load_secret(config))
-        self.cache = KeyCache(self.store, config.auth.cache_refresh)
+        self.cache = KeyCache(
+            self.store,
+            config.auth.cache_refresh,
+            snapshot=Path(config.state_dir).expanduser() / KEY_CACHE_SNAPSHOT,
+            prepare=lambda: migrate(self.url),  # before the first sync, retried until it works
+            source=make_url(self.url).render_as_string(hide_password=True),
+        )
         self.limiter: Limiter = limiter or _limiter(config)
         # The memory backend answers without awaiting anything: skip the coroutine.
         self._admit_now = self.limiter.admit_now if isinstance(self.limiter, MemoryLimiter) else None
 
     async def start(self) -> None:
-        await asyncio.to_thread(migrate, self.url)
+        """Start the limiter and the key cache. The store being down is not fatal: the cache
+        serves its snapshot and keeps retrying (migration first) in the background."""
         if not self.config.auth.secret and make_url(self.url).get_backend_name() != "sqlite":
             log.warning(
                 "auth.secret is not set: keys are hashed with %s/secret. Gateways sharing this database "
@@ -96,6 +122,8 @@ class AccessControl:
             raise GatewayError(401, msg, "invalid_request_error", None, headers=_WWW_AUTH)
         record = self.cache.lookup(key)
         if record is None:
+            if not self.cache.reachable:
+                raise _store_unavailable()
             raise _invalid_key(key)
         ctx.identity = record
 
@@ -159,6 +187,23 @@ class AccessControl:
         else:
             used_in = used_out = 0  # nothing was generated
         self.limiter.settle(ticket, used_in, used_out)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The access layer's state as a plain dict (for metrics and alarms).
+
+        ``key_store_reachable``: the last read of the key store worked; ``key_cache_age_seconds``:
+        how old the cached keys are (None before any were read or loaded); ``keys_cached``:
+        active keys in the cache.
+        """
+        cache = self.cache
+        return {
+            "key_store_reachable": cache.reachable,
+            "key_cache_age_seconds": cache.age,
+            "keys_cached": cache.size,
+            "key_store_error": cache.last_error,
+        }
 
     # -- admin -----------------------------------------------------------------------------
 

@@ -12,6 +12,12 @@ writes and syncs them together: N concurrent requests cost one fsync, and a lone
 pays no extra wait (like PostgreSQL's ``commit_delay`` with ``commit_siblings``). Waiters are
 woken with one ``loop.call_soon_threadsafe`` per batch; the event loop never blocks on disk.
 
+**Disk space.** The writer thread reads the free space of the journal's file system (statvfs)
+at most once per ``space_every`` seconds, before a batch or while idle, never on the event loop;
+``low_space`` says it is below ``min_free_bytes``. The audit layer then refuses new requests
+(503) so the journal keeps a reserve for the records of requests already admitted, instead of
+failing every request on a full disk.
+
 **Recovery.** On open the newest segment is scanned; anything after its last valid line (a
 write torn by ``kill -9`` or power loss) is truncated, and ``seq`` and the chain head continue
 from the last record. One process at a time owns a journal directory (``flock``).
@@ -46,6 +52,16 @@ _Pending = tuple[dict[str, Any], "asyncio.Future[int]", asyncio.AbstractEventLoo
 _Waiter = tuple["asyncio.Future[int]", asyncio.AbstractEventLoop, int | None]
 Entry = tuple[dict[str, Any], bytes]
 """A record read back from the journal, parsed and as its JSON bytes."""
+
+
+DiskUsage = Callable[[Path], tuple[int, int]]
+"""(free bytes for unprivileged writers, total bytes) of the file system holding a path."""
+
+
+def statvfs_usage(path: Path) -> tuple[int, int]:
+    """``DiskUsage`` by ``os.statvfs``: a few microseconds, no I/O on a local file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 class JournalError(RuntimeError):
@@ -148,6 +164,9 @@ class Journal:
         group_commit_ms: float = 2.0,
         segment_bytes: int = 64 << 20,
         max_batch: int = 4096,
+        min_free_bytes: int = 0,
+        disk_usage: DiskUsage = statvfs_usage,
+        space_every: float = 1.0,
     ) -> None:
         self.dir = Path(directory).expanduser()
         self.gateway_id = gateway_id
@@ -155,6 +174,14 @@ class Journal:
         self.delay = group_commit_ms / 1000.0
         self.segment_bytes = segment_bytes
         self.max_batch = max_batch
+        self.min_free_bytes = min_free_bytes
+        self.disk_usage = disk_usage
+        self.space_every = space_every
+        # The journal's file system as last read by the writer thread (plain reads elsewhere).
+        self.disk_free = 0
+        self.disk_total = 0
+        self.low_space = False
+        self._space_at = -1e9
         # Called from the writer thread after each fsync with the last durable seq.
         self.on_commit: Callable[[int], None] | None = None
         self.fsyncs = 0
@@ -193,6 +220,7 @@ class Journal:
             self._lock_fd = -1
             raise JournalError(f"journal {self.dir} is in use by another process") from None
         self._recover()
+        self._check_space(force=True)
         if floor is not None and floor[0] > self.head_seq:
             log.warning(
                 "journal %s ends at seq %d but the store has seq %d: continuing after the store",
@@ -274,23 +302,29 @@ class Journal:
     def _run(self) -> None:
         cv = self._cv
         while True:
+            batch: list[_Pending] | None = None
             with cv:
                 self._phase = _IDLE
                 while not self._queue and not self._closing:
-                    cv.wait()
-                if not self._queue:
+                    if not cv.wait(self.space_every):
+                        break  # idle for a while: look at the disk (outside the lock)
+                if self._queue:
+                    if self.delay > 0 and (len(self._queue) > 1 or self._last_batch > 1):
+                        # Others are appending too: give them until `delay` after the first arrival.
+                        self._phase = _GATHER
+                        deadline = self._since + self.delay
+                        while len(self._queue) < self.max_batch and not self._closing:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                break
+                            cv.wait(left)
+                    self._phase = _BUSY
+                    batch, self._queue = self._queue, []
+                elif self._closing:
                     return
-                if self.delay > 0 and (len(self._queue) > 1 or self._last_batch > 1):
-                    # Others are appending too: give them until `delay` after the first arrival.
-                    self._phase = _GATHER
-                    deadline = self._since + self.delay
-                    while len(self._queue) < self.max_batch and not self._closing:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        cv.wait(left)
-                self._phase = _BUSY
-                batch, self._queue = self._queue, []
+            if batch is None:
+                self._check_space()
+                continue
             self._last_batch = len(batch)
             try:
                 self._commit(batch)
@@ -298,7 +332,34 @@ class Journal:
                 log.exception("audit journal write failed")
                 self._settle([(f, lp, None) for _, f, lp in batch], JournalError(str(exc)))
 
+    def _check_space(self, force: bool = False) -> None:
+        """Refresh ``disk_free`` / ``low_space`` if the last reading is ``space_every`` old."""
+        now = time.monotonic()
+        if not force and now - self._space_at < self.space_every:
+            return
+        self._space_at = now
+        try:
+            free, total = self.disk_usage(self.dir)
+        except OSError as exc:  # keep the last reading; the write itself reports real trouble
+            log.warning("audit journal: cannot read the free space of %s: %s", self.dir, exc)
+            return
+        self.disk_free, self.disk_total = free, total
+        low = free < self.min_free_bytes
+        if low != self.low_space:
+            if low:
+                log.error(
+                    "audit journal %s: %d bytes free, below audit.min_free_bytes (%d): new requests "
+                    "are refused (503) until space is freed",
+                    self.dir,
+                    free,
+                    self.min_free_bytes,
+                )
+            else:
+                log.warning("audit journal %s: %d bytes free again: accepting requests", self.dir, free)
+            self.low_space = low
+
     def _commit(self, batch: list[_Pending]) -> None:
+        self._check_space()
         seq, prev = self.head_seq, self.head_hash
         lines: list[bytes] = []
         done: list[_Waiter] = []

@@ -5,6 +5,10 @@ per request.
 the journal's group commit; the store and archive are fed by the shipper thread, never on the
 request path. If the journal cannot write, ``record`` raises ``JournalError`` and the request
 fails rather than complete without a record.
+
+Bounds: ``check_headers`` refuses audit headers longer than ``audit.max_header_bytes`` (400),
+and answers 503 while the journal's disk is below ``audit.min_free_bytes``, so that what is
+left is kept for the records of requests already admitted. Both read only memory.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fortress.audit.archive import ArchiveSink, open_target
-from fortress.audit.journal import Journal, JournalError, load_gateway_id
+from fortress.audit.journal import DiskUsage, Journal, JournalError, load_gateway_id, statvfs_usage
 from fortress.audit.records import RecordBuilder
 from fortress.audit.shipper import Shipper
 from fortress.audit.sql import SqlSink
@@ -23,7 +27,7 @@ from fortress.config import FortressConfig
 from fortress.core.context import RequestContext
 from fortress.core.errors import GatewayError
 from fortress.core.secret import load_secret
-from fortress.store.db import database_url
+from fortress.store.db import database_url, describe_error
 
 log = logging.getLogger("fortress.audit")
 
@@ -33,6 +37,34 @@ def journal_dir(config: FortressConfig) -> Path:
     if config.audit.journal_dir:
         return Path(config.audit.journal_dir).expanduser()
     return Path(config.state_dir).expanduser() / "journal"
+
+
+# The headers a record stores beside the required ones: each is bounded like them.
+OPTIONAL_HEADERS = ("x-request-id",)
+JOURNAL_FULL_RETRY_AFTER = 10
+
+
+def header_too_long_error(name: str, size: int, limit: int) -> GatewayError:
+    """400 in OpenAI's format naming the audit header over ``audit.max_header_bytes``."""
+    return GatewayError(
+        400,
+        f"The {name} header is {size} bytes long; audit headers may be at most {limit} bytes.",
+        "invalid_request_error",
+        "header_too_long",
+        name,
+    )
+
+
+def journal_full_error(free: int, floor: int) -> GatewayError:
+    """503 in OpenAI's format: the journal's disk is below its free-space floor."""
+    return GatewayError(
+        503,
+        f"The gateway cannot record requests right now: its audit journal's disk has {free} bytes "
+        f"free, below the {floor} it keeps in reserve. Please try again later.",
+        "service_unavailable",
+        "audit_journal_full",
+        headers=[(b"retry-after", str(JOURNAL_FULL_RETRY_AFTER).encode())],
+    )
 
 
 def missing_headers_error(missing: list[str], required: list[str]) -> GatewayError:
@@ -51,13 +83,19 @@ def missing_headers_error(missing: list[str], required: list[str]) -> GatewayErr
 class AuditTrail:
     """Journal + shipper for one gateway process (implements ``AuditLayer``)."""
 
-    def __init__(self, config: FortressConfig) -> None:
+    def __init__(self, config: FortressConfig, disk_usage: DiskUsage = statvfs_usage) -> None:
         self.config = config
+        self.disk_usage = disk_usage  # how the journal reads its free space (tests replace it)
         self.required = [(h, h.encode("latin-1")) for h in config.audit.required_headers]
+        names = [*config.audit.required_headers, *OPTIONAL_HEADERS]
+        self.bounded = [(h, h.encode("latin-1")) for h in dict.fromkeys(names)]
+        self.max_header = config.audit.max_header_bytes
         self.builder = RecordBuilder(config.audit)
         self.journal_dir = journal_dir(config)
         self.journal: Journal | None = None
         self.shipper: Shipper | None = None
+        self.refused = 0  # requests answered 503 because the journal's disk was low
+        self.unrecorded = 0  # gateway-refused requests left without a record for the same reason
 
     async def start(self) -> None:
         """Recover the journal, start its writer thread and the shipper."""
@@ -68,26 +106,61 @@ class AuditTrail:
         await asyncio.to_thread(self._stop)
 
     def check_headers(self, ctx: RequestContext) -> None:
+        """Raise a 400 naming the audit headers that are missing or longer than
+        ``audit.max_header_bytes``, or a 503 while the journal's disk is below its floor."""
         headers = ctx.headers
         missing = [name for name, raw in self.required if not headers.get(raw, b"").strip()]
         if missing:
             raise missing_headers_error(missing, [name for name, _ in self.required])
+        limit = self.max_header
+        for name, raw in self.bounded:
+            value = headers.get(raw)
+            if value is not None and len(value) > limit:
+                raise header_too_long_error(name, len(value), limit)
+        journal = self.journal
+        if journal is not None and journal.low_space:
+            self.refused += 1
+            raise journal_full_error(journal.disk_free, journal.min_free_bytes)
 
     async def record(self, ctx: RequestContext) -> None:
+        """Append the request's record; returns once it is durable. While the journal's disk is
+        below its floor, a request the gateway refused before any replica saw it (this layer's
+        503, a 401, a 429) is left unrecorded and counted, so a flood of refused requests cannot
+        eat the reserve kept for the records of admitted ones."""
         journal = self.journal
         if journal is None:
             raise JournalError("the audit layer is not started")
+        if journal.low_space and ctx.attempts == 0 and ctx.status >= 400:
+            self.unrecorded += 1
+            return
         await journal.append(self.builder.build(ctx))
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics: journal head, fsyncs, what the store has, shipper state."""
+        """Counters for metrics: journal head, fsyncs and disk, what the store has, shipper state.
+
+        ``journal_disk_*`` is the journal's file system as last read (at most a second old);
+        ``journal_refused_total`` counts requests answered 503 ``audit_journal_full`` and
+        ``journal_unrecorded_total`` the refused requests left without a record meanwhile.
+        ``shipper_healthy`` is false from a failed attempt to the next one that works;
+        ``shipper_backoff_seconds`` is the wait between attempts then (0 while healthy).
+        """
         j, s = self.journal, self.shipper
         return {
             "journal_seq": j.durable_seq if j else 0,
             "journal_fsyncs": j.fsyncs if j else 0,
+            "journal_disk_free_bytes": j.disk_free if j else 0,
+            "journal_disk_total_bytes": j.disk_total if j else 0,
+            "journal_min_free_bytes": self.config.audit.min_free_bytes,
+            "journal_low_space": j.low_space if j else False,
+            "journal_refused_total": self.refused,
+            "journal_unrecorded_total": self.unrecorded,
             "store_seq": s.store_pos if s else 0,
             "backlog": (j.durable_seq - s.store_pos) if j and s else 0,
             "shipper_error": s.last_error if s else None,
+            "shipper_healthy": s.healthy if s else False,
+            "shipper_backoff_seconds": s.backoff if s else 0.0,
+            "shipper_failures_total": s.failures if s else 0,
+            "shipper_outages_total": s.outages if s else 0,
         }
 
     # internals ---------------------------------------------------------------------------
@@ -100,10 +173,21 @@ class AuditTrail:
         store = SqlSink(database_url(cfg), gateway_id)
         floor = None
         try:
-            floor = store.head()
+            floor = store.head()  # migrates the store first
         except Exception as exc:  # the journal works without the store; the shipper retries
-            log.warning("audit store unreachable at start (%s): records wait in the journal", exc)
-        journal = Journal(self.journal_dir, gateway_id, secret, a.group_commit_ms, a.segment_bytes)
+            # The shipper logs the outage (one WARNING) when its first attempt fails too.
+            log.info(
+                "audit store unreachable at start (%s): records wait in the journal", describe_error(exc)
+            )
+        journal = Journal(
+            self.journal_dir,
+            gateway_id,
+            secret,
+            a.group_commit_ms,
+            a.segment_bytes,
+            min_free_bytes=a.min_free_bytes,
+            disk_usage=self.disk_usage,
+        )
         journal.open(floor)
         store.gateway_id = journal.gateway_id
         archive = None

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from time import perf_counter, time
 from typing import Any
 
+import orjson
+
 from fortress.config import Audit
 from fortress.core.context import RequestContext
 
@@ -76,8 +78,28 @@ def _clean(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
-def _text(raw: bytes | None) -> str | None:
-    return raw.decode("utf-8", "replace") if raw is not None else None
+# Longest ``error`` kept: gateway messages can quote what the client sent (an unknown model name).
+MAX_ERROR_CHARS = 1024
+# Metadata capture: the body's own keys and roles become dict keys of the record; bound them.
+MAX_PARAMS = 32
+MAX_ROLES = 8
+MAX_NAME_CHARS = 64
+
+
+def _text(raw: bytes | None, limit: int) -> str | None:
+    """A header value as text, cut to ``limit`` bytes (``check_headers`` refuses longer ones,
+    but records of requests answered before that check, a 401, still see them)."""
+    if raw is None:
+        return None
+    if len(raw) <= limit:
+        return raw.decode("utf-8", "replace")
+    return raw[:limit].decode("utf-8", "replace") + f"… [truncated: {len(raw)} bytes]"
+
+
+def _bounded(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"… [truncated: {len(text)} chars]"
 
 
 class RecordBuilder:
@@ -89,6 +111,8 @@ class RecordBuilder:
         self.redact_paths = [tuple(f.split(".")) for f in audit.redact_fields if "." in f]
         encoded = [(h, h.encode("latin-1")) for h in audit.required_headers]
         self.extra_headers = [(h, raw) for h, raw in encoded if raw not in HEADER_COLUMNS]
+        self.max_header = audit.max_header_bytes
+        self.max_body = audit.max_body_capture_bytes
 
     def build(self, ctx: RequestContext) -> dict[str, Any]:
         """The record of one finished request (cheap: a few dozen dict operations)."""
@@ -106,26 +130,27 @@ class RecordBuilder:
         replica = ctx.replica
         body: dict[str, Any] | None = None
         if self.capture != "none" and ctx.body is not None:
-            body = self.metadata(ctx) if self.capture == "metadata" else self.full(ctx)
+            body = self.metadata(ctx) if self.capture == "metadata" else self.full_bounded(ctx)
+        cap = self.max_header
         if self.extra_headers:
             body = body or {}
-            body["headers"] = {name: _text(h.get(raw)) for name, raw in self.extra_headers}
+            body["headers"] = {name: _text(h.get(raw), cap) for name, raw in self.extra_headers}
         latency = now - ctx.t0
         return {
-            "request_id": ctx.request_id,
+            "request_id": _bounded(ctx.request_id, cap),
             "ts": round(time() - latency, 6),  # when the request arrived
             "key_id": ident.key_id if ident is not None else None,
             "key_name": ident.key_name if ident is not None else None,
-            "source": _text(h.get(b"x-llm-source")),
-            "user": _text(h.get(b"x-llm-user")),
-            "request_type": _text(h.get(b"x-llm-request-type")),
+            "source": _text(h.get(b"x-llm-source"), cap),
+            "user": _text(h.get(b"x-llm-user"), cap),
+            "request_type": _text(h.get(b"x-llm-request-type"), cap),
             "client": ctx.client,
-            "model": ctx.model,
+            "model": _bounded(ctx.model, cap),
             "replica": replica.name if replica is not None else None,
             "tier": str(replica.tier) if replica is not None else None,
             "stream": bool(ctx.stream),
             "status": int(ctx.status),
-            "error": _clean(ctx.error),
+            "error": _clean(_bounded(ctx.error, MAX_ERROR_CHARS)),
             "latency_ms": round(latency * 1000.0, 3),
             "ttft_ms": round(ctx.ttfb * 1000.0, 3) if ctx.ttfb is not None else None,
             "input_tokens": inp,
@@ -150,7 +175,9 @@ class RecordBuilder:
             chars = 0
             for m in messages:
                 if isinstance(m, dict):
-                    role = str(m.get("role"))
+                    role = str(m.get("role"))[:MAX_NAME_CHARS]
+                    if role not in roles and len(roles) >= MAX_ROLES:
+                        role = "(other)"  # a client can invent any number of roles
                     roles[role] = roles.get(role, 0) + 1
                     chars += _content_chars(m.get("content"))
             meta["messages"] = len(messages)
@@ -164,12 +191,28 @@ class RecordBuilder:
             meta["tools"] = len(tools)
         params = {}
         for k, v in body.items():
-            if k in CONTENT_FIELDS or k == "model":
+            if k in CONTENT_FIELDS or k == "model" or len(k) > MAX_NAME_CHARS:
                 continue
             if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 64) or v is None:
                 params[k] = v
+                if len(params) >= MAX_PARAMS:
+                    meta["params_truncated"] = True
+                    break
         meta["params"] = params
         return meta
+
+    def full_bounded(self, ctx: RequestContext) -> dict[str, Any]:
+        """``full``, unless what it keeps is over ``max_body_capture_bytes``: then the metadata,
+        marked ``truncated``. Redaction at most doubles a body (``{"prompt":0}`` becomes
+        ``{"prompt":"[redacted]"}``), so only bodies that arrived over half the bound are measured."""
+        out = self.full(ctx)
+        if ctx.bytes_in * 2 > self.max_body:
+            size = len(orjson.dumps(out))
+            if size > self.max_body:
+                meta = self.metadata(ctx)
+                meta["truncated"] = f"captured body of {size} bytes over the {self.max_body}-byte bound"
+                return meta
+        return out
 
     def full(self, ctx: RequestContext) -> dict[str, Any]:
         """The request body as the client sent it, with ``redact_fields`` replaced."""

@@ -14,8 +14,14 @@ records and:
 * deletes journal segments that both have fully.
 
 After a crash each sink resumes from its own persisted position; a batch replayed into the
-store is ignored row by row (primary key (gateway_id, seq)), so nothing is duplicated. When the
-store is unreachable the shipper retries with backoff while the journal keeps accepting records.
+store is ignored row by row (primary key (gateway_id, seq)), so nothing is duplicated.
+
+**Outages.** The first step of every (re)connection is the store's schema migration, so nothing
+is shipped into a store that is not migrated. When the store (or the archive) fails, the shipper
+retries with a backoff that doubles from ``backoff_min`` to ``backoff_max``; journal commits do
+not cut it short (they wake the shipper only while it is healthy), and only ``stop()`` does. It
+logs one WARNING when shipping stops (with the reason) and one INFO when it works again (with
+how many records waited); the attempts in between log at DEBUG.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import orjson
 from fortress.audit.archive import ArchiveSink
 from fortress.audit.journal import Journal, JournalReader
 from fortress.audit.sql import SqlSink
+from fortress.store.db import describe_error
 
 log = logging.getLogger("fortress.audit.shipper")
 
@@ -47,6 +54,8 @@ class Shipper:
         anchor_every: float = 60.0,
         anchors_file: str | Path | None = None,
         interval: float = 0.0,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
     ) -> None:
         self.journal = journal
         self.store = store
@@ -60,7 +69,16 @@ class Shipper:
         self.batches = 0
         self.store_pos = 0
         self.last_error: str | None = None
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.healthy = True  # False from a failed attempt until the next one that works
+        self.failures = 0  # failed attempts, all outages together
+        self.outages = 0
+        self.backoff = 0.0  # the current wait between attempts (0 while healthy)
+        self.failing_since: float | None = None  # monotonic time of the outage's first failure
         self._ready = False
+        self._waiting = 0  # records the journal held beyond the store at the last (re)connection
+        self._outage_failures = 0
         self._event = threading.Event()
         self._stop_event = threading.Event()
         self._last_ship = 0.0
@@ -79,7 +97,9 @@ class Shipper:
         self._thread.start()
 
     def wake(self, _seq: int = 0) -> None:
-        self._event.set()
+        """A journal commit: ship soon. Ignored while failing, so commits never cut the backoff."""
+        if self.healthy:
+            self._event.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ship what the journal holds (for up to ``timeout`` seconds), flush the archive, stop."""
@@ -107,7 +127,7 @@ class Shipper:
     # the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.5
+        backoff = self.backoff_min
         while True:
             self._event.clear()
             try:
@@ -115,17 +135,20 @@ class Shipper:
                     self._open()
                 moved = self.ship_once()
                 self._housekeeping()
-                backoff = 0.5
-                self.last_error = None
             except Exception as exc:  # the store is down, the disk is full: retry, never die
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("audit shipper: %s (retrying in %.1fs)", self.last_error, backoff)
-                self._ready = False
-                if self._stopping and time.monotonic() > self._deadline:
-                    return
-                self._event.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._failed(exc, backoff)
+                if self._stopping:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    time.sleep(min(backoff, left))  # the last tries before stopping, still spaced
+                else:
+                    self._stop_event.wait(backoff)  # only stop() ends the wait early
+                backoff = min(backoff * 2, self.backoff_max)
                 continue
+            if not self.healthy:
+                self._recovered()
+            backoff = self.backoff_min
             if moved >= self.batch:
                 continue  # a backlog: ship the next full batch at once
             if self._stopping:
@@ -139,8 +162,43 @@ class Shipper:
             if gap > 0:
                 self._stop_event.wait(gap)  # gather more records for the next transaction
 
+    def _failed(self, exc: Exception, backoff: float) -> None:
+        self.last_error = describe_error(exc)
+        self._ready = False
+        self.failures += 1
+        self.backoff = backoff
+        if self.healthy:
+            self.healthy = False
+            self.outages += 1
+            self.failing_since = time.monotonic()
+            self._outage_failures = 0
+            log.warning(
+                "audit shipper: cannot ship (%s); records wait in the journal, retrying with backoff "
+                "up to %.0fs",
+                self.last_error,
+                self.backoff_max,
+            )
+        else:
+            log.debug("audit shipper: still failing (%s), next try in %.1fs", self.last_error, backoff)
+        self._outage_failures += 1
+
+    def _recovered(self) -> None:
+        # ``_open`` has read the store's offset: what the journal held beyond it was waiting.
+        waited = time.monotonic() - (self.failing_since or time.monotonic())
+        log.info(
+            "audit shipper: shipping again after %.1fs (%d failed attempts); %d records were waiting",
+            waited,
+            self._outage_failures,
+            self._waiting,
+        )
+        self.healthy = True
+        self.backoff = 0.0
+        self.last_error = None
+        self.failing_since = None
+
     def _open(self) -> None:
-        self.store_pos = self.store.offset()
+        self.store_pos = self.store.offset()  # migrates the store first (SqlSink.connect)
+        self._waiting = max(0, self.journal.durable_seq - self.store_pos)
         if self.archive is not None:
             self.archive.open()
         self._ready = True

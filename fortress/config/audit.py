@@ -28,6 +28,16 @@ class Audit(ConfigModel):
         0.25, ge=0, le=60, description="least seconds between store transactions (gathers records)"
     )
     archive_every: float = Field(300.0, gt=0, description="seconds between archive part files")
+    # Bounds on what one request can put in the journal (a client controls all of it).
+    max_header_bytes: int = Field(
+        256, ge=16, le=65536, description="longest audit header value (x-llm-*, x-request-id); longer: 400"
+    )
+    max_body_capture_bytes: int = Field(
+        65536, ge=1024, description="largest captured body (body_capture: full); larger: its metadata"
+    )
+    min_free_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="free space the journal's disk keeps; below it: 503 (0: off)"
+    )
 
     @field_validator("required_headers")
     @classmethod

@@ -24,6 +24,9 @@ from sqlalchemy.engine import make_url
 from fortress.config import FortressConfig
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Seconds to wait for a PostgreSQL connection unless the URL says (``?connect_timeout=``): a
+# host that drops packets must not hold a key-cache sync or a shipper attempt for minutes.
+PG_CONNECT_TIMEOUT = 5
 _PG_LOCK_ID = 0x466F7274  # "Fort": the advisory lock that serialises migrations
 
 log = logging.getLogger("fortress.store")
@@ -37,6 +40,16 @@ def database_url(config: FortressConfig) -> str:
         return config.database.url
     path = Path(config.state_dir).expanduser().resolve() / "fortress.db"
     return f"sqlite:///{path}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why a database call failed, in one line for a log: the driver's own error rather than
+    SQLAlchemy's wrapper (which adds the statement and a link), newlines folded."""
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split())
+    if len(text) > 300:
+        text = text[:300] + "…"
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
 
 
 def get_engine(url: str) -> Engine:
@@ -57,11 +70,18 @@ def dispose_engines() -> None:
 
 
 def _create(url: str) -> Engine:
+    """Build an engine without connecting: a database that is down fails on first use, where
+    the callers retry, never here."""
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        args: dict[str, Any] = {}
+        if u.get_backend_name() == "postgresql" and "connect_timeout" not in u.query:
+            args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=args)
     if u.database and u.database != ":memory:":
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        # An unreachable directory (unmounted, no permission) surfaces as the connection's error.
+        with contextlib.suppress(OSError):
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -111,7 +131,10 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
 
 
 def migrate(url: str, revision: str = "head") -> Engine:
-    """Upgrade the database at ``url`` to ``revision`` and return its engine."""
+    """Upgrade the database at ``url`` to ``revision`` and return its engine.
+
+    Raises when the database cannot be reached; a gateway's callers (the key cache, the audit
+    shipper) retry in the background, while the CLI reports it."""
     from alembic.runtime.migration import MigrationContext
 
     engine = get_engine(url)
