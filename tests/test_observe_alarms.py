@@ -196,6 +196,54 @@ def test_unhealthy_replicas_fires_at_once() -> None:
     assert [(t, str(e.state), e.value) for t, e in events] == [(10, "firing", 1.0), (30, "resolved", 0.0)]
 
 
+def test_layer_alarms_follow_the_layers_stats() -> None:
+    # The journal's disk, the store, the limiter's fallback and the connection cap, as their
+    # layers report them in stats(); counters alarm on their increase over the window.
+    stats: dict[str, Any] = {
+        "journal_disk_free_bytes": 50,
+        "journal_disk_total_bytes": 100,
+        "key_store_reachable": True,
+        "shipper_error": None,
+        "fail_open_admissions_total": 0,
+        "connections_refused_total": 0,
+    }
+    clock = Clock()
+    rules = [r for r in default_alarm_rules() if r.metric in LAYER_METRICS]
+    assert {r.metric for r in rules} == LAYER_METRICS
+    ev = AlarmEvaluator(
+        rules,
+        Signals(RecentTraffic(horizon=900, clock=clock), None, GaugeSeries(), None, lambda: dict(stats)),
+        [],
+        every=10,
+        clock=clock,
+        wall=lambda: WALL0 + clock.t,
+    )
+
+    def chaos(t: int) -> None:
+        if t == 15:
+            stats["journal_disk_free_bytes"] = 5  # 95 % used
+            stats["fail_open_admissions_total"] = 7  # Redis went away: 7 local admissions
+            stats["key_store_reachable"] = False
+        if t == 45:
+            stats["journal_disk_free_bytes"] = 60
+            stats["connections_refused_total"] = 3
+        if t == 125:
+            stats["key_store_reachable"] = True
+
+    watch = ("journal_disk", "limiter_fail_open", "store_unreachable", "connections_refused")
+    changes, events = run(ev, clock, 200, chaos, watch=watch)
+    assert changes["journal_disk"] == [(20, FIRING), (50, RESOLVED), (60, OK)]
+    # 7 admissions at t=15 stay inside the 60 s window until t=75 (the sample at t=20).
+    assert changes["limiter_fail_open"] == [(20, FIRING), (80, RESOLVED), (90, OK)]
+    assert changes["store_unreachable"] == [(20, PENDING), (80, FIRING), (130, RESOLVED), (140, OK)]
+    assert changes["connections_refused"] == [(50, FIRING), (110, RESOLVED), (120, OK)]
+    fired = {e.rule.name: e.value for _, e in events if str(e.state) == "firing"}
+    assert fired["journal_disk"] == 95.0 and fired["limiter_fail_open"] == 7.0
+
+
+LAYER_METRICS = {"journal_disk_utilization", "store_unreachable", "limiter_fail_open", "connections_refused"}
+
+
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     received: list[dict[str, Any]] = []

@@ -214,11 +214,28 @@ def test_observer_series_are_exact_and_bounded() -> None:
     assert value(s, "fortress_replicas_healthy", model="m", tier="primary") == 1
     assert value(s, "fortress_replica_in_flight", replica=r1.name, model="m", tier="primary") == 3
     assert value(s, "fortress_requests_in_flight", model="m") == 3
-    stats = {"journal_seq": 9, "journal_fsyncs": 4, "store_seq": 7, "backlog": 2, "shipper_error": "db down"}
-    obs.metrics.state.audit_stats = lambda: stats
+    stats = {
+        "journal_seq": 9,
+        "journal_fsyncs": 4,
+        "store_seq": 7,
+        "backlog": 2,
+        "shipper_error": "db down",
+        "journal_disk_free_bytes": 10,
+        "journal_disk_total_bytes": 40,
+        "key_store_reachable": False,
+        "limiter_state": "open",
+        "fail_open_admissions_total": 5,
+    }
+    obs.metrics.state.layer_stats = lambda: stats
     s = samples(obs.metrics.render())
     assert value(s, "fortress_audit_backlog_records") == 2 and value(s, "fortress_audit_shipper_ok") == 0
     assert value(s, "fortress_audit_journal_records_total") == 9
+    assert value(s, "fortress_audit_journal_disk_free_bytes") == 10
+    assert value(s, "fortress_key_store_reachable") == 0
+    assert value(s, "fortress_limiter_state", state="open") == 1
+    assert value(s, "fortress_limiter_state", state="ok") == 0
+    assert value(s, "fortress_limiter_fail_open_admissions_total") == 5
+    assert value(s, "fortress_limiter_redis_errors_total") is None  # a key no layer reports: no series
     # The dashboard's window saw the same requests.
     assert obs.recent.totals() == {"requests": 10, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}
 
@@ -305,9 +322,14 @@ def test_alarm_rules_config() -> None:
     defaults = {r.name: r for r in parse_config("", env={}).observe.alarms.rules}
     assert [(r.metric, r.threshold, r.for_, r.severity) for r in defaults.values()] == [
         ("unhealthy_replicas", 0, 0, "page"),
+        ("wrong_model_replicas", 0, 0, "page"),
         ("avg_latency", 30, 180, "warning"),
         ("avg_latency", 60, 60, "page"),
         ("errors_5xx", 10, 120, "page"),
+        ("journal_disk_utilization", 90, 0, "page"),
+        ("store_unreachable", 0, 60, "warning"),
+        ("limiter_fail_open", 0, 0, "warning"),
+        ("connections_refused", 0, 0, "warning"),
         ("gpu_utilization", 95, 300, "info"),
     ]
     assert defaults["gpu_scale_up"].action == "scale_up"

@@ -21,6 +21,10 @@ AlarmMetric = Literal[
     "request_rate",  # requests per second over the window
     "gpu_utilization",  # percent, mean over the window (NVML, where a GPU exists)
     "memory_utilization",  # percent of host memory in use
+    "journal_disk_utilization",  # percent of the audit journal's filesystem in use
+    "store_unreachable",  # 1 while the audit shipper or the key cache cannot reach the store
+    "limiter_fail_open",  # admissions by the local fallback while Redis was out, over the window
+    "connections_refused",  # connections turned away at the connection cap, over the window
 ]
 
 
@@ -100,6 +104,35 @@ def default_alarm_rules() -> list[AlarmRule]:
             for_=120,
             severity="page",
             description="More than 10 server errors per minute for 2 minutes.",
+        ),
+        AlarmRule(
+            name="journal_disk",
+            metric="journal_disk_utilization",
+            threshold=90,
+            severity="page",
+            description="The audit journal's disk is over 90 % full; near full, requests are refused.",
+        ),
+        AlarmRule(
+            name="store_unreachable",
+            metric="store_unreachable",
+            threshold=0,
+            for_=60,
+            severity="warning",
+            description="The database is unreachable: records wait in the journal, new keys are unknown.",
+        ),
+        AlarmRule(
+            name="limiter_fail_open",
+            metric="limiter_fail_open",
+            threshold=0,
+            severity="warning",
+            description="Redis is unavailable: usage plans are enforced per gateway, not shared.",
+        ),
+        AlarmRule(
+            name="connections_refused",
+            metric="connections_refused",
+            threshold=0,
+            severity="warning",
+            description="Clients were turned away at the connection cap (server.max_connections).",
         ),
         AlarmRule(
             name="gpu_scale_up",

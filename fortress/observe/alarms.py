@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 import operator
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -42,6 +43,12 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
 }
 _QUANTILE_METRICS = frozenset({"p95_latency", "ttft_p95"})
+# Alarm metrics that are the increase of a layer's counter over the rule's window.
+_COUNTER_METRICS = {
+    "limiter_fail_open": "fail_open_admissions_total",
+    "connections_refused": "connections_refused_total",
+}
+_COUNTER_HORIZON = 3600.0  # the longest window a counter alarm may use
 # Units for messages; the thresholds in config use the same.
 UNITS: dict[str, str] = {
     "avg_latency": "s",
@@ -50,6 +57,7 @@ UNITS: dict[str, str] = {
     "request_rate": "req/s",
     "gpu_utilization": "%",
     "memory_utilization": "%",
+    "journal_disk_utilization": "%",
 }
 
 
@@ -129,16 +137,45 @@ class Signals:
         router: Router | None = None,
         gpu: GaugeSeries | None = None,
         memory: Callable[[], float | None] | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.recent = recent
         self.router = router
         self.gpu = gpu if gpu is not None else GaugeSeries()
         self.memory = memory
+        # The layers' stats() merged: journal disk, store and limiter state, refused connections.
+        self.stats = stats
+        self._stats: dict[str, Any] = {}
         self._summaries: dict[tuple[float, bool], Summary] = {}
+        # Samples of the cumulative counters alarms look at, for their increase over a window.
+        self._counters: dict[str, deque[tuple[float, float]]] = {}
 
-    def begin(self) -> None:
-        """Start one evaluation: rules with the same window share one summary."""
+    def begin(self, now: float | None = None) -> None:
+        """Start one evaluation: rules with the same window share one summary; the layers'
+        counters are sampled once."""
         self._summaries = {}
+        self._stats = self.stats() if self.stats is not None else {}
+        if now is not None:
+            for key in _COUNTER_METRICS.values():
+                value = self._stats.get(key)
+                if value is not None:
+                    samples = self._counters.setdefault(key, deque())
+                    samples.append((now, float(value)))
+                    while len(samples) > 1 and samples[1][0] <= now - _COUNTER_HORIZON:
+                        samples.popleft()
+
+    def _increase(self, key: str, window: float, now: float) -> float | None:
+        samples = self._counters.get(key)
+        if not samples:
+            return None
+        # The value at the window's start: the last sample at or before it; none that old means
+        # the counter (which starts at 0 with the process) counted everything within the window.
+        base = 0.0
+        for t, v in samples:
+            if t > now - window:
+                break
+            base = v
+        return samples[-1][1] - base
 
     def _summary(self, window: float, now: float, quantiles: bool) -> Summary:
         s = self._summaries.get((window, quantiles))
@@ -152,6 +189,19 @@ class Signals:
             if self.router is None:
                 return None
             return float(sum(1 for r in self.router.all_replicas() if r.state is State.UNHEALTHY))
+        if m in _COUNTER_METRICS:
+            return self._increase(_COUNTER_METRICS[m], rule.window, now)
+        if m == "journal_disk_utilization":
+            free, total = (
+                self._stats.get("journal_disk_free_bytes"),
+                self._stats.get("journal_disk_total_bytes"),
+            )
+            return 100.0 * (1.0 - free / total) if free is not None and total else None
+        if m == "store_unreachable":
+            if not self._stats:
+                return None
+            down = bool(self._stats.get("shipper_error")) or self._stats.get("key_store_reachable") is False
+            return 1.0 if down else 0.0
         if m == "wrong_model_replicas":
             if self.router is None:
                 return None
@@ -268,7 +318,10 @@ class AlarmEvaluator:
         """One evaluation of every rule at ``now`` (the evaluator's clock)."""
         now = self.clock() if now is None else now
         wall = self.wall()
-        self.signals.begin()
+        try:
+            self.signals.begin(now)
+        except Exception:  # a layer's stats() failing must not stop the evaluation
+            log.exception("reading the layers' stats failed")
         events = []
         for alarm in self.alarms:
             try:

@@ -49,6 +49,10 @@ GAUGE_METRICS = {
     "UnhealthyReplicas": "Count",
     "HealthyReplicas": "Count",
     "WrongModelReplicas": "Count",
+    "JournalDiskUtilization": "Percent",
+    "StoreUnreachable": "Count",
+    "LimiterFailOpen": "Count",  # increase since the previous line
+    "ConnectionsRefused": "Count",  # increase since the previous line
     "GpuUtilization": "Percent",
     "MemoryUtilization": "Percent",
 }

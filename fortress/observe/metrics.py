@@ -242,14 +242,15 @@ class StateCollector(Collector):
         router: Router,
         engines: bool = False,
         gpus: GpuProbe | None = None,
-        audit_stats: Callable[[], dict[str, Any]] | None = None,
+        layer_stats: Callable[[], dict[str, Any]] | None = None,
         alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
     ) -> None:
         self.router = router
         self.engines = engines  # engine load is scraped (routing.engine_metrics_interval > 0)
         self.gpus = gpus
-        # The audit layer's ``stats()``: journal head, store position, backlog, shipper error.
-        self.audit_stats = audit_stats
+        # The layers' ``stats()`` merged (their keys are distinct): the audit journal and
+        # shipper, the key cache and the limiter, the connection guard.
+        self.layer_stats = layer_stats
         # (name, severity, state) of each alarm.
         self.alarm_states = alarm_states
 
@@ -261,8 +262,10 @@ class StateCollector(Collector):
         if self.engines:
             yield from self._engines()
         yield from self._machine()
-        if self.audit_stats is not None:
-            yield from self._audit(self.audit_stats())
+        if self.layer_stats is not None:
+            stats = self.layer_stats()
+            yield from self._audit(stats)
+            yield from _guards(stats)
         if self.alarm_states is not None:
             firing = GaugeMetricFamily(
                 "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
@@ -463,14 +466,14 @@ class GatewayMetrics:
         recent: RecentTraffic | None = None,
         engines: bool = False,
         gpus: GpuProbe | None = None,
-        audit_stats: Callable[[], dict[str, Any]] | None = None,
+        layer_stats: Callable[[], dict[str, Any]] | None = None,
         alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
     ) -> None:
         # The *_created series double the output for no use on a dashboard or in an alarm.
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.requests = RequestMetrics(self.registry, recent)
-        self.state = StateCollector(router, engines, gpus, audit_stats, alarm_states)
+        self.state = StateCollector(router, engines, gpus, layer_stats, alarm_states)
         self.registry.register(self.state)
         # process_cpu_seconds_total, process_resident_memory_bytes, ... of the gateway itself.
         ProcessCollector(registry=self.registry)
@@ -480,3 +483,81 @@ class GatewayMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+# Series from the layers' stats() keys: (key, name, help, kind). A key a layer does not report
+# (no Redis limiter, no access layer) leaves its series out.
+_GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "journal_disk_free_bytes",
+        "fortress_audit_journal_disk_free_bytes",
+        "Free bytes on the journal's filesystem.",
+        "gauge",
+    ),
+    (
+        "journal_disk_total_bytes",
+        "fortress_audit_journal_disk_total_bytes",
+        "Size of the journal's filesystem.",
+        "gauge",
+    ),
+    (
+        "journal_refused_total",
+        "fortress_audit_journal_refused",
+        "Requests refused (503) because the journal's disk was nearly full.",
+        "counter",
+    ),
+    ("keys_cached", "fortress_keys_cached", "API keys in the gateway's key cache.", "gauge"),
+    (
+        "key_cache_age_seconds",
+        "fortress_key_cache_age_seconds",
+        "Seconds since the key cache last read the store.",
+        "gauge",
+    ),
+    (
+        "fail_open_admissions_total",
+        "fortress_limiter_fail_open_admissions",
+        "Requests admitted by the local fallback while the shared limiter (Redis) was unavailable.",
+        "counter",
+    ),
+    (
+        "redis_errors_total",
+        "fortress_limiter_redis_errors",
+        "Limiter calls to Redis that failed or timed out.",
+        "counter",
+    ),
+    (
+        "breaker_opens_total",
+        "fortress_limiter_breaker_opens",
+        "Times the limiter's circuit breaker opened.",
+        "counter",
+    ),
+    (
+        "pending_replay",
+        "fortress_limiter_pending_replay",
+        "Fail-open admissions not yet added to Redis usage.",
+        "gauge",
+    ),
+)
+LIMITER_STATES = ("ok", "open", "half_open")
+
+
+def _guards(stats: dict[str, Any]) -> Iterable[Metric]:
+    for key, name, help_, kind in _GUARD_SERIES:
+        value = stats.get(key)
+        if value is None:
+            continue
+        family = GaugeMetricFamily(name, help_) if kind == "gauge" else CounterMetricFamily(name, help_)
+        family.add_metric([], float(value))
+        yield family
+    if "key_store_reachable" in stats:
+        up = GaugeMetricFamily("fortress_key_store_reachable", "1 while the key cache can read the store.")
+        up.add_metric([], 1.0 if stats["key_store_reachable"] else 0.0)
+        yield up
+    state = stats.get("limiter_state")
+    if state is not None:
+        fam = GaugeMetricFamily(
+            "fortress_limiter_state", "1 for the limiter's circuit state.", labels=["state"]
+        )
+        for s in LIMITER_STATES:
+            fam.add_metric([s], 1.0 if state == s else 0.0)
+        yield fam

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -53,9 +53,12 @@ class Observability:
         self,
         config: FortressConfig,
         router: Router,
-        audit_stats: Callable[[], dict[str, Any]] | None = None,
+        stats: Sequence[Callable[[], dict[str, Any]]] = (),
     ) -> None:
         cfg = config.observe
+        # The layers' stats() (audit, access, connections), read at scrape and evaluation time.
+        self._stats_sources = tuple(stats)
+        self._emf_counters: dict[str, float] = {}
         self.config = config
         # perf_counter: the clock of ctx.t0, so one reading serves the latency and the window.
         self.clock = clock = time.perf_counter
@@ -65,7 +68,9 @@ class Observability:
         self.gpus = GpuProbe()
         self.gpu_series = GaugeSeries()
         self.access_log = AccessLog(cfg.access_log) if cfg.access_log.enabled else None
-        self.signals = Signals(self.recent, router, self.gpu_series, memory_percent)
+        self.signals = Signals(
+            self.recent, router, self.gpu_series, memory_percent, self.stats if stats else None
+        )
         self.evaluator: AlarmEvaluator | None = None
         if cfg.alarms.enabled:
             self.evaluator = AlarmEvaluator(
@@ -80,7 +85,7 @@ class Observability:
             self.recent,
             engines=config.routing.engine_metrics_interval > 0,
             gpus=self.gpus,
-            audit_stats=audit_stats,
+            layer_stats=self.stats if stats else None,
             alarm_states=self.evaluator.states if self.evaluator is not None else None,
         )
         self.dashboard = Dashboard(
@@ -92,6 +97,13 @@ class Observability:
         )
         self._router = router
         self._sampler: asyncio.Task[None] | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """The layers' stats() merged into one dict (their keys are distinct)."""
+        out: dict[str, Any] = {}
+        for source in self._stats_sources:
+            out.update(source())
+        return out
 
     @property
     def observers(self) -> list[Observer]:
@@ -155,13 +167,29 @@ class Observability:
         counts = [
             self._router.healthy_count(route) for route in self._router.index.values() if not route.is_alias
         ]
+        stats = self.stats()
+        free, total = stats.get("journal_disk_free_bytes"), stats.get("journal_disk_total_bytes")
+        down = bool(stats.get("shipper_error")) or stats.get("key_store_reachable") is False
         return {
+            "JournalDiskUtilization": 100.0 * (1.0 - free / total) if free is not None and total else None,
+            "StoreUnreachable": (1.0 if down else 0.0) if stats else None,
+            "LimiterFailOpen": self._emf_increase(stats, "fail_open_admissions_total"),
+            "ConnectionsRefused": self._emf_increase(stats, "connections_refused_total"),
             "UnhealthyReplicas": float(sum(1 for r in replicas if r.state is State.UNHEALTHY)),
             "HealthyReplicas": float(min(counts)) if counts else None,
             "WrongModelReplicas": float(sum(1 for r in replicas if r.wrong_model is not None)),
             "GpuUtilization": self.gpu_series.last(),
             "MemoryUtilization": memory_percent(),
         }
+
+    def _emf_increase(self, stats: dict[str, Any], key: str) -> float | None:
+        # CloudWatch sums these per period: write what the counter gained since the last line.
+        value = stats.get(key)
+        if value is None:
+            return None
+        last = self._emf_counters.get(key, 0.0)
+        self._emf_counters[key] = float(value)
+        return float(value) - last
 
     # -- routes -------------------------------------------------------------------------------
 

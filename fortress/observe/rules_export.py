@@ -33,6 +33,16 @@ def promql(rule: AlarmRule) -> str:
         return "min(sum by (model) (fortress_replicas_healthy))"
     if m == "wrong_model_replicas":
         return "sum(fortress_replica_wrong_model)"
+    if m == "journal_disk_utilization":
+        return (
+            "100 * max(1 - fortress_audit_journal_disk_free_bytes / fortress_audit_journal_disk_total_bytes)"
+        )
+    if m == "store_unreachable":
+        return '1 - min({__name__=~"fortress_audit_shipper_ok|fortress_key_store_reachable"})'
+    if m == "limiter_fail_open":
+        return f"sum(increase(fortress_limiter_fail_open_admissions_total[{w}]))"
+    if m == "connections_refused":
+        return f"sum(increase(fortress_connections_refused_total[{w}]))"
     if m == "avg_latency":
         return (
             f"sum(rate(fortress_request_duration_seconds_sum[{w}]))"
@@ -87,6 +97,10 @@ _CLOUDWATCH: dict[str, tuple[str, str]] = {
     "unhealthy_replicas": ("UnhealthyReplicas", "Maximum"),
     "healthy_replicas": ("HealthyReplicas", "Minimum"),
     "wrong_model_replicas": ("WrongModelReplicas", "Maximum"),
+    "journal_disk_utilization": ("JournalDiskUtilization", "Maximum"),
+    "store_unreachable": ("StoreUnreachable", "Maximum"),
+    "limiter_fail_open": ("LimiterFailOpen", "Sum"),
+    "connections_refused": ("ConnectionsRefused", "Sum"),
     "avg_latency": ("Latency", "Average"),
     "p95_latency": ("Latency", "p95"),
     "ttft_p95": ("TimeToFirstToken", "p95"),
