@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -132,16 +133,18 @@ end
 return 1
 """
 
-# KEYS: slots, counter...; ARGV: number of slots to free (n), the n slots, then (delta, ttl) per
-# counter. Adds what a gateway owes Redis after an outage, atomically per key.
+# KEYS: batch marker, slots, counter...; ARGV: number of slots to free (n), the n slots, then
+# (delta, ttl) per counter. Adds what a gateway owes Redis after an outage, atomically per key and
+# once per batch: a batch sent again after its reply was lost finds its marker and does nothing.
 REPLAY = b"""
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
 local n = tonumber(ARGV[1])
-for i = 2, n + 1 do redis.call('ZREM', KEYS[1], ARGV[i]) end
-for i = 2, #KEYS do
-  local d = tonumber(ARGV[n + 2 * i - 2])
+for i = 2, n + 1 do redis.call('ZREM', KEYS[2], ARGV[i]) end
+for i = 3, #KEYS do
+  local d = tonumber(ARGV[n + 2 * i - 4])
   if d ~= 0 then
     redis.call('INCRBY', KEYS[i], d)
-    redis.call('EXPIRE', KEYS[i], ARGV[n + 2 * i - 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[n + 2 * i - 3])
   end
 end
 return 1
@@ -165,6 +168,7 @@ class _Prepared:
     __slots__ = (
         "admit_head",
         "admit_tail",
+        "base",
         "bounds",
         "ends",
         "last_used",
@@ -186,7 +190,7 @@ class _Prepared:
         self.ends = tuple(b[1] for b in bounds)
         self.until = min(self.ends, default=float("inf"))
         self.last_used: list[int] | None = None  # counters as Redis last reported them
-        base = f"{prefix}{{{key_id}}}:"
+        base = self.base = f"{prefix}{{{key_id}}}:"
         self.names = [base + "b", base + "c"] + [
             f"{base}{METRICS[c.metric]}:{c.period}:{w}"
             for c, w in zip(plan.counters, self.windows, strict=True)
@@ -232,19 +236,15 @@ class _Local:
 class _Owed:
     """What one key owes Redis: counter deltas, slots to free, admissions it never saw."""
 
-    __slots__ = ("admissions", "counters", "slots", "slots_key")
+    __slots__ = ("admissions", "base", "batch", "counters", "key_id", "slots")
 
-    def __init__(self, slots_key: str) -> None:
-        self.slots_key = slots_key
+    def __init__(self, key_id: str, base: str) -> None:
+        self.key_id = key_id
+        self.base = base  # "<prefix>{<key_id>}:"
         self.slots: list[str] = []
         self.counters: dict[str, list[int]] = {}  # counter key -> [delta, ttl]
         self.admissions = 0
-
-    def merge(self, other: _Owed) -> None:
-        self.slots += other.slots
-        for name, (delta, ttl) in other.counters.items():
-            self.add(name, delta, ttl)
-        self.admissions += other.admissions
+        self.batch = os.urandom(8).hex()  # sent again as is until Redis confirms it
 
     def add(self, name: str, delta: int, ttl: int) -> None:
         c = self.counters.get(name)
@@ -255,7 +255,7 @@ class _Owed:
             c[1] = max(c[1], ttl)
 
     def command(self) -> bytes:
-        names = [self.slots_key, *self.counters]
+        names = [f"{self.base}r:{self.batch}", self.base + "c", *self.counters]
         args = [b"%d" % len(self.slots), *(s.encode() for s in self.slots)]
         for delta, ttl in self.counters.values():
             args += [b"%d" % delta, b"%d" % ttl]
@@ -315,7 +315,8 @@ class RedisLimiter:
         self._recovery: asyncio.Task[None] | None = None
         # While Redis is unavailable: this gateway's own limiter and what it owes Redis.
         self.local = MemoryLimiter(clock)
-        self._owed: dict[str, _Owed] = {}
+        self._owed: dict[str, _Owed] = {}  # owed since the last flush, per key
+        self._unsure: list[_Owed] = []  # sent, outcome unknown: sent again as the same batch
         self._flusher: asyncio.Task[None] | None = None
         self._pending_replay = 0
         self.fail_open_total = 0
@@ -351,7 +352,7 @@ class RedisLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.drain()
-        if self._owed:
+        if self._owes():
             try:
                 await self._flush()
             except _ERRORS as exc:
@@ -463,7 +464,7 @@ class RedisLimiter:
             try:
                 await self._call(_PING)
                 for _ in range(3):  # local admissions go on while replaying: a few passes
-                    if not self._owed:
+                    if not self._owes():
                         break
                     added += await self._flush()
             except _ERRORS as exc:
@@ -484,7 +485,7 @@ class RedisLimiter:
             added,
             f" ({self._pending_replay} more pending)" if self._pending_replay else "",
         )
-        if self._owed:
+        if self._owes():
             self._kick()
 
     def _unavailable(self, exc: BaseException | None) -> LimiterUnavailable:
@@ -495,50 +496,52 @@ class RedisLimiter:
     # -- what is owed to Redis ------------------------------------------------------------------
 
     def _owe(self, key_id: str, prep: _Prepared, deltas: Any, slot: str | None, admissions: int) -> None:
+        """Remember for the replay: per-counter ``deltas`` (or None), a slot to free, admissions."""
         owed = self._owed.get(key_id)
         if owed is None:
-            owed = self._owed[key_id] = _Owed(prep.names[1])
+            owed = self._owed[key_id] = _Owed(key_id, prep.base)
         if slot:
             owed.slots.append(slot)
-        for name, ttl, d in zip(prep.names[2:], prep.ttls, deltas, strict=True):
-            if d:
-                owed.add(name, d, ttl)
+        if deltas is not None:
+            for name, ttl, d in zip(prep.names[2:], prep.ttls, deltas, strict=True):
+                if d:
+                    owed.add(name, d, ttl)
         owed.admissions += admissions
         self._pending_replay += admissions
 
     async def _flush(self) -> int:
-        """Add what is owed to Redis, one script per key; the admissions added. What could not be
-        added stays owed and the error is raised."""
-        owed, self._owed = self._owed, {}
-        left = dict(owed)  # not yet confirmed by Redis
-        items = list(owed.items())
+        """Add what is owed to Redis, one batch per key; the admissions added. A batch that
+        fails is kept as it is and sent again later (the script applies each batch once); the
+        error is raised."""
+        batches, self._unsure = self._unsure + list(self._owed.values()), []
+        self._owed = {}
         added = 0
         error: BaseException | None = None
         try:
-            for i in range(0, len(items), _REPLAY_BATCH):
-                batch = items[i : i + _REPLAY_BATCH]
-                results = await asyncio.gather(
-                    *(self._eval(o.command(), REPLAY) for _, o in batch), return_exceptions=True
-                )
-                for (key_id, o), res in zip(batch, results, strict=True):
+            while batches and error is None:
+                chunk, batches = batches[:_REPLAY_BATCH], batches[_REPLAY_BATCH:]
+                try:
+                    results = await asyncio.gather(
+                        *(self._eval(o.command(), REPLAY) for o in chunk), return_exceptions=True
+                    )
+                except BaseException:  # cancelled (stop): this chunk's outcome is unknown
+                    self._unsure += chunk
+                    raise
+                for o, res in zip(chunk, results, strict=True):
                     if isinstance(res, BaseException):
                         error = res
-                        continue
-                    del left[key_id]
-                    added += o.admissions
-                    self._pending_replay -= o.admissions
-                if error is not None:
-                    break
+                        self._unsure.append(o)
+                    else:
+                        added += o.admissions
+                        self._pending_replay -= o.admissions
         finally:
-            for key_id, o in left.items():  # kept for the next try
-                cur = self._owed.get(key_id)
-                if cur is None:
-                    self._owed[key_id] = o
-                else:
-                    cur.merge(o)
+            self._unsure += batches  # not sent yet
         if error is not None:
             raise error
         return added
+
+    def _owes(self) -> bool:
+        return bool(self._owed or self._unsure)
 
     def _kick(self) -> None:
         """Flush what is owed in the background, once Redis is known to answer."""
@@ -584,9 +587,12 @@ class RedisLimiter:
             r = await self._eval(packed, ADMIT)
         except _ERRORS as exc:
             self._failed(exc, epoch)
+            if slot and not isinstance(exc, RespError):
+                # The script may still run when a frozen Redis resumes: free its slot then.
+                self._owe(key_id, prep, None, slot, 0)
             return self._fallback(key_id, plan, reserve_in, reserve_out, prep, exc)
         self._failures = 0
-        if self._owed:
+        if self._owed or self._unsure:
             self._kick()
         reason = r[0]
         tokens: float | None = None
