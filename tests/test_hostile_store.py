@@ -499,6 +499,17 @@ class PostgresStore(Store):
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         _wait_port(self.port, self.proc, log)
+        deadline = time.monotonic() + 60
+        while True:  # the port opens before the server takes queries ("starting up")
+            try:
+                with psycopg.connect(
+                    host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
+                ) as c:
+                    c.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "PostgreSQL did not take queries within 60 s"
+                time.sleep(0.1)
 
     def down(self) -> None:
         ctl = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]

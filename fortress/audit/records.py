@@ -144,7 +144,7 @@ class RecordBuilder:
             "source": _text(h.get(b"x-llm-source"), cap),
             "user": _text(h.get(b"x-llm-user"), cap),
             "request_type": _text(h.get(b"x-llm-request-type"), cap),
-            "client": ctx.client,
+            "client": _bounded(ctx.client, cap),  # an address, unless a proxy header made it text
             "model": _bounded(ctx.model, cap),
             "replica": replica.name if replica is not None else None,
             "tier": str(replica.tier) if replica is not None else None,
