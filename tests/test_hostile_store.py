@@ -321,7 +321,8 @@ async def test_access_layer_starts_with_the_store_down_and_answers_503_for_unkno
     try:
         stats = access.stats()
         assert stats["key_store_reachable"] is False and stats["keys_cached"] == 0
-        assert stats["key_cache_age_seconds"] is None
+        assert stats["key_cache_age_seconds"] is None and stats["key_store_error"]
+        assert stats["limiter_state"] == "ok"  # the limiter's own stats, merged in
         ctx = ctx_with({b"authorization": b"Bearer fk_00000000_" + b"y" * 32})
         with pytest.raises(GatewayError) as exc:
             access.authenticate(ctx)

@@ -195,10 +195,12 @@ class AccessControl:
 
         ``key_store_reachable``: the last read of the key store worked; ``key_cache_age_seconds``:
         how old the cached keys are (None before any were read or loaded); ``keys_cached``:
-        active keys in the cache.
+        active keys in the cache; ``key_store_error``: why the last read failed. The limiter's
+        own ``stats()`` (``limiter_state``, ...) are merged in.
         """
         cache = self.cache
         return {
+            **self.limiter.stats(),
             "key_store_reachable": cache.reachable,
             "key_cache_age_seconds": cache.age,
             "keys_cached": cache.size,
