@@ -31,6 +31,7 @@ from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.app import Gateway
+from fortress.gateway.protocol import ConnectionLimits, guarded_protocol
 from fortress.gateway.relay import Relay
 from fortress.observe.observability import Observability
 from fortress.routing.health import HealthChecker
@@ -188,19 +189,24 @@ class Runtime:
 
     def uvicorn_server(self) -> uvicorn.Server:
         """uvicorn (uvloop + httptools) around the gateway, without signal handlers or lifespan
-        of its own: the runtime starts and stops the parts and handles signals in both phases."""
+        of its own: the runtime starts and stops the parts and handles signals in both phases.
+        Client connections are bounded by ``fortress.gateway.protocol`` (timeouts, header limits,
+        the connection cap); X-Forwarded-For counts only from ``server.trusted_proxies``."""
+        server = self.config.server
         ucfg = uvicorn.Config(
             self.gateway,
-            host=self.config.server.host,
-            port=self.config.server.port,
+            host=server.host,
+            port=server.port,
             loop="uvloop",
-            http="httptools",
+            http=guarded_protocol(ConnectionLimits.from_config(server)),
             lifespan="off",
             access_log=False,
-            log_level=self.config.server.log_level,
+            log_level=server.log_level,
             server_header=False,
             date_header=False,
-            timeout_keep_alive=75,
+            proxy_headers=bool(server.trusted_proxies),
+            forwarded_allow_ips=list(server.trusted_proxies),
+            timeout_keep_alive=server.keepalive_timeout,  # type: ignore[arg-type]  # a float works
             timeout_graceful_shutdown=10,
         )
 

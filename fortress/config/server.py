@@ -1,16 +1,18 @@
-"""The gateway's listener and its timeouts towards the replicas."""
+"""The gateway's listener, the limits on each client connection, and timeouts towards the
+replicas."""
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from fortress.config.base import ConfigModel
+from fortress.config.base import ConfigModel, seconds
 
 
 class Server(ConfigModel):
-    """Where and how the gateway listens."""
+    """Where and how the gateway listens, and what one client connection may cost."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -21,6 +23,55 @@ class Server(ConfigModel):
     admin_token: str | None = None
     # Add keys OpenAI's schema requires that an engine left out (llama.cpp: logprobs, refusal).
     conform_responses: bool = True
+    # Client connections: slow or idle clients must not hold the gateway's sockets.
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds to send a request's line and headers (else 408)"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request body may take, plus its size / min_upload_rate (else 408)"
+    )
+    min_upload_rate: int = Field(
+        16384, ge=0, description="bytes/s: each byte received adds 1/min_upload_rate s to body_timeout"
+    )
+    keepalive_timeout: float = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="client connections served in full; None: the open-file limit minus "
+        "upstream_connections, reserved_connections and 256",
+    )
+    reserved_connections: int = Field(
+        32, ge=0, description="connections past max_connections served /health, /ready, /metrics, /admin only"
+    )
+    max_headers: int = Field(100, ge=1, le=10000, description="headers in one request (else 431)")
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="bytes of URL, header names and values in one request (else 431)"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IPs or CIDRs whose X-Forwarded-For is believed; empty: it never is",
+    )
+
+    @field_validator("header_timeout", "body_timeout", "keepalive_timeout", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            try:
+                if "/" in entry:
+                    out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+                else:
+                    out.append(str(ipaddress.ip_address(entry.strip())))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return out
 
 
 class Timeouts(ConfigModel):

@@ -1,0 +1,473 @@
+"""The gateway's HTTP/1.1 connection protocol: uvicorn's httptools protocol with limits that
+bound what one client connection may cost.
+
+``guarded_protocol(limits)`` returns a protocol class for ``uvicorn.Config(http=...)`` with
+``limits`` (a ``ConnectionLimits``, built from ``server:`` by ``ConnectionLimits.from_config``)
+and its own ``ConnectionStats`` bound to it. Each connection gets:
+
+- a header timeout: from the connection's first moment, and from the first byte of each later
+  request, the request line and headers must be complete within ``header_timeout`` (else 408
+  and close). A keep-alive connection idle after a response is uvicorn's keep-alive timeout's.
+- a body timeout: a body must be complete by ``headers time + body_timeout +
+  bytes received / min_upload_rate``, so a large upload at a decent rate passes and a drip
+  does not (408 if no response has started, then close). Chunked and sized bodies alike;
+  bytes past ``max_body_bytes`` earn no more time.
+- header limits: more than ``max_headers`` headers, or more than ``max_header_bytes`` of URL,
+  header names and values, get 431 and close; the application never sees the request.
+- a connection cap: past ``max_connections`` open connections a new one is served only
+  ``/health``, ``/ready``, ``/metrics`` and ``/admin/...`` (anything else: 503 ``server_busy``
+  with ``Retry-After: 1``); past ``max_connections + reserved_connections`` it is closed at once.
+
+Every answer the protocol writes itself is an OpenAI-format JSON error with ``connection:
+close``; the connection then lingers for at most ``LINGER`` seconds, reading and discarding,
+so the client reads the answer rather than a reset. None of these events is logged above
+DEBUG: a client could otherwise flood the logs.
+
+Scope marker: when the body timeout closes a request the application is already handling,
+``scope["fortress.timeout"] = "body"`` is set on that request's ASGI scope before the
+application sees ``http.disconnect``, so it can record the request as a 408 rather than as a
+client that went away.
+
+WebSocket upgrades are not offered (the gateway speaks HTTP only, and an upgraded connection
+would leave these limits behind): an upgrade request is served as plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import http
+import logging
+import resource
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from fortress.config.server import Server
+from fortress.core.errors import error_body
+
+log = logging.getLogger("fortress.gateway.protocol")
+
+# Paths served on connections past max_connections: what operators and orchestrators need to
+# see and fix an overloaded gateway.
+OPERATIONAL_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPERATIONAL_PREFIX = "/admin/"
+# Seconds a rejected connection is kept half-closed, its input discarded, before it is closed:
+# closing with unread input would reset the connection and could destroy the answer in flight.
+LINGER = 2.0
+# File descriptors kept for everything else a gateway opens: journal, database, logs, pipes.
+SPARE_FDS = 256
+MIN_CONNECTIONS = 64
+# Separators a raw request head carries beyond its URL, names and values ("GET ", " HTTP/1.1",
+# ": " and CRLF per header): allowed on top of max_header_bytes when a head is still incomplete.
+HEAD_OVERHEAD = 64
+PER_HEADER_OVERHEAD = 4
+
+# Where a connection is in its current request.
+_HEAD, _BODY, _IDLE, _DONE = range(4)
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to stop parsing; the answer waits in ``_pending``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may cost; see the module docstring for each limit."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    min_upload_rate: int = 16384
+    max_connections: int = 1024
+    reserved_connections: int = 32
+    max_headers: int = 100
+    max_header_bytes: int = 32768
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def raw_head_bytes(self) -> int:
+        """The most raw bytes an incomplete request head may hold: its URL, names and values,
+        plus room for the separators."""
+        return self.max_header_bytes + HEAD_OVERHEAD + PER_HEADER_OVERHEAD * self.max_headers
+
+    @classmethod
+    def from_config(cls, server: Server, nofile: int | None = None) -> ConnectionLimits:
+        """The limits of ``server:``. Without ``max_connections``, the cap follows the open-file
+        limit ``nofile`` (default: the soft ``RLIMIT_NOFILE``, first raised to the hard limit)."""
+        if nofile is None:
+            nofile = raise_nofile_limit()
+        max_connections = server.max_connections
+        if max_connections is None:
+            max_connections = default_max_connections(
+                nofile, server.upstream_connections, server.reserved_connections
+            )
+        elif max_connections + server.reserved_connections + server.upstream_connections > nofile:
+            # Once, at start: the descriptors run out before the cap is reached.
+            log.warning(
+                "server.max_connections %d + reserved_connections %d + upstream_connections %d "
+                "exceed the open-file limit %d",
+                max_connections,
+                server.reserved_connections,
+                server.upstream_connections,
+                nofile,
+            )
+        return cls(
+            header_timeout=server.header_timeout,
+            body_timeout=server.body_timeout,
+            min_upload_rate=server.min_upload_rate,
+            max_connections=max_connections,
+            reserved_connections=server.reserved_connections,
+            max_headers=server.max_headers,
+            max_header_bytes=server.max_header_bytes,
+            max_body_bytes=server.max_body_bytes,
+        )
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard one, best effort; the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def default_max_connections(nofile: int, upstream_connections: int, reserved: int) -> int:
+    """Client connections a process with ``nofile`` descriptors can serve in full, leaving room
+    for the upstream pool, the reserve and ``SPARE_FDS`` (at least ``MIN_CONNECTIONS``)."""
+    return max(MIN_CONNECTIONS, nofile - upstream_connections - reserved - SPARE_FDS)
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """Counters of one protocol class (one gateway): open connections and what was refused."""
+
+    open: int = 0
+    refused_total: int = 0  # closed at once: past max_connections + reserved_connections
+    busy_total: int = 0  # 503 server_busy on a reserve connection
+    timeouts_total: dict[str, int] = field(default_factory=lambda: {"header": 0, "body": 0})
+    too_large_headers_total: int = 0  # 431
+    invalid_total: int = 0  # 400: not HTTP the parser accepts
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain data, keys prefixed ``connections_`` so they merge with other
+        layers' ``stats()``; ``connections_timeouts_total`` is keyed by ``header`` / ``body``."""
+        return {
+            "connections_open": self.open,
+            "connections_refused_total": self.refused_total,
+            "connections_busy_total": self.busy_total,
+            "connections_timeouts_total": dict(self.timeouts_total),
+            "connections_too_large_headers_total": self.too_large_headers_total,
+            "connections_invalid_total": self.invalid_total,
+        }
+
+
+def _answer(status: int, code: str, message: str, type_: str, extra: bytes = b"") -> bytes:
+    body = error_body(message, type_, code)
+    phrase = http.HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+HEADER_TIMEOUT = _answer(
+    408,
+    "request_timeout",
+    "The request headers did not arrive in time.",
+    "invalid_request_error",
+)
+BODY_TIMEOUT = _answer(
+    408,
+    "request_timeout",
+    "The request body did not arrive in time.",
+    "invalid_request_error",
+)
+TOO_LARGE_HEADERS = _answer(
+    431,
+    "request_header_fields_too_large",
+    "The request has too many headers or they are too large.",
+    "invalid_request_error",
+)
+SERVER_BUSY = _answer(
+    503,
+    "server_busy",
+    "The gateway has too many open connections. Retry shortly.",
+    "service_unavailable",
+    b"retry-after: 1\r\n",
+)
+INVALID = _answer(400, "invalid_http", "The request is not valid HTTP/1.1.", "invalid_request_error")
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with timeouts, header limits and a connection cap.
+
+    Use ``guarded_protocol(limits)``, which binds ``limits`` and a fresh ``counters``.
+    """
+
+    limits: ClassVar[ConnectionLimits]
+    counters: ClassVar[ConnectionStats]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._counted = False  # this connection is in counters.open
+        self._restricted = False  # past max_connections: operational paths only
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._head_raw = 0  # bytes received while the current head is incomplete
+        self._body_t0 = 0.0
+        self._body_bytes = 0
+        self._pending: tuple[bytes, str] | None = None  # (answer, what) for a _Reject
+
+    @classmethod
+    def stats(cls) -> dict[str, Any]:
+        """This gateway's connection counters and its cap."""
+        return {
+            **cls.counters.snapshot(),
+            "connections_max": cls.limits.max_connections,
+            "connections_reserved": cls.limits.reserved_connections,
+        }
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        limits, counters = self.limits, self.counters
+        if counters.open >= limits.max_connections + limits.reserved_connections:
+            counters.refused_total += 1
+            transport.close()
+            return
+        counters.open += 1
+        self._counted = True
+        self._restricted = counters.open > limits.max_connections
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(limits.header_timeout, self._head_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return  # refused in connection_made: nothing of it was set up
+        self._counted = False
+        self.counters.open -= 1
+        self._phase = _DONE
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        log.debug("upgrade request served as plain HTTP")
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == _DONE:
+            return  # rejected: lingering until closed
+        self._unset_keepalive_if_required()
+        if phase == _IDLE:
+            # Even bytes that start no request (a stray CRLF) start the header clock.
+            self._phase = phase = _HEAD
+            self._head_raw = 0
+        if phase == _HEAD:
+            self._head_raw += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Served as plain HTTP; the parser reads nothing after it, so the connection ends
+            # with that response.
+            self._unsupported_upgrade_warning()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False
+            else:
+                self.transport.close()
+            return
+        except httptools.HttpParserError:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                self.counters.invalid_total += 1
+                pending = (INVALID, "invalid request")
+            self._reject(*pending)
+            return
+        phase = self._phase
+        if phase == _HEAD:
+            limits = self.limits
+            if self._head_raw > limits.raw_head_bytes:
+                # The parser buffers a header until it ends: a huge one must not wait for that.
+                self.counters.too_large_headers_total += 1
+                self._reject(TOO_LARGE_HEADERS, "headers too large")
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(limits.header_timeout, self._head_expired)
+        elif phase == _BODY and self._body_timer is None:
+            self._arm_body_timer()
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase != _HEAD:  # a pipelined request in the same chunk as the last one's end
+            self._phase = _HEAD
+            self._head_raw = 0
+
+    def on_headers_complete(self) -> None:
+        # Checked once per request, not per header (a call per header would cost every request);
+        # data_received bounds an unfinished head, so at most one read's worth is parsed past
+        # the limits. httptools may reach this in the same feed_data as the last header.
+        limits = self.limits
+        headers = self.headers
+        if len(headers) > limits.max_headers:
+            self._too_large()
+        size = len(self.url)
+        for name, value in headers:
+            size += len(name) + len(value)
+        if size > limits.max_header_bytes:
+            self._too_large()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._restricted and not self._operational():
+            self.counters.busy_total += 1
+            self._pending = (SERVER_BUSY, "over the connection cap")
+            raise _Reject
+        super().on_headers_complete()
+        self._phase = _BODY
+        self._body_t0 = self.loop.time()
+        self._body_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    def _too_large(self) -> None:
+        self.counters.too_large_headers_total += 1
+        self._pending = (TOO_LARGE_HEADERS, "headers too large")
+        raise _Reject
+
+    def _operational(self) -> bool:
+        path = httptools.parse_url(self.url).path.decode("latin-1")
+        if "%" in path:  # decoded as uvicorn decodes it for the application
+            path = urllib.parse.unquote(path)
+        return path in OPERATIONAL_PATHS or path.startswith(OPERATIONAL_PREFIX)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._phase != _HEAD or self.transport.is_closing():
+            return
+        self.counters.timeouts_total["header"] += 1
+        self._reject(HEADER_TIMEOUT, "header timeout")
+
+    def _body_deadline(self) -> float:
+        """headers time + body_timeout + bytes received / min_upload_rate; bytes past
+        ``max_body_bytes`` (which the gateway refuses anyway) earn no more time."""
+        limits = self.limits
+        deadline = self._body_t0 + limits.body_timeout
+        if limits.min_upload_rate:
+            deadline += min(self._body_bytes, limits.max_body_bytes) / limits.min_upload_rate
+        return deadline
+
+    def _arm_body_timer(self) -> None:
+        delay = max(self._body_deadline() - self.loop.time(), 0.05)
+        self._body_timer = self.loop.call_later(delay, self._body_expired)
+
+    def _body_expired(self) -> None:
+        self._body_timer = None
+        if self._phase != _BODY or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:
+            # The gateway is not reading (back-pressure, pipelining): not the client's fault.
+            # It gets a fresh body_timeout from now for the rest.
+            self._body_t0 += now - self._body_deadline() + self.limits.body_timeout
+            self._arm_body_timer()
+            return
+        if now < self._body_deadline():  # the client kept up: its bytes earned it more time
+            self._arm_body_timer()
+            return
+        self.counters.timeouts_total["body"] += 1
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Marked before the application hears of the disconnect, so it can say 408.
+            cycle.scope["fortress.timeout"] = "body"  # type: ignore[typeddict-unknown-key]
+        if cycle is not None and cycle.response_started:
+            # Too late for a 408: this request has (or is getting) its answer. Just close.
+            self._phase = _DONE
+            self._cancel_timers()
+            self.transport.close()
+            return
+        self._reject(BODY_TIMEOUT, "body timeout")
+
+    def _cancel_timers(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    # -- answers the protocol writes itself --------------------------------------------------
+
+    def _reject(self, answer: bytes, what: str) -> None:
+        """Write ``answer`` unless another response is being written, then close after a
+        short linger; whatever the client sends from now on is discarded."""
+        self._phase = _DONE
+        self._cancel_timers()
+        self._unset_keepalive_if_required()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s from %s: closing the connection", what, self.client)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            transport.close()  # an answer now would land inside that response
+            return
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the application may no longer write
+            cycle.message_event.set()
+        transport.write(answer)
+        self.flow.resume_reading()  # keep draining the input while lingering
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+    # -- the application -------------------------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        super()._start_asgi_task(cycle, functools.partial(_quiet_on_disconnect, app, cycle))
+
+
+async def _quiet_on_disconnect(
+    app: Any, cycle: RequestResponseCycle, scope: Any, receive: Any, send: Any
+) -> None:
+    """Run ``app``; a ``CancelledError`` it raises itself because the client is gone (not a
+    cancellation of its task) ends the request quietly instead of as a logged traceback."""
+    try:
+        await app(scope, receive, send)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not cycle.disconnected or (task is not None and task.cancelling()):
+            raise
+
+
+def guarded_protocol(limits: ConnectionLimits, stats: ConnectionStats | None = None) -> type[GuardedProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits`` and counting into
+    ``stats`` (a fresh ``ConnectionStats`` by default; read it with the class's ``stats()``)."""
+    attrs = {"limits": limits, "counters": stats if stats is not None else ConnectionStats()}
+    return cast(type[GuardedProtocol], type("GuardedProtocol", (GuardedProtocol,), attrs))
