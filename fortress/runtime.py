@@ -31,7 +31,7 @@ from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.app import Gateway
-from fortress.gateway.protocol import ConnectionLimits, guarded_protocol
+from fortress.gateway.protocol import ConnectionLimits, ConnectionStats, guarded_protocol
 from fortress.gateway.relay import Relay
 from fortress.observe.observability import Observability
 from fortress.routing.health import HealthChecker
@@ -93,10 +93,12 @@ class Runtime:
             from fortress.audit.layer import build_audit
 
             self.audit = build_audit(config)
+        # What the connection guard (gateway.protocol) counts: open, refused, timed out.
+        self.connections = ConnectionStats()
         self.observe: Observability | None = None
         if config.observe.enabled:
-            stats = self.audit.stats if self.audit is not None else None
-            self.observe = Observability(config, self.router, audit_stats=stats)
+            stats = [layer.stats for layer in (self.audit, self.access) if layer is not None]
+            self.observe = Observability(config, self.router, stats=[*stats, self.connections.snapshot])
         # Local replica processes (engine: llamacpp | vllm | sim); engine errors surface here.
         self.supervisor: Supervisor | None = None
         if self.router.planned:
@@ -198,7 +200,7 @@ class Runtime:
             host=server.host,
             port=server.port,
             loop="uvloop",
-            http=guarded_protocol(ConnectionLimits.from_config(server)),
+            http=guarded_protocol(ConnectionLimits.from_config(server), self.connections),
             lifespan="off",
             access_log=False,
             log_level=server.log_level,

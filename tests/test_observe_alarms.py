@@ -206,6 +206,7 @@ def test_layer_alarms_follow_the_layers_stats() -> None:
         "shipper_error": None,
         "fail_open_admissions_total": 0,
         "connections_refused_total": 0,
+        "connections_busy_total": 0,
     }
     clock = Clock()
     rules = [r for r in default_alarm_rules() if r.metric in LAYER_METRICS]
@@ -227,6 +228,7 @@ def test_layer_alarms_follow_the_layers_stats() -> None:
         if t == 45:
             stats["journal_disk_free_bytes"] = 60
             stats["connections_refused_total"] = 3
+            stats["connections_busy_total"] = 2
         if t == 125:
             stats["key_store_reachable"] = True
 
@@ -239,6 +241,7 @@ def test_layer_alarms_follow_the_layers_stats() -> None:
     assert changes["connections_refused"] == [(50, FIRING), (110, RESOLVED), (120, OK)]
     fired = {e.rule.name: e.value for _, e in events if str(e.state) == "firing"}
     assert fired["journal_disk"] == 95.0 and fired["limiter_fail_open"] == 7.0
+    assert fired["connections_refused"] == 5.0  # closed past the reserve + answered 503 busy
 
 
 LAYER_METRICS = {"journal_disk_utilization", "store_unreachable", "limiter_fail_open", "connections_refused"}

@@ -225,6 +225,8 @@ def test_observer_series_are_exact_and_bounded() -> None:
         "key_store_reachable": False,
         "limiter_state": "open",
         "fail_open_admissions_total": 5,
+        "connections_busy_total": 4,
+        "connections_timeouts_total": {"header": 2, "body": 1},
     }
     obs.metrics.state.layer_stats = lambda: stats
     s = samples(obs.metrics.render())
@@ -235,6 +237,8 @@ def test_observer_series_are_exact_and_bounded() -> None:
     assert value(s, "fortress_limiter_state", state="open") == 1
     assert value(s, "fortress_limiter_state", state="ok") == 0
     assert value(s, "fortress_limiter_fail_open_admissions_total") == 5
+    assert value(s, "fortress_connections_busy_total") == 4
+    assert value(s, "fortress_connections_timeouts_total", phase="header") == 2
     assert value(s, "fortress_limiter_redis_errors_total") is None  # a key no layer reports: no series
     # The dashboard's window saw the same requests.
     assert obs.recent.totals() == {"requests": 10, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}

@@ -1,15 +1,16 @@
-"""The runtime's failure paths, driven for real: a port already taken, a database that is down
-at start. Each must end the process with a clear message, nothing left running."""
+"""The runtime's failure paths, driven for real: a port already taken, a journal held by another
+process. Each must end the process with a clear message, nothing left running. (A database down
+at start is not a failure: tests/test_hostile_store.py.)"""
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import fortress_argv, free_port
-from sqlalchemy.exc import OperationalError
 
 from fortress.audit.journal import JournalError
 from fortress.config import parse_config
@@ -35,33 +36,35 @@ def test_serve_on_a_taken_port_fails_at_once(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_a_database_down_at_start_exits_1_with_a_message(tmp_path: Path) -> None:
-    dead = free_port()  # nothing listens there
-    config = (
-        "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
-        f"database: {{url: 'postgresql+psycopg://fortress:x@127.0.0.1:{dead}/fortress?connect_timeout=2'}}\n"
-        # Without audit: its shipper's bounded last try (10 s) is the next test's subject.
-        "audit: {enabled: false}\n"
-    )
-    out = serve(tmp_path, config, free_port())
+def test_a_start_failure_exits_1_with_a_message(tmp_path: Path) -> None:
+    # Another process holds the audit journal: the audit layer cannot start.
+    journal = tmp_path / "state" / "journal"
+    journal.mkdir(parents=True)
+    with open(journal / "LOCK", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = serve(tmp_path, "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n", free_port())
     assert out.returncode == 1, out.stderr
-    assert "cannot start" in out.stderr and "Traceback" not in out.stderr
+    assert "cannot start" in out.stderr and "in use" in out.stderr and "Traceback" not in out.stderr
 
 
 async def test_start_failure_stops_the_parts_already_started(tmp_path: Path) -> None:
-    dead = free_port()
     cfg = parse_config(
         "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
-        f"state_dir: {tmp_path / 'state'}\n"
-        f"database: {{url: 'postgresql+psycopg://fortress:x@127.0.0.1:{dead}/fortress?connect_timeout=2'}}\n",
+        f"state_dir: {tmp_path / 'state'}\n",
         env={},
     )
     runtime = Runtime(cfg)
-    with pytest.raises(OperationalError):
+
+    async def broken() -> None:
+        raise RuntimeError("relay cannot start")
+
+    runtime.relay.start = broken  # type: ignore[method-assign]  # the part after audit and access
+    with pytest.raises(RuntimeError, match="relay cannot start"):
         await runtime.start()
-    # The audit layer started before the access layer failed: it was stopped again, and a
-    # request can no longer be recorded (no request could get in anyway: nothing serves).
-    assert runtime.audit is not None
+    # The audit and access layers started before the relay failed: both were stopped again, and
+    # a request can no longer be recorded (no request could get in anyway: nothing serves).
+    assert runtime.audit is not None and runtime.access is not None
     ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, None)
     with pytest.raises(JournalError, match="closed"):
         await runtime.audit.record(ctx)
+    assert runtime._running == []

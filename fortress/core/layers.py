@@ -41,6 +41,9 @@ class AccessLayer(Protocol):
     async def handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
         """Serve ``/admin/keys...`` (and plans); None when the path is not the layer's."""
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and alarms: key cache and store reachability, limiter state."""
+
 
 class AuditLayer(Protocol):
     """The audit trail."""

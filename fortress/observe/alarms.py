@@ -45,8 +45,9 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 _QUANTILE_METRICS = frozenset({"p95_latency", "ttft_p95"})
 # Alarm metrics that are the increase of a layer's counter over the rule's window.
 _COUNTER_METRICS = {
-    "limiter_fail_open": "fail_open_admissions_total",
-    "connections_refused": "connections_refused_total",
+    "limiter_fail_open": ("fail_open_admissions_total",),
+    # Turned away at the cap: answered 503 on a reserve connection, or closed past the reserve.
+    "connections_refused": ("connections_refused_total", "connections_busy_total"),
 }
 _COUNTER_HORIZON = 3600.0  # the longest window a counter alarm may use
 # Units for messages; the thresholds in config use the same.
@@ -156,16 +157,16 @@ class Signals:
         self._summaries = {}
         self._stats = self.stats() if self.stats is not None else {}
         if now is not None:
-            for key in _COUNTER_METRICS.values():
-                value = self._stats.get(key)
-                if value is not None:
-                    samples = self._counters.setdefault(key, deque())
-                    samples.append((now, float(value)))
+            for metric, keys in _COUNTER_METRICS.items():
+                values = [self._stats[k] for k in keys if self._stats.get(k) is not None]
+                if values:
+                    samples = self._counters.setdefault(metric, deque())
+                    samples.append((now, float(sum(values))))
                     while len(samples) > 1 and samples[1][0] <= now - _COUNTER_HORIZON:
                         samples.popleft()
 
-    def _increase(self, key: str, window: float, now: float) -> float | None:
-        samples = self._counters.get(key)
+    def _increase(self, metric: str, window: float, now: float) -> float | None:
+        samples = self._counters.get(metric)
         if not samples:
             return None
         # The value at the window's start: the last sample at or before it; none that old means
@@ -190,7 +191,7 @@ class Signals:
                 return None
             return float(sum(1 for r in self.router.all_replicas() if r.state is State.UNHEALTHY))
         if m in _COUNTER_METRICS:
-            return self._increase(_COUNTER_METRICS[m], rule.window, now)
+            return self._increase(m, rule.window, now)
         if m == "journal_disk_utilization":
             free, total = (
                 self._stats.get("journal_disk_free_bytes"),

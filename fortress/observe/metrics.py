@@ -537,6 +537,31 @@ _GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
         "Fail-open admissions not yet added to Redis usage.",
         "gauge",
     ),
+    ("connections_open", "fortress_connections_open", "Client connections open.", "gauge"),
+    (
+        "connections_refused_total",
+        "fortress_connections_refused",
+        "Connections closed unanswered past max_connections + reserved_connections.",
+        "counter",
+    ),
+    (
+        "connections_busy_total",
+        "fortress_connections_busy",
+        "Requests answered 503 server_busy on a connection past max_connections.",
+        "counter",
+    ),
+    (
+        "connections_too_large_headers_total",
+        "fortress_connections_too_large_headers",
+        "Requests refused 431 (too many or too large headers).",
+        "counter",
+    ),
+    (
+        "connections_invalid_total",
+        "fortress_connections_invalid",
+        "Requests refused 400 (not valid HTTP/1.1).",
+        "counter",
+    ),
 )
 LIMITER_STATES = ("ok", "open", "half_open")
 
@@ -553,6 +578,16 @@ def _guards(stats: dict[str, Any]) -> Iterable[Metric]:
         up = GaugeMetricFamily("fortress_key_store_reachable", "1 while the key cache can read the store.")
         up.add_metric([], 1.0 if stats["key_store_reachable"] else 0.0)
         yield up
+    timeouts = stats.get("connections_timeouts_total")
+    if isinstance(timeouts, dict):
+        fam = CounterMetricFamily(
+            "fortress_connections_timeouts",
+            "Connections closed (408) because the request's headers or body came too slowly.",
+            labels=["phase"],
+        )
+        for phase, n in sorted(timeouts.items()):
+            fam.add_metric([phase], float(n))
+        yield fam
     state = stats.get("limiter_state")
     if state is not None:
         fam = GaugeMetricFamily(

@@ -174,7 +174,9 @@ class Observability:
             "JournalDiskUtilization": 100.0 * (1.0 - free / total) if free is not None and total else None,
             "StoreUnreachable": (1.0 if down else 0.0) if stats else None,
             "LimiterFailOpen": self._emf_increase(stats, "fail_open_admissions_total"),
-            "ConnectionsRefused": self._emf_increase(stats, "connections_refused_total"),
+            "ConnectionsRefused": self._emf_increase(
+                stats, "connections_refused_total", "connections_busy_total"
+            ),
             "UnhealthyReplicas": float(sum(1 for r in replicas if r.state is State.UNHEALTHY)),
             "HealthyReplicas": float(min(counts)) if counts else None,
             "WrongModelReplicas": float(sum(1 for r in replicas if r.wrong_model is not None)),
@@ -182,14 +184,15 @@ class Observability:
             "MemoryUtilization": memory_percent(),
         }
 
-    def _emf_increase(self, stats: dict[str, Any], key: str) -> float | None:
-        # CloudWatch sums these per period: write what the counter gained since the last line.
-        value = stats.get(key)
-        if value is None:
+    def _emf_increase(self, stats: dict[str, Any], *keys: str) -> float | None:
+        # CloudWatch sums these per period: write what the counters gained since the last line.
+        values = [stats[k] for k in keys if stats.get(k) is not None]
+        if not values:
             return None
-        last = self._emf_counters.get(key, 0.0)
-        self._emf_counters[key] = float(value)
-        return float(value) - last
+        value = float(sum(values))
+        last = self._emf_counters.get(keys[0], 0.0)
+        self._emf_counters[keys[0]] = value
+        return value - last
 
     # -- routes -------------------------------------------------------------------------------
 

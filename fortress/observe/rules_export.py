@@ -42,7 +42,10 @@ def promql(rule: AlarmRule) -> str:
     if m == "limiter_fail_open":
         return f"sum(increase(fortress_limiter_fail_open_admissions_total[{w}]))"
     if m == "connections_refused":
-        return f"sum(increase(fortress_connections_refused_total[{w}]))"
+        return (
+            f"sum(increase(fortress_connections_refused_total[{w}]))"
+            f" + sum(increase(fortress_connections_busy_total[{w}]))"
+        )
     if m == "avg_latency":
         return (
             f"sum(rate(fortress_request_duration_seconds_sum[{w}]))"
