@@ -19,8 +19,10 @@ what was owed is added back and the circuit closes. While Redis is unavailable, 
 admits through a ``MemoryLimiter`` of this gateway (the same plans, enforced per gateway rather
 than in total; quotas start from the last usage Redis reported) and counts every such admission;
 they, their settled token usage and the settles Redis missed are replayed into the key's counters
-when it is back (the bucket is not replayed). Without ``fail_open`` the limiter raises
-``LimiterUnavailable`` (the gateway answers 503).
+when it is back (the bucket is not replayed), each batch applied once. Without ``fail_open``
+the limiter raises ``LimiterUnavailable`` (the gateway answers 503). A call that timed out may
+still run when a frozen Redis resumes: its admission (or settle) then counts twice, never zero
+times.
 """
 
 from __future__ import annotations
@@ -482,9 +484,9 @@ class RedisLimiter:
             self._kick()
 
     def _unavailable(self, exc: BaseException | None) -> LimiterUnavailable:
-        if exc is None:
-            return LimiterUnavailable(f"redis at {self.where} unavailable (circuit open: {self._reason})")
-        return LimiterUnavailable(f"redis at {self.where} unavailable: {exc}")
+        # Clients may see this message (503): no address, no internals; the log has those.
+        why = "circuit open" if exc is None else "no answer"
+        return LimiterUnavailable(f"the shared limiter (Redis) is unavailable ({why})")
 
     # -- what is owed to Redis ------------------------------------------------------------------
 
