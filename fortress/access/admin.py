@@ -86,7 +86,11 @@ async def handle(access: KeyAdmin, method: str, path: str, body: bytes) -> tuple
         record = await asyncio.to_thread(store.get, key_id)
         if record is None:
             return _not_found(key_id)
-        return 200, {**record, "usage": await access.usage(record["plan"], key_id)}
+        try:
+            usage = await access.usage(record["plan"], key_id)
+        except Exception as exc:  # the limiter's store (Redis) is out: the key without usage
+            return 200, {**record, "usage": None, "usage_error": str(exc)}
+        return 200, {**record, "usage": usage}
     if method == "DELETE":
         record = await asyncio.to_thread(store.revoke, key_id)
         if record is None:

@@ -233,6 +233,9 @@ def _limiter(config: FortressConfig) -> Limiter:
             config.limits.key_prefix,
             slot_ttl=config.timeouts.total + 60,
             fail_open=config.limits.fail_open,
+            timeout=config.limits.timeout,
+            breaker_failures=config.limits.breaker_failures,
+            breaker_reset=config.limits.breaker_reset,
         )
     return MemoryLimiter()
 

@@ -163,7 +163,10 @@ def _usage(cfg: Any, rec: dict[str, Any]) -> dict[str, Any] | None:
     from fortress.access.redis_limits import RedisLimiter
 
     async def read() -> dict[str, Any]:
-        limiter = RedisLimiter(cfg.limits.redis_url, cfg.limits.key_prefix)
+        # A one-off read from a shell may reach a remote Redis: more patience than a request's.
+        limiter = RedisLimiter(
+            cfg.limits.redis_url, cfg.limits.key_prefix, timeout=max(cfg.limits.timeout, 2.0)
+        )
         try:
             return await limiter.usage(rec["id"], Plan.compile(rec["plan"], cfg.plans[rec["plan"]]))
         finally:

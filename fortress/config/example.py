@@ -9,6 +9,15 @@ server:
   port: 8080
   max_body_bytes: 4194304  # larger requests get 413
   log_level: info
+  header_timeout: 10       # seconds to send the request line and headers (else 408)
+  body_timeout: 30         # seconds for a body, plus 1 s per min_upload_rate bytes (else 408)
+  min_upload_rate: 16384   # bytes/s
+  keepalive_timeout: 75    # seconds an idle keep-alive connection stays open
+  # max_connections: 4096  # default: from the open-file limit; past it only /health, /ready, /metrics, /admin
+  reserved_connections: 32 # connections past max_connections kept for those paths
+  max_headers: 100         # more: 431
+  max_header_bytes: 32768  # URL + header names and values; more: 431
+  trusted_proxies: []      # IPs/CIDRs of your load balancer; empty: X-Forwarded-For is never believed
 
 timeouts:                  # seconds, towards the replicas
   connect: 5
@@ -73,13 +82,19 @@ plans:                     # usage plans; a key belongs to one (fortress keys cr
 limits:
   backend: memory          # memory (one gateway) | redis (several gateways share the limits)
   redis_url: redis://127.0.0.1:6379/0
-  fail_open: true          # Redis unreachable: admit (true) or answer 503 (false)
+  fail_open: true          # Redis out: admit through a local limiter per gateway (true) or 503 (false)
+  timeout: 0.25            # seconds a Redis call may take
+  breaker_failures: 3      # failures in a row that open the circuit (no Redis calls) ...
+  breaker_reset: 5         # ... for this many seconds
 
 audit:
   enabled: true
   required_headers: [x-llm-source, x-llm-user, x-llm-request-type]
+  max_header_bytes: 256    # longer audit headers get 400
   body_capture: none       # none | metadata | full (with redact_fields replaced)
+  max_body_capture_bytes: 65536
   redact_fields: [messages, prompt]
+  min_free_bytes: 268435456  # below this free space on the journal's disk, new requests get 503
   archive_dir: null        # JSONL.gz per day: a directory, or s3://bucket/prefix
 
 database:
