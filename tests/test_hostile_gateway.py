@@ -146,6 +146,26 @@ def test_a_replica_lying_in_its_answers_is_caught_before_the_first_byte(cluster:
     assert replica_table(url)[liar]["state"] == "unhealthy"
 
 
+def test_a_replica_answering_404_for_the_model_is_not_relayed(cluster: Cluster) -> None:
+    # vLLM restarted with another model behind the same /v1/models name answers 404 for ours.
+    gone, _ = cluster.sim(FAKE, "--ttft", "0", "--itl", "0", "--tokens", "3")
+    good, _ = cluster.sim(FAKE, "--ttft", "0", "--itl", "0", "--tokens", "3")
+    url, _ = cluster.gateway(pool_config(gone, good))
+    wait_for(lambda: all(r["state"] == "healthy" for r in replica_table(url).values()), 10, what="healthy")
+    control(gone, answer_model=OTHER, model_check=True)
+    status, body = http_post(
+        gone + "/v1/chat/completions",
+        json.dumps({"model": FAKE, "messages": [{"role": "user", "content": "x"}]}).encode(),
+    )
+    assert status == 404 and b"does not exist" in body  # what the replica itself answers
+
+    results = hammer(url, 60, threads=3)
+    assert {status for status, _, _ in results} == {200}
+    snap = replica_table(url)[gone]
+    assert snap["state"] == "unhealthy" and snap["wrong_model"].startswith("unknown (404"), snap
+    assert snap["model_mismatches"]["answer"] >= 1
+
+
 def test_fail_open_never_routes_to_a_replica_serving_another_model(cluster: Cluster) -> None:
     a, _ = cluster.sim(FAKE, "--ttft", "0", "--itl", "0", "--tokens", "3")
     b, _ = cluster.sim(FAKE, "--ttft", "0", "--itl", "0", "--tokens", "3")

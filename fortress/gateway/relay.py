@@ -186,10 +186,13 @@ class Relay:
                         errors.upstream_failed(f"Replica {replica.name} answered {status}: {_snippet(text)}")
                     )
                 if status == 404:
-                    # The pool's model is not there (a vLLM serving another model answers 404):
-                    # not the client's fault, and no answer for it.
+                    # A 404 that speaks of the model: the pool's model is not there (a vLLM
+                    # serving another model answers so); not the client's fault. Any other 404
+                    # (a server without /v1/completions) is the replica's answer, relayed.
                     text = await resp.read()
-                    self._wrong_model(replica, f"unknown (404: {_snippet(text, 120)})", want)
+                    if b"model" in text.lower():
+                        self._wrong_model(replica, f"unknown (404: {_snippet(text, 120)})", want)
+                    # else relayed below (aiohttp keeps the body it read)
                 wd.expect(self.config.timeouts.idle, "idle")
                 ctx.error = None  # an earlier attempt's failure is not this answer's
                 if ctx.stream and status == 200:

@@ -6,7 +6,8 @@ configurable schedule (time to first token, inter-token latency, output length),
 to misbehave on purpose: a loading period (``/health`` answers 503 like llama.cpp), injected 500s,
 requests that never answer, a crash mid-stream, or, at runtime through ``POST /sim/control``,
 health forced down, another model served (``model``) or another model named in answers only
-(``answer_model``: a replica lying about its model). ``GET /metrics`` speaks the vLLM or
+(``answer_model``: a replica lying about its model), or vLLM's 404 for a request naming
+another model than the one answered (``model_check``). ``GET /metrics`` speaks the vLLM or
 llama.cpp Prometheus dialect with real in-flight and token counts, and ``GET /sim/stats`` reports
 what happened, including requests whose client went away.
 
@@ -234,6 +235,7 @@ class _Sim:
         self.loaded = False
         self.health_down = False
         self.health_delay = 0.0
+        self.model_check = False  # answer 404 for another model than the one served, as vLLM does
         self.requests = 0
         self.in_flight = 0
         self.cancelled = 0
@@ -329,6 +331,10 @@ class _Sim:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     return _error(400, f"'{key}' must be a number.", "invalid_request_error", param=key)
                 changes[key] = float(value)
+            elif key == "model_check":
+                if not isinstance(value, bool):
+                    return _error(400, "'model_check' must be a boolean.", "invalid_request_error", param=key)
+                self.model_check = value
             elif key in ("model", "answer_model"):
                 if not isinstance(value, str) or not value or len(value) > 200:
                     return _error(400, f"'{key}' must be a model id.", "invalid_request_error", param=key)
@@ -360,6 +366,7 @@ class _Sim:
             "tokens": cfg.tokens,
             "model": cfg.model,
             "answer_model": self.answer_model,
+            "model_check": self.model_check,
         }
         return web.Response(body=orjson.dumps(body), content_type=_JSON)
 
@@ -470,12 +477,16 @@ class _Sim:
             if self.loading():
                 return _error(503, "Loading model", "unavailable_error", "model_loading")
             try:
-                job = _parse(orjson.loads(await request.read()), chat)
+                req = orjson.loads(await request.read())
+                job = _parse(req, chat)
             except orjson.JSONDecodeError as exc:
                 return _error(400, f"Invalid JSON body: {exc}", "invalid_request_error")
             except _BadRequest as exc:
                 return _error(400, exc.message, "invalid_request_error", param=exc.param)
             cfg = self.cfg  # snapshot: /sim/control changes apply to later requests
+            if self.model_check and req.get("model") != self.answer_model:
+                # vLLM's answer to a model it does not serve.
+                return _error(404, f"The model `{req.get('model')}` does not exist.", "NotFoundError")
             if job.poisoned:
                 # Before the random draws: a poisoned request must not shift a seeded sequence.
                 self.poisoned += 1
