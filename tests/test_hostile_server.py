@@ -179,6 +179,8 @@ def test_dripping_headers_are_cut_off_by_the_header_timeout(limited: int) -> Non
         raw, sent = drip_until_closed(sock, b"x-drip: 1\r\n")
     assert_openai_error(raw, 408, "request_timeout")
     assert sent >= 2  # it was dripping, not silent, when it was cut off
+    # A piece goes out at most every 0.2 s: cut off within the 1 s timeout + 5 s of slack.
+    assert sent <= (1 + 5) / 0.2, sent
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -193,6 +195,37 @@ def test_a_dripping_body_is_cut_off_by_the_body_timeout(limited: int, framing: s
         raw, sent = drip_until_closed(sock, piece)
     assert_openai_error(raw, 408, "request_timeout")
     assert sent >= 2
+    # 1 s + the dripped bytes / 1000 B/s: cut off within that + 5 s of slack.
+    assert sent <= (1 + 5) / 0.2, sent
+
+
+def test_a_long_stream_survives_bytes_sent_after_its_body(tmp_path: Path) -> None:
+    """A stray CRLF after a POST body (some clients send one) starts no header clock while the
+    answer is still streaming: a 3 s stream outlives the 1 s header timeout."""
+    sim_port, port = free_port(), free_port()
+    slow = Proc(
+        sim_argv(sim_port, "m", "--ttft", "0", "--itl", "0.05", "--tokens", "60"), tmp_path / "sim.log"
+    )
+    path = tmp_path / "fortress.yaml"
+    path.write_text(LIMITED + f"state_dir: {tmp_path / 'state'}\n" + pools(f"http://127.0.0.1:{sim_port}"))
+    gw = Proc(fortress_argv("serve", "-c", str(path), "--port", str(port)), tmp_path / "gw.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", timeout=20)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        with connect(port) as sock:
+            sock.sendall(head("POST", "/v1/chat/completions", length=len(body)) + body.encode())
+            time.sleep(0.3)
+            sock.sendall(b"\r\n")
+            got = b""
+            sock.settimeout(SLACK)
+            while b"data: [DONE]" not in got:
+                data = sock.recv(65536)
+                assert data, f"the stream was cut: {got[-300:]!r}"
+                got += data
+        assert got.startswith(b"HTTP/1.1 200") and got.count(b"tok") >= 60
+    finally:
+        gw.stop()
+        slow.stop()
 
 
 def test_a_slow_upload_that_keeps_the_minimum_rate_gets_through(limited: int) -> None:

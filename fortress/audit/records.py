@@ -203,15 +203,19 @@ class RecordBuilder:
 
     def full_bounded(self, ctx: RequestContext) -> dict[str, Any]:
         """``full``, unless what it keeps is over ``max_body_capture_bytes``: then the metadata,
-        marked ``truncated``. Redaction at most doubles a body (``{"prompt":0}`` becomes
-        ``{"prompt":"[redacted]"}``), so only bodies that arrived over half the bound are measured."""
+        marked ``truncated``; the metadata too for a body JSON cannot re-encode (nested past
+        orjson's 254 levels: the gateway relays such a body as received)."""
         out = self.full(ctx)
-        if ctx.bytes_in * 2 > self.max_body:
+        try:
             size = len(orjson.dumps(out))
-            if size > self.max_body:
-                meta = self.metadata(ctx)
-                meta["truncated"] = f"captured body of {size} bytes over the {self.max_body}-byte bound"
-                return meta
+        except orjson.JSONEncodeError:
+            meta = self.metadata(ctx)
+            meta["truncated"] = "captured body nested too deep to store"
+            return meta
+        if size > self.max_body:
+            meta = self.metadata(ctx)
+            meta["truncated"] = f"captured body of {size} bytes over the {self.max_body}-byte bound"
+            return meta
         return out
 
     def full(self, ctx: RequestContext) -> dict[str, Any]:

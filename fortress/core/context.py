@@ -70,6 +70,7 @@ class RequestContext:
         "path",
         "replica",
         "request_id",
+        "responded",
         "status",
         "stream",
         "t0",
@@ -107,6 +108,7 @@ class RequestContext:
         # Response headers added by earlier layers (OpenAI rate-limit headers, for example).
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.finished = False  # the record of this request has been handed to the audit layer
+        self.responded = False  # the response has started: no other replica may answer now
         self._prefix: str | None = None
 
     # -- the request view balancers read ------------------------------------------------------

@@ -34,11 +34,6 @@ from fortress.routing.pool import Route, Router
 log = logging.getLogger("fortress.gateway")
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-# Deeper JSON is refused: nothing OpenAI's API takes nests this far, and orjson cannot re-encode
-# (for the replica, for the audit record) past 254 levels.
-MAX_DEPTH = 128
-# Answering before the body is read: end the connection rather than read what is left.
-_CLOSE = (b"connection", b"close")
 # One logged traceback per exception type and minute: a request that trips a bug must not
 # become a way to flood the logs.
 _LOG_EVERY = 60.0
@@ -67,17 +62,6 @@ def _log_internal(exc: BaseException) -> None:
     if now - _logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
         _logged[kind] = now
         log.error("request failed inside the gateway (logged once a minute per kind)", exc_info=exc)
-
-
-def _deeper_than(obj: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
 
 
 def new_request_id() -> str:
@@ -159,7 +143,7 @@ class Gateway:
         content_length = -1
         headers: dict[bytes, bytes] = dict(scope["headers"])  # a repeated header: the last one wins
         rid = headers.get(b"x-request-id")
-        if rid and len(rid) <= 200:
+        if rid and len(rid) <= 256:  # the audit layer's bound on it (audit.max_header_bytes)
             request_id = rid.decode("latin-1")
         cl = headers.get(b"content-length")
         if cl is not None and cl.isdigit():
@@ -189,7 +173,6 @@ class Gateway:
                 if self.audit is not None:
                     self.audit.check_headers(ctx)
                 if content_length > self.max_body:
-                    ctx.extra_headers.append(_CLOSE)  # not worth reading: end the connection
                     raise errors.too_large(self.max_body)
             except errors.GatewayError as err:
                 await self.relay.send_error(send, ctx, err)
@@ -209,12 +192,20 @@ class Gateway:
                 await self.relay.send_error(send, ctx, err)
                 return
             await self._relay(ctx, route, body, receive, send)
+        except errors.GatewayError as err:  # a layer refusing late (the audit journal)
+            try:
+                await self.relay.end(send, ctx, err)
+            except Exception as exc:
+                _log_internal(exc)
         except _ClientGone as gone:
             # The client went away (or was too slow) before its body was read: a record, no
             # traceback (anyone can do this, and cheaply).
             ctx.status = gone.status
             ctx.error = gone.reason
-            await self.relay.record_end(ctx)
+            try:
+                await self.relay.record_end(ctx)
+            except Exception as exc:  # the journal failing must not become a traceback per client
+                _log_internal(exc)
         except Exception as exc:  # a bug must still answer in OpenAI's format and be recorded
             _log_internal(exc)
             err = errors.GatewayError(
@@ -224,10 +215,10 @@ class Gateway:
                 "server_error",
                 "internal_error",
             )
-            # Records the request (unless it already was), then answers; the answer fails
-            # harmlessly when a response had already started.
-            with contextlib.suppress(Exception):
-                await self.relay.send_error(send, ctx, err)
+            try:  # recorded (unless it already was), then answered
+                await self.relay.end(send, ctx, err)
+            except Exception as again:
+                _log_internal(again)
         finally:
             if access is not None and ctx.ticket is not None:
                 access.release(ctx)
@@ -273,9 +264,6 @@ class Gateway:
             ) from None
         if not isinstance(body, dict):
             raise errors.bad_request("The request body must be a JSON object.")
-        # Counting brackets is a C-speed scan; only a body with enough of them is walked.
-        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
-            raise errors.bad_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("You must provide a model parameter.", "model")

@@ -302,7 +302,9 @@ class GuardedProtocol(HttpToolsProtocol):
                 # The parser buffers a header until it ends: a huge one must not wait for that.
                 self.counters.too_large_headers_total += 1
                 self._reject(TOO_LARGE_HEADERS, "headers too large")
-            elif self._head_timer is None:
+            elif self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                # While a response is still going out (a long stream), bytes of a next request
+                # (or a stray CRLF after a body) wait: their clock starts when it is done.
                 self._head_timer = self.loop.call_later(limits.header_timeout, self._head_expired)
         elif phase == _BODY and self._body_timer is None:
             self._arm_body_timer()
@@ -350,6 +352,22 @@ class GuardedProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._phase == _BODY and not self.transport.is_closing():
+            # Answered before its body was read (a 401 before the body, a 413): end the
+            # connection, lingering so the client reads the answer rather than a reset; what
+            # it still sends is discarded.
+            self.server_state.total_requests += 1
+            self._phase = _DONE
+            self._cancel_timers()
+            self.flow.resume_reading()
+            self._linger_close()
+            return
+        super().on_response_complete()
+        if self._phase == _HEAD and self._head_timer is None and not self.transport.is_closing():
+            # Bytes of the next request arrived while this response went out: now they count.
+            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
 
     def _too_large(self) -> None:
         self.counters.too_large_headers_total += 1
@@ -441,6 +459,12 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         transport.write(answer)
         self.flow.resume_reading()  # keep draining the input while lingering
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close, then close after ``LINGER``: a close with unread input would reset the
+        connection and could destroy the answer before the client reads it."""
+        transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
             self.loop.call_later(LINGER, transport.close)

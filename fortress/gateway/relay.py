@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -152,8 +152,10 @@ class Relay:
             return raw
         try:
             return orjson.dumps(body)
-        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (254 levels)
-            raise errors.bad_request(f"The request body cannot be relayed: {exc}.") from None
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            raise errors.bad_request(
+                "The request body is nested more than 254 levels deep; it cannot be relayed."
+            ) from None
 
     async def _attempt(
         self,
@@ -173,7 +175,6 @@ class Relay:
             headers["accept"] = "text/event-stream"
         replica.in_flight += 1
         wd.expect(self.config.timeouts.first_byte, "first_byte")
-        started = False  # has anything reached the client?
         try:
             session = self.fresh_session if fresh else self.session
             assert session is not None
@@ -186,22 +187,22 @@ class Relay:
                         errors.upstream_failed(f"Replica {replica.name} answered {status}: {_snippet(text)}")
                     )
                 if status == 404:
-                    # A 404 that speaks of the model: the pool's model is not there (a vLLM
-                    # serving another model answers so); not the client's fault. Any other 404
-                    # (a server without /v1/completions) is the replica's answer, relayed.
+                    # A 404 that speaks of the model: the pool's model may be gone from this
+                    # replica (a vLLM serving another model answers so). Not relayed: tried
+                    # elsewhere, and the replica's /v1/models is checked at once. Any other 404
+                    # (a server without /v1/completions) is the replica's answer, relayed below.
                     text = await resp.read()
                     if b"model" in text.lower():
-                        self._wrong_model(replica, f"unknown (404: {_snippet(text, 120)})", want)
-                    # else relayed below (aiohttp keeps the body it read)
+                        self.outlier.suspect_model(replica)
+                        raise _Retry(
+                            errors.upstream_failed(
+                                f"Replica {replica.name} does not serve {want!r}: {_snippet(text, 120)}"
+                            )
+                        )
                 wd.expect(self.config.timeouts.idle, "idle")
                 ctx.error = None  # an earlier attempt's failure is not this answer's
                 if ctx.stream and status == 200:
-                    head = await self._first_event(resp)
-                    got = first_event_model(head)
-                    if got is not None and got != want:
-                        self._wrong_model(replica, got, want)
-                    started = True
-                    await self._relay_stream(ctx, replica, resp, send, wd, head)
+                    await self._relay_stream(ctx, replica, want, resp, send, wd)
                 else:
                     data = await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
@@ -214,8 +215,8 @@ class Relay:
                     ctx.overhead += perf_counter() - t_out
                     hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
                     ctx.bytes_out = len(data)
-                    started = True
                     await self._finish(ctx)
+                    ctx.responded = True
                     await send({"type": "http.response.start", "status": status, "headers": hdrs})
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                 if ctx.status < 500:  # not a stream the replica cut short
@@ -234,19 +235,19 @@ class Relay:
                 f"Replica {replica.name} did not answer within the {reason} timeout."
             )
             self.outlier.failure(replica, Failure.TIMEOUT, f"{reason} timeout")
-            if not started and reason != "total":
+            if not ctx.responded and reason != "total":
                 ctx.cancelled_by = None
                 raise _Retry(err) from None
-            await self._fail(ctx, send, started, err)
+            await self._fail(ctx, send, ctx.responded, err)
         except (aiohttp.ClientError, OSError) as exc:
             err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
-            if not started and not fresh and isinstance(exc, aiohttp.ServerDisconnectedError):
+            if not ctx.responded and not fresh and isinstance(exc, aiohttp.ServerDisconnectedError):
                 raise _Retry(err, same_replica=True) from None
             kind = Failure.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Failure.RESET
             self.outlier.failure(replica, kind, _describe(exc))
-            if not started:
+            if not ctx.responded:
                 raise _Retry(err) from None
-            await self._fail(ctx, send, started, err)
+            await self._fail(ctx, send, True, err)
         finally:
             replica.in_flight -= 1
 
@@ -260,43 +261,28 @@ class Relay:
             )
         )
 
-    @staticmethod
-    async def _first_event(resp: aiohttp.ClientResponse) -> bytes:
-        """The stream's bytes up to at least its first complete SSE event, or all of it if it
-        ends before one: the event's model is checked before anything goes to the client."""
-        head = b""
-        while b"\n\n" not in head:
-            data = await resp.content.readany()
-            if not data:
-                break
-            head += data
-        return head
-
     async def _relay_stream(
         self,
         ctx: RequestContext,
         replica: Replica,
+        want: str,
         resp: aiohttp.ClientResponse,
         send: Send,
         wd: Watchdog,
-        head: bytes,
     ) -> None:
-        t_in = perf_counter()
-        ctx.status = 200
-        hdrs = self._headers(ctx, replica, None)
-        ctx.overhead += perf_counter() - t_in
-        hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        """Relay a stream event by event. The response starts with the first complete event,
+        once its model is checked: until then a failure is retried on another replica."""
         tap = StreamTap(strip_usage=not ctx.want_usage)
         mark = wd.mark
-        first = True
-        async for data in _chain(head, resp):
+        async for data in resp.content.iter_any():
             mark()
             out = tap.feed(data)
             if out:
-                if first:
-                    ctx.ttfb = perf_counter() - ctx.t0
-                    first = False
+                if not ctx.responded:
+                    got = first_event_model(out)
+                    if got is not None and got != want:
+                        self._wrong_model(replica, got, want)
+                    await self._start_stream(ctx, replica, send)
                 ctx.bytes_out += len(out)
                 if tap.done and not ctx.finished:
                     # The chunk with [DONE] waits until the request's record is committed.
@@ -313,9 +299,21 @@ class Relay:
             # The replica closed the stream early: tell the client instead of ending silently.
             err = errors.upstream_failed(f"Replica {replica.name} ended the stream early.")
             self.outlier.failure(replica, Failure.RESET, "stream ended early")
+            if not ctx.responded:
+                raise _Retry(err)
             await self._fail(ctx, send, True, err, rest)
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    async def _start_stream(self, ctx: RequestContext, replica: Replica, send: Send) -> None:
+        t_in = perf_counter()
+        ctx.status = 200
+        ctx.ttfb = t_in - ctx.t0
+        hdrs = self._headers(ctx, replica, None)
+        ctx.overhead += perf_counter() - t_in
+        hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
+        ctx.responded = True
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
 
     def _inspect(self, ctx: RequestContext, replica: Replica, want: str, data: bytes) -> bytes:
         """Check the answer's model; keep its usage; fill in fields OpenAI's schema requires."""
@@ -358,6 +356,11 @@ class Relay:
         await self._finish(ctx)
         await send({"type": "http.response.body", "body": rest + event, "more_body": False})
 
+    async def end(self, send: Send, ctx: RequestContext, err: errors.GatewayError) -> None:
+        """End the request with ``err``: an error response, or, when the response has started
+        (a stream), a final error event. Recorded first, as every answer."""
+        await self._fail(ctx, send, ctx.responded, err)
+
     async def record_end(self, ctx: RequestContext) -> None:
         """Hand a request that ended without an answer (client gone) to the audit layer."""
         await self._finish(ctx)
@@ -381,16 +384,9 @@ class Relay:
         ]
         ctx.bytes_out = len(body)
         await self._finish(ctx)
+        ctx.responded = True
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _chain(head: bytes, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The bytes already read (``head``), then the rest of the body."""
-    if head:
-        yield head
-    async for data in resp.content.iter_any():
-        yield data
 
 
 def _snippet(text: bytes, limit: int = 200) -> str:

@@ -49,7 +49,6 @@ _COUNTER_METRICS = {
     # Turned away at the cap: answered 503 on a reserve connection, or closed past the reserve.
     "connections_refused": ("connections_refused_total", "connections_busy_total"),
 }
-_COUNTER_HORIZON = 3600.0  # the longest window a counter alarm may use
 # Units for messages; the thresholds in config use the same.
 UNITS: dict[str, str] = {
     "avg_latency": "s",
@@ -148,8 +147,10 @@ class Signals:
         self.stats = stats
         self._stats: dict[str, Any] = {}
         self._summaries: dict[tuple[float, bool], Summary] = {}
-        # Samples of the cumulative counters alarms look at, for their increase over a window.
+        # Samples of the cumulative counters alarms look at, for their increase over a window
+        # (kept for the longest window a rule uses: the evaluator sets it).
         self._counters: dict[str, deque[tuple[float, float]]] = {}
+        self.horizon = 3600.0
 
     def begin(self, now: float | None = None) -> None:
         """Start one evaluation: rules with the same window share one summary; the layers'
@@ -162,7 +163,7 @@ class Signals:
                 if values:
                     samples = self._counters.setdefault(metric, deque())
                     samples.append((now, float(sum(values))))
-                    while len(samples) > 1 and samples[1][0] <= now - _COUNTER_HORIZON:
+                    while len(samples) > 1 and samples[1][0] <= now - self.horizon:
                         samples.popleft()
 
     def _increase(self, metric: str, window: float, now: float) -> float | None:
@@ -193,16 +194,9 @@ class Signals:
         if m in _COUNTER_METRICS:
             return self._increase(m, rule.window, now)
         if m == "journal_disk_utilization":
-            free, total = (
-                self._stats.get("journal_disk_free_bytes"),
-                self._stats.get("journal_disk_total_bytes"),
-            )
-            return 100.0 * (1.0 - free / total) if free is not None and total else None
+            return journal_disk_percent(self._stats)
         if m == "store_unreachable":
-            if not self._stats:
-                return None
-            down = bool(self._stats.get("shipper_error")) or self._stats.get("key_store_reachable") is False
-            return 1.0 if down else 0.0
+            return store_unreachable(self._stats)
         if m == "wrong_model_replicas":
             if self.router is None:
                 return None
@@ -234,6 +228,20 @@ class Signals:
         if m == "ttft_p95":
             return s.ttft_p95
         raise ValueError(f"unknown alarm metric {m!r}")
+
+
+def journal_disk_percent(stats: dict[str, Any]) -> float | None:
+    """Percent of the audit journal's filesystem in use, from the audit layer's stats()."""
+    free, total = stats.get("journal_disk_free_bytes"), stats.get("journal_disk_total_bytes")
+    return 100.0 * (1.0 - free / total) if free is not None and total else None
+
+
+def store_unreachable(stats: dict[str, Any]) -> float | None:
+    """1 while the audit shipper fails or the key cache cannot read the store; None with no
+    layer reporting either."""
+    if "shipper_error" not in stats and "key_store_reachable" not in stats:
+        return None
+    return 1.0 if stats.get("shipper_error") or stats.get("key_store_reachable") is False else 0.0
 
 
 class Alarm:
@@ -302,6 +310,7 @@ class AlarmEvaluator:
     ) -> None:
         self.alarms = [Alarm(r) for r in rules]
         self.signals = signals
+        signals.horizon = max([signals.horizon, *(a.rule.window for a in self.alarms)])
         self.notifiers = list(notifiers)
         self.every = every
         self.clock = clock

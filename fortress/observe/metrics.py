@@ -264,7 +264,8 @@ class StateCollector(Collector):
         yield from self._machine()
         if self.layer_stats is not None:
             stats = self.layer_stats()
-            yield from self._audit(stats)
+            if "journal_seq" in stats:  # the audit layer reports
+                yield from self._audit(stats)
             yield from _guards(stats)
         if self.alarm_states is not None:
             firing = GaugeMetricFamily(
@@ -504,6 +505,13 @@ _GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
         "journal_refused_total",
         "fortress_audit_journal_refused",
         "Requests refused (503) because the journal's disk was nearly full.",
+        "counter",
+    ),
+    (
+        "journal_unrecorded_total",
+        "fortress_audit_journal_unrecorded",
+        "Requests refused before any replica saw them and left without a record while the "
+        "journal's disk was below its floor.",
         "counter",
     ),
     ("keys_cached", "fortress_keys_cached", "API keys in the gateway's key cache.", "gauge"),

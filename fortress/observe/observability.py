@@ -23,7 +23,7 @@ from fortress.core import errors
 from fortress.core.admin import admin_allowed
 from fortress.core.asgi import Handler, Receive, Scope, Send, respond, respond_error, respond_json
 from fortress.core.layers import Observer
-from fortress.observe.alarms import AlarmEvaluator, Signals
+from fortress.observe.alarms import AlarmEvaluator, Signals, journal_disk_percent, store_unreachable
 from fortress.observe.dashboard import Dashboard
 from fortress.observe.logs import AccessLog
 from fortress.observe.metrics import GatewayMetrics
@@ -168,11 +168,9 @@ class Observability:
             self._router.healthy_count(route) for route in self._router.index.values() if not route.is_alias
         ]
         stats = self.stats()
-        free, total = stats.get("journal_disk_free_bytes"), stats.get("journal_disk_total_bytes")
-        down = bool(stats.get("shipper_error")) or stats.get("key_store_reachable") is False
         return {
-            "JournalDiskUtilization": 100.0 * (1.0 - free / total) if free is not None and total else None,
-            "StoreUnreachable": (1.0 if down else 0.0) if stats else None,
+            "JournalDiskUtilization": journal_disk_percent(stats),
+            "StoreUnreachable": store_unreachable(stats),
             "LimiterFailOpen": self._emf_increase(stats, "fail_open_admissions_total"),
             "ConnectionsRefused": self._emf_increase(
                 stats, "connections_refused_total", "connections_busy_total"

@@ -103,8 +103,10 @@ class OutlierDetector:
         replica.failures += 1
         cfg = self.router.outlier_config(replica)
         hold = min(cfg.base_ejection_time * (replica.ejections + 1), cfg.max_ejection_time)
-        replica.ejections += 1
-        if replica.misidentify(served, wanted, "answer", self.clock(), hold):
+        first = replica.wrong_model is None
+        if first:  # answers already in flight when it was caught do not lengthen the hold
+            replica.ejections += 1
+        if replica.misidentify(served, wanted, "answer", self.clock(), hold if first else 0.0):
             log.warning(
                 "replica %s (%s) answered as %s for %r: out of rotation for at least %gs",
                 replica.name,
@@ -113,6 +115,15 @@ class OutlierDetector:
                 wanted,
                 hold,
             )
+        if self.on_eject is not None:
+            self.on_eject(replica)
+
+    def suspect_model(self, replica: Replica) -> None:
+        """An answer hints that the replica no longer serves its model (a 404 naming the model):
+        check its /v1/models now rather than at the next interval. Not an ejection by itself:
+        a 404 can have other causes, and the check decides."""
+        replica.failures += 1
+        replica.next_check_at = self.clock()
         if self.on_eject is not None:
             self.on_eject(replica)
 
