@@ -98,7 +98,11 @@ class Runtime:
         self.observe: Observability | None = None
         if config.observe.enabled:
             stats = [layer.stats for layer in (self.audit, self.access) if layer is not None]
-            self.observe = Observability(config, self.router, stats=[*stats, self.connections.snapshot])
+            # The supervisor is built below: a lambda reads it when observe asks.
+            slots = lambda: self.supervisor.stats() if self.supervisor is not None else {}  # noqa: E731
+            self.observe = Observability(
+                config, self.router, stats=[*stats, self.connections.snapshot, slots]
+            )
         # Local replica processes (engine: llamacpp | vllm | sim); engine errors surface here.
         self.supervisor: Supervisor | None = None
         if self.router.planned:

@@ -247,6 +247,50 @@ def test_layer_alarms_follow_the_layers_stats() -> None:
 LAYER_METRICS = {"journal_disk_utilization", "store_unreachable", "limiter_fail_open", "connections_refused"}
 
 
+def test_crashed_local_replica_counts_as_unhealthy_and_its_restart_alarms() -> None:
+    # The supervisor's stats: a local slot that crashes at t=15 (out of the router while it is
+    # down), is restarted at t=33 (restarts 1) and ready again at t=38.
+    router = router_with_two()
+    slot = {"name": "local-1", "pool": "m", "model": "m", "tier": "primary", "engine": "sim",
+            "state": "running", "restarts": 0, "replica": "local-1"}  # fmt: skip
+    stats: dict[str, Any] = {"replica_restarts_total": 0, "local_slots": [slot]}
+    clock = Clock()
+    rules = [r for r in default_alarm_rules() if r.name in ("unhealthy_replicas", "replica_restarts")]
+    assert [(r.metric, r.window, r.severity) for r in rules] == [
+        ("unhealthy_replicas", 60.0, "page"),
+        ("replica_restarts", 600.0, "warning"),
+    ]
+    ev = AlarmEvaluator(
+        rules,
+        Signals(RecentTraffic(horizon=900, clock=clock), router, GaugeSeries(), None, lambda: dict(stats)),
+        [],
+        every=10,
+        clock=clock,
+        wall=lambda: WALL0 + clock.t,
+    )
+
+    def chaos(t: int) -> None:
+        if t == 15:
+            slot.update(state="backoff", replica=None, restarts=1)
+            stats["replica_restarts_total"] = 1
+        if t == 33:
+            slot.update(state="starting")  # the new process loads: still down
+        if t == 38:
+            slot.update(state="running", replica="local-1")
+
+    watch = ("unhealthy_replicas", "replica_restarts")
+    changes, events = run(ev, clock, 700, chaos, watch=watch)
+    assert changes["unhealthy_replicas"] == [(20, FIRING), (40, RESOLVED), (50, OK)]
+    # The restart at t=15 is within the 10-minute window until t=615 (the sample at t=20).
+    assert changes["replica_restarts"] == [(20, FIRING), (620, RESOLVED), (630, OK)]
+    fired = {e.rule.name: e.value for _, e in events if str(e.state) == "firing"}
+    assert fired == {"unhealthy_replicas": 1.0, "replica_restarts": 1.0}
+    # A slot asked to stop is not down, nor one whose replica is still in the router.
+    slot.update(state="stopped", replica=None)
+    ev.signals.begin(701.0)
+    assert ev.signals.value(rules[0], 701.0) == 0.0
+
+
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     received: list[dict[str, Any]] = []

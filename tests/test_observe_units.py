@@ -22,7 +22,7 @@ from fortress.observe.grafana import grafana_dashboard
 from fortress.observe.logs import AccessLog
 from fortress.observe.metrics import error_kind, outcome
 from fortress.observe.rules_export import cloudwatch_alarms, prometheus_rules
-from fortress.observe.window import RecentTraffic
+from fortress.observe.window import History, RecentTraffic
 from fortress.routing.load import parse_engine_metrics
 from fortress.routing.replica import State
 from fortress.runtime import Runtime
@@ -252,16 +252,75 @@ def test_dashboard_data_shape() -> None:
     )
     d = obs.dashboard.data()
     assert d["totals"]["requests"] == 1 and d["last_60s"]["tokens_out"] == 9
-    assert d["tiers"]["primary"] == {"healthy": 0, "total": 1}
+    assert d["tiers"]["primary"] == {"healthy": 0, "unhealthy": 0, "total": 1}
     assert [r["state"] for r in d["replicas"]] == ["initial", "initial"]
     assert len(d["series"]) <= 1  # no points from before the gateway started
     obs.dashboard.series_start -= 600
     series = obs.dashboard.data()["series"]
     assert len(series) == 150 and series[-1]["t"] > series[0]["t"]
     assert sum(p["requests"] for p in series) in (0, 1)  # the current, unfinished step may hold it
-    assert {a["name"] for a in d["alarms"]} >= {"unhealthy_replicas", "errors_5xx"}
+    assert {a["name"] for a in d["alarms"]} >= {"unhealthy_replicas", "errors_5xx", "replica_restarts"}
     assert "cpu_percent" in d["machine"]
+    assert d["history"] == [] and d["history_step"] == 5.0
     json.dumps(d)  # JSON-ready
+
+
+def test_history_ring_partitions_traffic_and_keeps_the_worst_health() -> None:
+    now = [1000.2]
+    recent = RecentTraffic(horizon=900, clock=lambda: now[0])
+    h = History(step=5, horizon=30)  # six points
+    ok = {"primary": {"healthy": 2, "unhealthy": 0, "total": 2}}
+    dip = {"primary": {"healthy": 1, "unhealthy": 1, "total": 2}}
+    sent = 0
+    for second in range(1000, 1100):
+        now[0] = second + 0.2
+        recent.add(now[0], 500 if second % 10 == 0 else 200, 0.5, tokens_out=3)
+        sent += 1
+        # Health is read every second; one second of the step at 1040..1044 has a dip.
+        h.note(dip if second == 1042 else ok)
+        if second % 5 == 4:
+            p = h.close(10_000.0 + second, now[0], recent, restarts=second // 50)
+            assert p is not None
+    points = h.points()
+    assert len(points) == 6  # bounded: the oldest points are gone
+    assert [p["t"] for p in points] == [10_000.0 + s for s in range(1074, 1100, 5)]
+    # Each point covers the whole seconds since the previous one, the current one excluded:
+    # every request counted exactly once across points.
+    assert [p["seconds"] for p in points] == [5.0] * 6
+    assert sum(p["requests"] for p in points) == 30  # seconds 1069..1098 (1099 is not over)
+    assert sum(p["errors_5xx"] for p in points) == 3 and points[-1]["tokens_out"] == 15
+    assert points[-1]["avg_latency"] == pytest.approx(0.5) and points[-1]["p95"] is not None
+    assert all(p["health"] == ok for p in points)  # the dip was before the kept hour
+    assert points[-1]["restarts"] == 21
+    # The dip lasted one second, the step five: the step keeps it.
+    h2 = History(step=5, horizon=60)
+    for second in range(2000, 2010):
+        now[0] = second + 0.2
+        h2.note(dip if second == 2002 else ok)
+        if second % 5 == 4:
+            h2.close(float(second), now[0], recent)
+    assert [p["health"]["primary"]["healthy"] for p in h2.points()] == [1, 2]
+    assert [p["health"]["primary"]["unhealthy"] for p in h2.points()] == [1, 0]
+    # A poll asks only for what it has not seen.
+    assert [p["t"] for p in h2.points(since=2004.0)] == [2009.0]
+    assert h2.points(since=2009.0) == [] and len(h2.points(since=0)) == 2
+    # Closing twice within the same second adds nothing.
+    assert h2.close(2009.5, now[0], recent) is None
+
+
+def test_dashboard_history_from_the_sampler_and_since() -> None:
+    gw, obs = gateway()
+    t = obs.recent.clock()
+    for status in (200, 200, 502):
+        gw.observers[0](make_ctx(status, t0=t - 0.5))
+    obs.recent.add(t - 2, 200, 0.25)  # a request two seconds ago: in the first point
+    p = obs.sample_history(t + 1)
+    assert p is not None and p["requests"] >= 1 and p["restarts"] is None
+    assert p["health"]["primary"] == {"healthy": 0, "unhealthy": 0, "total": 1}
+    d = obs.dashboard.data()
+    assert [h["t"] for h in d["history"]] == [p["t"]]
+    assert obs.dashboard.data(since=p["t"])["history"] == []
+    json.dumps(d)
 
 
 def test_admin_rule_for_observability_endpoints() -> None:
@@ -334,6 +393,7 @@ def test_alarm_rules_config() -> None:
         ("store_unreachable", 0, 60, "warning"),
         ("limiter_fail_open", 0, 0, "warning"),
         ("connections_refused", 0, 0, "warning"),
+        ("replica_restarts", 0, 0, "warning"),
         ("gpu_utilization", 95, 300, "info"),
     ]
     assert defaults["gpu_scale_up"].action == "scale_up"
@@ -374,6 +434,8 @@ def test_exports() -> None:
         assert needed in titles
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     json.dumps(dash)
+    assert rules["replica_restarts"]["expr"] == "sum(increase(fortress_replica_restarts_total[10m])) > 0"
+    assert cw["fortress-replica_restarts"]["MetricName"] == "ReplicaRestarts"
 
 
 class _FakeNvml:

@@ -25,6 +25,7 @@ AlarmMetric = Literal[
     "store_unreachable",  # 1 while the audit shipper or the key cache cannot reach the store
     "limiter_fail_open",  # admissions by the local fallback while Redis was out, over the window
     "connections_refused",  # connections turned away at the connection cap, over the window
+    "replica_restarts",  # local replica processes restarted after a crash, over the window
 ]
 
 
@@ -133,6 +134,14 @@ def default_alarm_rules() -> list[AlarmRule]:
             threshold=0,
             severity="warning",
             description="Clients were turned away at the connection cap (server.max_connections).",
+        ),
+        AlarmRule(
+            name="replica_restarts",
+            metric="replica_restarts",
+            threshold=0,
+            window=600,
+            severity="warning",
+            description="A local replica process crashed and was restarted in the last 10 minutes.",
         ),
         AlarmRule(
             name="gpu_scale_up",

@@ -606,6 +606,14 @@ class Supervisor:
         """One JSON-ready row per supervised process slot."""
         return [s.snapshot() for s in self.slots]
 
+    def stats(self) -> dict[str, Any]:
+        """For observe, read at scrape and evaluation time: restarts after a crash (all slots,
+        a counter) and the slots' rows (which are down, each one's restarts)."""
+        return {
+            "replica_restarts_total": sum(s.restarts for s in self.slots),
+            "local_slots": self.status(),
+        }
+
 
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):

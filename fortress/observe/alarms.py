@@ -48,6 +48,8 @@ _COUNTER_METRICS = {
     "limiter_fail_open": ("fail_open_admissions_total",),
     # Turned away at the cap: answered 503 on a reserve connection, or closed past the reserve.
     "connections_refused": ("connections_refused_total", "connections_busy_total"),
+    # Local replica processes restarted after a crash (the supervisor's stats).
+    "replica_restarts": ("replica_restarts_total",),
 }
 # Units for messages; the thresholds in config use the same.
 UNITS: dict[str, str] = {
@@ -190,7 +192,7 @@ class Signals:
         if m == "unhealthy_replicas":
             if self.router is None:
                 return None
-            return float(sum(1 for r in self.router.all_replicas() if r.state is State.UNHEALTHY))
+            return float(unhealthy_count(self.router, self._stats))
         if m in _COUNTER_METRICS:
             return self._increase(m, rule.window, now)
         if m == "journal_disk_utilization":
@@ -228,6 +230,25 @@ class Signals:
         if m == "ttft_p95":
             return s.ttft_p95
         raise ValueError(f"unknown alarm metric {m!r}")
+
+
+def slot_down(slot: dict[str, Any]) -> bool:
+    """A supervised slot (a ``Supervisor.status()`` row) whose process crashed or never came up
+    and is restarting or given up: out of the router, yet a replica that should serve."""
+    if slot.get("state") in ("stopping", "stopped") or slot.get("replica"):
+        return False
+    return slot.get("state") == "failed" or bool(slot.get("restarts"))
+
+
+def unhealthy_count(router: Router, stats: dict[str, Any]) -> int:
+    """Replicas in state unhealthy, plus local replicas whose process is down: the runtime
+    takes a dead process out of the router at once, so the router alone would not count it
+    between the crash and the restart's first passing check."""
+    n = sum(1 for r in router.all_replicas() if r.state is State.UNHEALTHY)
+    for slot in stats.get("local_slots") or ():
+        if slot_down(slot) and router.replica_named(slot["name"]) is None:
+            n += 1
+    return n
 
 
 def journal_disk_percent(stats: dict[str, Any]) -> float | None:

@@ -3,13 +3,16 @@
 Everything the page needs ships in the package (``static/``, with uPlot vendored under
 ``static/vendor/``); nothing is fetched from elsewhere, and the page's Content-Security-Policy
 says so. ``/dashboard/data`` is one JSON document: the last 10 s and 60 s of traffic, a
-five-minute series, replicas per tier, the replica table with the engines' own numbers, the
-alarms and the machine (GPUs, or the gateway's CPU and memory).
+five-minute series, the last hour's history (``History``: traffic and replica health every
+5 s, kept by the gateway so a reload loses nothing; ``?since=<t>`` returns only newer points),
+replicas per tier, the replica table with the engines' own numbers, the alarms and the machine
+(GPUs, or the gateway's CPU and memory).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,8 +22,9 @@ from fortress.config import TIER_ORDER
 from fortress.core import errors
 from fortress.core.admin import COOKIE, admin_allowed, cookie_value
 from fortress.core.asgi import Receive, Scope, Send, query, respond, respond_error, respond_json
+from fortress.observe.alarms import slot_down
 from fortress.observe.system import CpuMeter, GpuProbe, host_memory, process_rss
-from fortress.observe.window import RecentTraffic, Summary
+from fortress.observe.window import History, RecentTraffic, Summary
 from fortress.routing.pool import Router
 from fortress.routing.replica import State
 
@@ -56,6 +60,23 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
     return files
 
 
+def replica_health(router: Router, slots: list[dict[str, Any]] | None = None) -> dict[str, dict[str, int]]:
+    """Healthy, unhealthy and total replicas per tier. Local replicas whose process is down
+    (``slot_down``) are out of the router: they count as unhealthy and in the total."""
+    tiers = {str(t): {"healthy": 0, "unhealthy": 0, "total": 0} for t in TIER_ORDER}
+    for r in router.all_replicas():
+        t = tiers[str(r.tier)]
+        t["total"] += 1
+        t["healthy"] += r.state is State.HEALTHY
+        t["unhealthy"] += r.state is State.UNHEALTHY
+    for slot in slots or ():
+        if slot_down(slot) and router.replica_named(slot["name"]) is None:
+            t = tiers[slot["tier"]]
+            t["total"] += 1
+            t["unhealthy"] += 1
+    return tiers
+
+
 def _point(s: Summary) -> dict[str, Any]:
     return {
         "requests": s.requests,
@@ -85,12 +106,17 @@ class Dashboard:
         admin_token: str | None,
         gpus: GpuProbe | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        history: History | None = None,
+        slots: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.router = router
         self.recent = recent
         self.admin_token = admin_token
         self.gpus = gpus
         self.alarms = alarms
+        self.history = history if history is not None else History()
+        # The supervisor's slots (status rows), for local replicas that are down.
+        self.slots = slots
         self.cpu = CpuMeter()
         self.static = _load_static()
         self.started = time.time()
@@ -111,7 +137,12 @@ class Dashboard:
             await respond_error(send, errors.admin_required())
             return
         if path == "/dashboard/data":
-            await respond_json(send, 200, self.data(), [(b"cache-control", b"no-store")])
+            try:
+                since = float(query(scope).get("since") or "nan")
+            except ValueError:
+                since = math.nan
+            data = self.data(None if math.isnan(since) else since)
+            await respond_json(send, 200, data, [(b"cache-control", b"no-store")])
         elif path.startswith("/dashboard/static/") and path[len("/dashboard/static/") :] in self.static:
             body, ctype = self.static[path[len("/dashboard/static/") :]]
             await respond(send, 200, body, ctype, [(b"cache-control", b"no-cache")])
@@ -148,8 +179,8 @@ class Dashboard:
 
     # -- data -------------------------------------------------------------------------------
 
-    def data(self) -> dict[str, Any]:
-        """The JSON document the page polls."""
+    def data(self, since: float | None = None) -> dict[str, Any]:
+        """The JSON document the page polls; ``since``: only history points taken after it."""
         now = self.recent.clock()
         last10 = self.recent.summary(10, now)
         last60 = self.recent.summary(60, now)
@@ -161,6 +192,8 @@ class Dashboard:
             "totals": self.recent.totals(),
             "series": self._series(now),
             "series_step": SERIES_STEP,
+            "history": self.history.points(since),
+            "history_step": self.history.step,
             **self._replicas(),
             "alarms": self.alarms()["alarms"] if self.alarms is not None else [],
             "machine": self._machine(),
@@ -188,16 +221,13 @@ class Dashboard:
         return points
 
     def _replicas(self) -> dict[str, Any]:
-        tiers = {str(t): {"healthy": 0, "total": 0} for t in TIER_ORDER}
+        tiers = replica_health(self.router, self.slots() if self.slots is not None else None)
         models: dict[str, dict[str, int]] = {}
         rows = []
         for pool in self.router.pools:
             for r in pool.replicas:
                 model = pool.model or ",".join(sorted(r.models)) or "?"
                 healthy = r.state is State.HEALTHY
-                t = tiers[str(r.tier)]
-                t["total"] += 1
-                t["healthy"] += healthy
                 m = models.setdefault(model, {"healthy": 0, "total": 0})
                 m["total"] += 1
                 m["healthy"] += healthy

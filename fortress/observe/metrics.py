@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fortress.core.context import RequestContext
+from fortress.observe.alarms import slot_down
 from fortress.observe.system import GpuProbe, host_memory
 from fortress.observe.window import RecentTraffic
 from fortress.routing.pool import Pool, Router
@@ -267,6 +268,8 @@ class StateCollector(Collector):
             if "journal_seq" in stats:  # the audit layer reports
                 yield from self._audit(stats)
             yield from _guards(stats)
+            if "local_slots" in stats:  # the supervisor reports
+                yield from _slots(stats["local_slots"])
         if self.alarm_states is not None:
             firing = GaugeMetricFamily(
                 "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
@@ -572,6 +575,26 @@ _GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
     ),
 )
 LIMITER_STATES = ("ok", "open", "half_open")
+
+
+def _slots(slots: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Local replica processes, from the supervisor's slots (their names outlive restarts)."""
+    labels = ["replica", "pool", "model", "tier", "engine"]
+    restarts = CounterMetricFamily(
+        "fortress_replica_restarts",
+        "Times the supervisor restarted this local replica's process after it crashed.",
+        labels=labels,
+    )
+    down = GaugeMetricFamily(
+        "fortress_replica_process_down",
+        "1 while this local replica's process is down (crashed: restarting, or given up).",
+        labels=labels,
+    )
+    for slot in slots:
+        lv = [slot["name"], slot["pool"], slot["model"] or UNKNOWN_MODEL, slot["tier"], slot["engine"]]
+        restarts.add_metric(lv, float(slot["restarts"]))
+        down.add_metric(lv, 1.0 if slot_down(slot) else 0.0)
+    yield from (restarts, down)
 
 
 def _guards(stats: dict[str, Any]) -> Iterable[Metric]:

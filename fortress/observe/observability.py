@@ -1,9 +1,10 @@
 """Everything observe/ builds for one gateway process, from the config.
 
 ``Observability`` holds the per-request observers (metrics, access log), the routes it serves
-(``/metrics``, ``/alarms``, ``/dashboard``) and the background tasks (GPU sampler, alarm
-evaluator). The runtime passes ``observers`` and ``routes`` to the gateway at construction and
-calls ``start``/``stop``; the fleet's autoscaler can listen to alarm events through
+(``/metrics``, ``/alarms``, ``/dashboard``) and the background tasks (the sampler: replica
+health every second and the dashboard's history every 5 s, GPUs; the alarm evaluator). The
+runtime passes ``observers`` and ``routes`` to the gateway at construction and calls
+``start``/``stop``; the fleet's autoscaler can listen to alarm events through
 ``evaluator.listeners`` (rules whose action is ``scale_up``).
 """
 
@@ -23,21 +24,29 @@ from fortress.core import errors
 from fortress.core.admin import admin_allowed
 from fortress.core.asgi import Handler, Receive, Scope, Send, respond, respond_error, respond_json
 from fortress.core.layers import Observer
-from fortress.observe.alarms import AlarmEvaluator, Signals, journal_disk_percent, store_unreachable
-from fortress.observe.dashboard import Dashboard
+from fortress.observe.alarms import (
+    AlarmEvaluator,
+    Signals,
+    journal_disk_percent,
+    store_unreachable,
+    unhealthy_count,
+)
+from fortress.observe.dashboard import Dashboard, replica_health
 from fortress.observe.logs import AccessLog
 from fortress.observe.metrics import GatewayMetrics
 from fortress.observe.notify import build_notifiers
 from fortress.observe.system import GpuProbe, host_memory
-from fortress.observe.window import GaugeSeries, RecentTraffic
+from fortress.observe.window import GaugeSeries, History, RecentTraffic
 from fortress.routing.pool import Router
-from fortress.routing.replica import State
 
 __all__ = ["Observability"]
 
 log = logging.getLogger("fortress.observe")
 
 SAMPLE_EVERY = 5.0  # seconds between GPU samples (alarm windows are a minute or more)
+HEALTH_EVERY = 1.0  # seconds between replica health readings (a restart's dip lasts a few)
+HISTORY_STEP = 5.0  # seconds per point of the dashboard's history
+HISTORY_SECONDS = 3600.0
 EMF_GAUGES_EVERY = 60.0  # CloudWatch's standard resolution
 
 
@@ -56,7 +65,8 @@ class Observability:
         stats: Sequence[Callable[[], dict[str, Any]]] = (),
     ) -> None:
         cfg = config.observe
-        # The layers' stats() (audit, access, connections), read at scrape and evaluation time.
+        # The layers' stats() (audit, access, connections, the supervisor's slots), read at
+        # scrape, evaluation and sampling time.
         self._stats_sources = tuple(stats)
         self._emf_counters: dict[str, float] = {}
         self.config = config
@@ -65,6 +75,7 @@ class Observability:
         self.admin_token = config.server.admin_token
         self.metrics_public = cfg.metrics_public
         self.recent = RecentTraffic(clock=clock)
+        self.history = History(HISTORY_STEP, HISTORY_SECONDS)
         self.gpus = GpuProbe()
         self.gpu_series = GaugeSeries()
         self.access_log = AccessLog(cfg.access_log) if cfg.access_log.enabled else None
@@ -94,6 +105,8 @@ class Observability:
             self.admin_token,
             self.gpus,
             self.evaluator.snapshot if self.evaluator is not None else None,
+            self.history,
+            self._slots,
         )
         self._router = router
         self._sampler: asyncio.Task[None] | None = None
@@ -104,6 +117,10 @@ class Observability:
         for source in self._stats_sources:
             out.update(source())
         return out
+
+    def _slots(self) -> list[dict[str, Any]]:
+        slots: list[dict[str, Any]] = self.stats().get("local_slots") or []
+        return slots
 
     @property
     def observers(self) -> list[Observer]:
@@ -148,18 +165,40 @@ class Observability:
             if gpus:
                 self.gpu_series.add(now, sum(g.utilization for g in gpus) / len(gpus))
 
+    def sample_health(self, stats: dict[str, Any] | None = None) -> None:
+        """Note the replicas' health for the history's current step (every second)."""
+        stats = self.stats() if stats is None else stats
+        self.history.note(replica_health(self._router, stats.get("local_slots")))
+
+    def sample_history(self, now: float) -> dict[str, Any] | None:
+        """Close the history's current step: traffic since the last point, the step's worst
+        health, and the supervisor's restart counter."""
+        stats = self.stats()
+        self.sample_health(stats)
+        restarts = stats.get("replica_restarts_total")
+        return self.history.close(time.time(), now, self.recent, restarts=restarts)
+
     async def _sample_loop(self) -> None:
-        next_emf = self.clock()
+        start = self.clock()
+        next_gpu = next_emf = start
+        next_point = start + HISTORY_STEP
         while True:
             now = self.clock()
             try:
-                self.sample(now)
+                if now >= next_point:
+                    next_point = max(next_point + HISTORY_STEP, now)
+                    self.sample_history(now)
+                else:
+                    self.sample_health()
+                if now >= next_gpu:
+                    next_gpu = now + SAMPLE_EVERY
+                    self.sample(now)
                 if self.access_log is not None and self.access_log.emf and now >= next_emf:
                     next_emf = now + EMF_GAUGES_EVERY
                     self.access_log.emit_gauges(self.gauges())
             except Exception:
                 log.exception("observability sampling failed")
-            await asyncio.sleep(SAMPLE_EVERY)
+            await asyncio.sleep(HEALTH_EVERY)
 
     def gauges(self) -> dict[str, float | None]:
         """The periodic gauges written as EMF (the CloudWatch alarm export refers to them)."""
@@ -175,7 +214,8 @@ class Observability:
             "ConnectionsRefused": self._emf_increase(
                 stats, "connections_refused_total", "connections_busy_total"
             ),
-            "UnhealthyReplicas": float(sum(1 for r in replicas if r.state is State.UNHEALTHY)),
+            "ReplicaRestarts": self._emf_increase(stats, "replica_restarts_total"),
+            "UnhealthyReplicas": float(unhealthy_count(self._router, stats)),
             "HealthyReplicas": float(min(counts)) if counts else None,
             "WrongModelReplicas": float(sum(1 for r in replicas if r.wrong_model is not None)),
             "GpuUtilization": self.gpu_series.last(),

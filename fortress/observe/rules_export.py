@@ -46,6 +46,8 @@ def promql(rule: AlarmRule) -> str:
             f"sum(increase(fortress_connections_refused_total[{w}]))"
             f" + sum(increase(fortress_connections_busy_total[{w}]))"
         )
+    if m == "replica_restarts":
+        return f"sum(increase(fortress_replica_restarts_total[{w}]))"
     if m == "avg_latency":
         return (
             f"sum(rate(fortress_request_duration_seconds_sum[{w}]))"
@@ -104,6 +106,7 @@ _CLOUDWATCH: dict[str, tuple[str, str]] = {
     "store_unreachable": ("StoreUnreachable", "Maximum"),
     "limiter_fail_open": ("LimiterFailOpen", "Sum"),
     "connections_refused": ("ConnectionsRefused", "Sum"),
+    "replica_restarts": ("ReplicaRestarts", "Sum"),
     "avg_latency": ("Latency", "Average"),
     "p95_latency": ("Latency", "p95"),
     "ttft_p95": ("TimeToFirstToken", "p95"),

@@ -18,6 +18,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # Log-spaced latency bins from 1 ms to ~20 min, factor 1.25: 64 bounds.
 BOUNDS: tuple[float, ...] = tuple(0.001 * 1.25**i for i in range(64))
@@ -230,3 +231,78 @@ class GaugeSeries:
 
     def last(self) -> float | None:
         return self._samples[-1][1] if self._samples else None
+
+
+class History:
+    """The dashboard's last hour: one point every ``step`` seconds in a bounded ring.
+
+    Filled off the request path by the observability sampler. Traffic comes from
+    ``RecentTraffic`` (each point covers the whole seconds since the previous one, so no request
+    is counted twice or lost between points); replica health is noted every second by ``note``
+    and a point keeps the worst of its step, so a replica that crashed and came back between
+    two points still shows as a dip.
+    """
+
+    def __init__(self, step: float = 5.0, horizon: float = 3600.0) -> None:
+        self.step = step
+        self._points: deque[dict[str, Any]] = deque(maxlen=max(1, int(horizon / step)))
+        self._health: dict[str, dict[str, int]] = {}
+        self._last_second: int | None = None  # the last whole second a point covered
+
+    def note(self, health: dict[str, dict[str, int]]) -> None:
+        """Merge one health reading into the current step: fewest healthy, most unhealthy,
+        most replicas (a group is a tier or a pool: ``{"healthy", "unhealthy", "total"}``)."""
+        for group, counts in health.items():
+            worst = self._health.get(group)
+            if worst is None:
+                self._health[group] = dict(counts)
+                continue
+            worst["healthy"] = min(worst["healthy"], counts["healthy"])
+            worst["unhealthy"] = max(worst["unhealthy"], counts["unhealthy"])
+            worst["total"] = max(worst["total"], counts["total"])
+
+    def close(self, wall: float, now: float, recent: RecentTraffic, **extra: Any) -> dict[str, Any] | None:
+        """End the current step at wall-clock ``wall`` (``now`` on ``recent``'s clock): append
+        one point with the finished seconds' traffic, the step's worst health and ``extra``.
+        Returns the point (None when no whole second has passed since the previous one)."""
+        last = int(now) - 1  # the current second is not over yet
+        if self._last_second is None:
+            first = last - max(1, round(self.step)) + 1
+        else:
+            first = self._last_second + 1
+        if last < first:
+            return None
+        self._last_second = last
+        s = recent.summary(last - first + 1, now=last + 0.5)
+        point: dict[str, Any] = {
+            "t": wall,
+            "seconds": s.seconds,
+            "requests": s.requests,
+            "errors_4xx": s.errors_4xx,
+            "errors_5xx": s.errors_5xx,
+            "rate_limited": s.rate_limited,
+            "tokens_in": s.tokens_in,
+            "tokens_out": s.tokens_out,
+            "avg_latency": s.avg_latency,
+            "p50": s.p50,
+            "p95": s.p95,
+            "p99": s.p99,
+            "ttft_p95": s.ttft_p95,
+            "health": self._health,
+            **extra,
+        }
+        self._health = {}
+        self._points.append(point)
+        return point
+
+    def points(self, since: float | None = None) -> list[dict[str, Any]]:
+        """The points, oldest first; with ``since``, only those taken after it."""
+        if since is None:
+            return list(self._points)
+        out = []
+        for p in reversed(self._points):
+            if p["t"] <= since:
+                break
+            out.append(p)
+        out.reverse()
+        return out
