@@ -488,3 +488,21 @@ def test_gpu_series_through_nvml(monkeypatch) -> None:
     assert obs.gauges()["GpuUtilization"] == pytest.approx(94.0)
     obs.gpus.close()
     assert fake.shutdown
+
+
+def test_grafana_datasource_variable_for_file_provisioning() -> None:
+    dash = grafana_dashboard()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    ds = variables["datasource"]
+    assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
+    # Declared before the variables that query through it.
+    assert dash["templating"]["list"][0]["name"] == "datasource"
+    ref = {"type": "prometheus", "uid": "${datasource}"}
+    assert variables["model"]["datasource"] == ref
+    for panel in dash["panels"]:
+        assert panel["datasource"] == ref, panel["title"]
+        assert panel["targets"] and all(t["datasource"] == ref for t in panel["targets"]), panel["title"]
+    # Nothing is left for an import step to fill in: provisioning reads the file as is.
+    text = json.dumps(dash)
+    assert "__inputs" not in dash and "DS_PROMETHEUS" not in text
+    assert "fortress_replica_restarts_total" in text

@@ -1,7 +1,9 @@
 """A Grafana dashboard (JSON model, importable) with the panels of the built-in dashboard.
 
-It reads the gateway's ``/metrics`` through a Prometheus data source chosen on import
-(``${DS_PROMETHEUS}``); the ``model`` variable filters the per-model panels. The seed
+It reads the gateway's ``/metrics`` through the Prometheus data source picked by the
+``datasource`` template variable: every panel and query refers to ``${datasource}``, so the
+same file works imported by hand and from file provisioning (which has no import step to
+resolve ``__inputs``). The ``model`` variable filters the per-model panels. The seed
 deployment's dashboard (healthy host count ≥ 1, response time < 30 s, request count, GPU
 utilisation < 95 %, memory < 90 %) is the first row, with its thresholds drawn in.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+_DS = {"type": "prometheus", "uid": "${datasource}"}
 _RATE = "$__rate_interval"
 _M = 'model=~"$model"'
 
@@ -220,6 +222,16 @@ def grafana_dashboard(title: str = "Fortress") -> dict[str, Any]:
             unit="s",
         ),
         _panel(
+            "Local replica restarts",
+            [
+                ("sum by (replica) (increase(fortress_replica_restarts_total[10m]))", "{{replica}}"),
+                ("sum(fortress_replica_process_down)", "down now"),
+            ],
+            0,
+            38,
+            description="Local replica processes restarted after a crash, and those down now.",
+        ),
+        _panel(
             "Alarms firing",
             [("sum by (alarm, severity) (fortress_alarm_firing)", "{{alarm}} ({{severity}})")],
             16,
@@ -229,15 +241,6 @@ def grafana_dashboard(title: str = "Fortress") -> dict[str, Any]:
     for i, p in enumerate(panels, start=1):
         p["id"] = i
     return {
-        "__inputs": [
-            {
-                "name": "DS_PROMETHEUS",
-                "label": "Prometheus",
-                "type": "datasource",
-                "pluginId": "prometheus",
-                "pluginName": "Prometheus",
-            }
-        ],
         "title": title,
         "uid": "fortress-gateway",
         "tags": ["fortress", "llm"],
@@ -249,6 +252,17 @@ def grafana_dashboard(title: str = "Fortress") -> dict[str, Any]:
         "templating": {
             "list": [
                 {
+                    # Resolved by Grafana itself: the default Prometheus data source, or the
+                    # one picked in the dashboard's menu.
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "refresh": 1,
+                    "hide": 0,
+                    "current": {},
+                },
+                {
                     "name": "model",
                     "type": "query",
                     "datasource": _DS,
@@ -258,7 +272,7 @@ def grafana_dashboard(title: str = "Fortress") -> dict[str, Any]:
                     "allValue": ".*",
                     "current": {"text": "All", "value": "$__all"},
                     "refresh": 2,
-                }
+                },
             ]
         },
         "panels": panels,
