@@ -9,10 +9,21 @@ from pathlib import Path
 
 import typer
 
-from fortress.cli.common import console, err_console, get_gateway_json, load_cli_config
+from fortress.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    err_console,
+    get_gateway_json,
+    load_cli_config,
+    out,
+    print_json,
+    resolve_gateway,
+)
 
 alarms_app = typer.Typer(
-    help="Alarms: list them with their state, or export them (Prometheus, CloudWatch, Grafana).",
+    help="Alarms: list them with their state, or export them (Prometheus, CloudWatch, Grafana).\n\n"
+    "Example: [bold]fortress alarms[/bold] (the gateway of ./fortress.yaml), "
+    "[bold]fortress alarms export -f prometheus -o rules.yaml[/bold]",
     invoke_without_command=True,
     no_args_is_help=False,
     rich_markup_mode="rich",
@@ -27,25 +38,58 @@ class ExportFormat(StrEnum):
     grafana = "grafana"
 
 
+URL_OPTION = typer.Option(
+    None, "--url", "-u", help="The gateway's base URL (default: http://HOST:PORT of the config's server)."
+)
+TOKEN_OPTION = typer.Option(
+    None, "--admin-token", envvar="FORTRESS_ADMIN_TOKEN", help="(default: the config's server.admin_token)"
+)
+
+
 @alarms_app.callback()
-def list_alarms(
+def alarms(
     ctx: typer.Context,
-    url: str = typer.Option("http://127.0.0.1:8080", "--url", "-u", help="The gateway's base URL."),
-    admin_token: str | None = typer.Option(None, "--admin-token", envvar="FORTRESS_ADMIN_TOKEN"),
-    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+    url: str | None = URL_OPTION,
+    admin_token: str | None = TOKEN_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show every alarm of a running gateway with its state and current value.
+    """Show every alarm of a running gateway with its state and current value (the same as
+    `fortress alarms list`).
 
     Example: [bold]fortress alarms --url http://127.0.0.1:8080[/bold]
     """
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        _list(url, admin_token, config, as_json)
+    elif ctx.invoked_subcommand == "list":
+        ctx.obj = (url, admin_token, config, as_json)  # options given before `list` still count
+
+
+@alarms_app.command("list")
+def list_alarms(
+    ctx: typer.Context,
+    url: str | None = URL_OPTION,
+    admin_token: str | None = TOKEN_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show every alarm of a running gateway with its state and current value.
+
+    Example: [bold]fortress alarms list -c fortress.yaml --json[/bold]
+    """
+    g_url, g_token, g_config, g_json = ctx.obj or (None, None, None, False)
+    _list(url or g_url, admin_token or g_token, config or g_config, as_json or g_json)
+
+
+def _list(url: str | None, admin_token: str | None, config: Path | None, as_json: bool) -> None:
     from rich.table import Table
 
+    url, admin_token = resolve_gateway(url, admin_token, config)
     data = get_gateway_json(url, "/alarms", admin_token)
     if as_json:
-        console.print_json(data=data)
+        print_json(data)
         return
+    console = out()
     if not data.get("enabled", True):
         console.print("alarms are disabled (observe.alarms.enabled: false)")
         return
@@ -71,14 +115,13 @@ def list_alarms(
 @alarms_app.command("export")
 def export(
     fmt: ExportFormat = typer.Option(ExportFormat.prometheus, "--format", "-f", help="What to write."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="fortress.yaml with the alarm rules."),
+    config: Path | None = CONFIG_OPTION,
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
 ) -> None:
-    """Print the alarm rules as Prometheus alerting rules (YAML) or CloudWatch alarms (JSON),
-    or the dashboard as a Grafana dashboard (JSON).
+    """Print the alarm rules as Prometheus alerting rules (YAML) or CloudWatch alarms (JSON), or the dashboard as a Grafana dashboard (JSON).
 
     Example: [bold]fortress alarms export --format cloudwatch -c fortress.yaml[/bold]
-    """
+    """  # noqa: E501
     from fortress.observe.grafana import grafana_dashboard
     from fortress.observe.rules_export import cloudwatch_alarms, prometheus_yaml
 

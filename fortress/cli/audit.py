@@ -1,4 +1,7 @@
-"""``fortress audit``: query, export and verify the audit trail in the store."""
+"""``fortress audit``: query, export and verify the audit trail in the store.
+
+Read-only: every command here needs a store that exists (exit 4 otherwise) and creates nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
-from fortress.cli.common import CONFIG_OPTION, console, err_console, load_cli_config
+from fortress.cli.common import (
+    CONFIG_OPTION,
+    ExitCode,
+    err_console,
+    fail,
+    load_cli_config,
+    open_store,
+    out,
+)
 
 audit_app = typer.Typer(
-    help="Query, export and verify the audit trail (the store named by database.url).",
+    help="Query, export and verify the audit trail (the store named by database.url).\n\n"
+    "Example: [bold]fortress audit query --since 1h[/bold], [bold]fortress audit verify[/bold]",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
 
 
 def _engine(cfg: Any) -> Any:
-    from sqlalchemy.engine import make_url
-
-    from fortress.store.db import database_url, migrate
-
-    url = database_url(cfg)
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database and not Path(u.database).exists():
-        err_console.print(f"[red]error:[/red] no audit store at {u.database} (wrong -c or state_dir?)")
-        raise typer.Exit(2)
-    try:
-        return migrate(url)
-    except Exception as exc:
-        err_console.print(f"[red]error:[/red] cannot open the store {url}: {exc}")
-        raise typer.Exit(2) from None
+    return open_store(cfg, create=False)
 
 
 def _filters(
@@ -63,8 +61,7 @@ def _filters(
         )
         f.where()  # validates --status
     except ValueError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(str(exc), ExitCode.USAGE)
     return f
 
 
@@ -138,9 +135,7 @@ def query(
             f"{_n(r['input_tokens'])}/{_n(r['output_tokens'])}",
             str(r["retries"]),
         )
-    # Piped or redirected: do not squeeze the table into 80 columns.
-    out = console if console.is_terminal else Console(width=200)
-    out.print(table)
+    out().print(table)  # piped or redirected: full width, nothing cut
 
 
 @audit_app.command()
@@ -165,8 +160,7 @@ def export(
     from fortress.audit.query import export as run_export
 
     if fmt not in ("jsonl", "csv"):
-        err_console.print(f"[red]error:[/red] unknown format {fmt!r}: use jsonl or csv")
-        raise typer.Exit(2)
+        fail(f"unknown format {fmt!r}: use jsonl or csv", ExitCode.USAGE)
     cfg = load_cli_config(config)
     f = _filters(since, until, key, user, source, model, status, request_id, gateway)
     engine = _engine(cfg)
@@ -183,7 +177,7 @@ def verify(
     config: Path | None = CONFIG_OPTION,
     gateway: str | None = _GATEWAY,
     anchors: Path | None = typer.Option(
-        None, "--anchors", help="Local anchors file to check too [default: <journal_dir>/anchors.jsonl]."
+        None, "--anchors", help="Local anchors file to check too (default: <journal_dir>/anchors.jsonl)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -203,15 +197,15 @@ def verify(
     from fortress.core.secret import SecretMissing, load_secret
 
     cfg = load_cli_config(config)
+    engine = _engine(cfg)  # no store: nothing to verify (exit 4)
     try:
         secret = load_secret(cfg, create=False)
     except SecretMissing as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(str(exc), ExitCode.USAGE)
     if anchors is None:
         default = journal_dir(cfg) / "anchors.jsonl"
         anchors = default if default.exists() else None
-    report = run_verify(_engine(cfg), secret, gateway, anchors)
+    report = run_verify(engine, secret, gateway, anchors)
     if as_json:
         data = {
             "ok": report.ok,
@@ -224,6 +218,7 @@ def verify(
         }
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
+        console = out()
         for g, n in report.records.items():
             console.print(f"gateway {g}: {n} records, {report.anchors.get(g, 0)} anchors")
         if report.ok:

@@ -1,4 +1,8 @@
-"""The ``fortress`` command. Thin: parse options, call the package, print."""
+"""The ``fortress`` command. Thin: parse options, call the package, print.
+
+Exit codes are ``fortress.cli.common.ExitCode``: 0 ok, 1 runtime failure, 2 usage or config
+error, 3 state dir in use by another gateway, 4 no store yet (read-only commands), 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,53 @@ from rich.markup import escape
 
 from fortress.cli.alarms import alarms_app
 from fortress.cli.audit import audit_app
-from fortress.cli.common import console, err_console, load_cli_config
+from fortress.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    ExitCode,
+    fail,
+    find_cli_config,
+    load_cli_config,
+    out,
+    print_json,
+    resolve_gateway,
+)
 from fortress.cli.keys import keys_app
-from fortress.cli.up import up
+from fortress.cli.up import hold_state_dir, up
 from fortress.sim.command import sim
 
 app = typer.Typer(
     name="fortress",
-    help="Fortress: an always-on, OpenAI-compatible front door for self-hosted LLMs.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fortress {version('fortress')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("fortress (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def fortress(
+    _: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fortress: an always-on, OpenAI-compatible front door for self-hosted LLMs.
+
+    Every command finds its config the same way: -c FILE, else $FORTRESS_CONFIG, else ./fortress.yaml if it exists, else the built-in defaults; FORTRESS__* environment overrides apply in every case. Exit codes: 0 ok, 1 failure, 2 usage or config error, 3 state dir in use by another gateway, 4 no store yet.
+
+    Example: [bold]fortress up[/bold], then [bold]fortress status[/bold] and [bold]fortress keys list[/bold]
+    """  # noqa: E501
+
 
 app.command("sim")(sim)
 app.command("up")(up)
@@ -58,13 +97,9 @@ def _load(
             changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
             cfg = cfg.replace(server=cfg.server.replace(**changes))
     except ValueError as exc:  # a --replica URL that is not http(s), a port out of range
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(str(exc), ExitCode.USAGE)
     if not any(p.replicas for p in cfg.pools):
-        err_console.print(
-            "[red]error:[/red] no replicas: give a config file (-c fortress.yaml) or --replica URL"
-        )
-        raise typer.Exit(2)
+        fail("no replicas: give a config file (-c fortress.yaml) or --replica URL", ExitCode.USAGE)
     local = [
         f"pools[{i}] ({pool.model or 'any model'}) replicas[{j}]: engine {r.engine}"
         for i, pool in enumerate(cfg.pools)
@@ -73,23 +108,24 @@ def _load(
     ]
     if local:
         # A replica nobody starts would sit in the config doing nothing: say so instead.
-        err_console.print(
-            "[red]error:[/red] `fortress serve` routes to replicas that already run, but the config "
+        found, _ = find_cli_config(config)
+        fail(
+            "`fortress serve` routes to replicas that already run, but the config "
             f"asks for local engines ({'; '.join(local)}). Start them with the gateway: "
-            f"fortress up -c {config or 'fortress.yaml'}"
+            f"fortress up -c {found or 'fortress.yaml'}",
+            ExitCode.USAGE,
         )
-        raise typer.Exit(2)
     return cfg
 
 
 @app.command()
 def serve(
-    config: Path | None = typer.Option(None, "--config", "-c", help="fortress.yaml to use."),
+    config: Path | None = CONFIG_OPTION,
     replica: list[str] = typer.Option([], "--replica", help="URL of a primary replica (repeatable)."),
     secondary: list[str] = typer.Option([], "--secondary", help="URL of a hot secondary replica."),
     standby: list[str] = typer.Option([], "--standby", help="URL of a cold standby replica."),
-    host: str | None = typer.Option(None, "--host", help="Listen address [default: 127.0.0.1]."),
-    port: int | None = typer.Option(None, "--port", "-p", help="Listen port [default: 8080]."),
+    host: str | None = typer.Option(None, "--host", help="Listen address (default: 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", "-p", help="Listen port (default: 8080)."),
 ) -> None:
     """Run the gateway in front of replicas that already run.
 
@@ -101,36 +137,49 @@ def serve(
     from fortress.runtime import Runtime, StartError, bind, setup_logging
 
     cfg = _load(config, replica, secondary, standby, host, port)
-    setup_logging(cfg)
-    try:
-        runtime = Runtime(cfg)
-        sock = bind(cfg.server.host, cfg.server.port)
-    except (NamingError, StartError) as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2 if isinstance(exc, NamingError) else 1) from None
-    raise typer.Exit(runtime.run(sock))
+    with hold_state_dir(cfg):  # a second gateway on this state dir stops here (exit 3)
+        setup_logging(cfg)
+        try:
+            runtime = Runtime(cfg)
+            sock = bind(cfg.server.host, cfg.server.port)
+        except (NamingError, StartError) as exc:
+            fail(str(exc), ExitCode.USAGE if isinstance(exc, NamingError) else ExitCode.FAILED)
+        code = runtime.run(sock)
+    raise typer.Exit(code)
 
 
 @app.command()
 def status(
-    url: str = typer.Option("http://127.0.0.1:8080", "--url", "-u", help="The gateway's base URL."),
-    admin_token: str | None = typer.Option(None, "--admin-token", envvar="FORTRESS_ADMIN_TOKEN"),
-    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON."),
+    url: str | None = typer.Option(
+        None, "--url", "-u", help="The gateway's base URL (default: http://HOST:PORT of the config's server)."
+    ),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        envvar="FORTRESS_ADMIN_TOKEN",
+        help="(default: the config's server.admin_token)",
+    ),
+    config: Path | None = CONFIG_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Show every replica: model, tier, state, in-flight, last check.
 
-    Example: [bold]fortress status --url http://127.0.0.1:8080[/bold]
-    """
+    The gateway is the one the config describes (server.host and server.port, FORTRESS__SERVER__PORT included) unless --url names another.
+
+    Example: [bold]fortress status[/bold], or [bold]fortress status --url http://10.0.0.5:8080 --json[/bold]
+    """  # noqa: E501
     import time
 
     from rich.table import Table
 
     from fortress.cli.common import get_gateway_json
 
+    url, admin_token = resolve_gateway(url, admin_token, config)
     data = get_gateway_json(url, "/admin/replicas", admin_token)
     if as_json:
-        console.print_json(data=data)
+        print_json(data)
         return
+    console = out()
     table = Table(title=f"Fortress at {url} — {'ready' if data['ready'] else 'NOT READY'}")
     for col in ("model", "replica", "url", "tier", "state", "in-flight", "served", "last check"):
         table.add_column(col)
@@ -189,11 +238,10 @@ def init(
     from fortress.config import EXAMPLE_CONFIG, parse_config
 
     if path.exists() and not force:
-        err_console.print(f"[red]error:[/red] {path} exists (use --force to overwrite)")
-        raise typer.Exit(1)
+        fail(f"{path} exists (use --force to overwrite)")
     parse_config(EXAMPLE_CONFIG, "example", env={})  # the example must always be valid
     path.write_text(EXAMPLE_CONFIG)
-    console.print(f"wrote {path}; edit it, then: fortress serve -c {path}")
+    out().print(f"wrote {path}; edit it, then: fortress serve -c {path}")
 
 
 def main() -> None:

@@ -23,6 +23,22 @@ class UsagePlan(ConfigModel):
     default_max_tokens: int = Field(2048, ge=1)
 
 
+# The built-in plan of the operator's own key (the first key `fortress up` creates): no rate,
+# no burst, no quotas, so the operator's load tests and scripts are never answered 429. A
+# config that defines a plan of this name replaces it.
+OPERATOR_PLAN = "operator"
+
+
+def operator_plan() -> UsagePlan:
+    """The built-in ``operator`` plan: unlimited (no bucket, no quotas)."""
+    return UsagePlan(rate=None, burst=None, requests={})
+
+
+def default_plans() -> dict[str, UsagePlan]:
+    """The plans of a config that names none: ``default`` (the seed's) and ``operator``."""
+    return {"default": UsagePlan(), OPERATOR_PLAN: operator_plan()}
+
+
 class Auth(ConfigModel):
     """API keys. Switching auth off must be explicit: ``auth: {enabled: false}``."""
 

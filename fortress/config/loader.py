@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from fortress.config.access import Auth, Limits, UsagePlan
+from fortress.config.access import OPERATOR_PLAN, Auth, Limits, UsagePlan, default_plans, operator_plan
 from fortress.config.audit import Audit, Database
 from fortress.config.base import ConfigModel
 from fortress.config.engines import ENGINE_NAMES
@@ -25,6 +25,9 @@ from fortress.config.routing import PoolConfig, Routing
 from fortress.config.server import Server, Timeouts
 
 ENV_PREFIX = "FORTRESS__"
+# The config file every command uses when not given ``-c``; then ./fortress.yaml if present.
+CONFIG_ENV = "FORTRESS_CONFIG"
+CONFIG_FILE = "fortress.yaml"
 
 Loc = tuple[str | int, ...]
 
@@ -38,11 +41,19 @@ class FortressConfig(ConfigModel):
     pools: list[PoolConfig] = Field(default_factory=list)
     state_dir: str = Field(".fortress", description="local state: secret, journal, SQLite, logs")
     auth: Auth = Field(default_factory=Auth)
-    plans: dict[str, UsagePlan] = Field(default_factory=lambda: {"default": UsagePlan()})
+    plans: dict[str, UsagePlan] = Field(default_factory=default_plans)
     limits: Limits = Field(default_factory=Limits)
     audit: Audit = Field(default_factory=Audit)
     database: Database = Field(default_factory=Database)
     observe: Observe = Field(default_factory=Observe)
+
+    @field_validator("plans")
+    @classmethod
+    def _operator_plan(cls, plans: dict[str, UsagePlan]) -> dict[str, UsagePlan]:
+        # Built in: present whatever else the config defines, unless it defines its own.
+        if OPERATOR_PLAN not in plans:
+            plans = {**plans, OPERATOR_PLAN: operator_plan()}
+        return plans
 
     @field_validator("pools")
     @classmethod
@@ -210,3 +221,24 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Fortr
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
     return parse_config(text, str(p), env)
+
+
+def find_config(
+    explicit: str | Path | None = None, env: Mapping[str, str] | None = None, cwd: str | Path | None = None
+) -> tuple[Path | None, str]:
+    """Which config file a command uses, and how it was found.
+
+    In order: ``explicit`` (``-c``), else ``$FORTRESS_CONFIG``, else ``./fortress.yaml`` when it
+    exists, else none (the built-in defaults). ``FORTRESS__*`` overrides apply in every case;
+    they are ``load_config``'s business. Returns (path or None, one of ``"-c"``,
+    ``"FORTRESS_CONFIG"``, ``"./fortress.yaml"``, ``"defaults"``).
+    """
+    if explicit is not None:
+        return Path(explicit), "-c"
+    named = (os.environ if env is None else env).get(CONFIG_ENV)
+    if named:
+        return Path(named), CONFIG_ENV
+    local = Path(cwd if cwd is not None else ".") / CONFIG_FILE
+    if local.is_file():
+        return local, f"./{CONFIG_FILE}"
+    return None, "defaults"
