@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "store": 2,  # database engine and migrations
     "engines": 2,  # how to launch a replica process (llama.cpp, vLLM, sim)
     "sim": 2,  # the replica simulator (a test tool)
+    "bedrock": 2,  # the OpenAI-compatible adapter in front of Bedrock (a local engine)
     "routing": 3,  # replicas, pools, health, outlier detection, balancers, engine load
     "access": 4,  # API keys and usage plans
     "audit": 4,  # journal, shipper, chain, queries

