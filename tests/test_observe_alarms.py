@@ -1,22 +1,37 @@
 """Alarms with a controlled clock: each default rule goes PENDING → FIRING → RESOLVED → OK at the
 right evaluation; notifications reach a webhook (exactly the expected ones), SNS (botocore
-Stubber) and the log; a real gateway fires and resolves the unhealthy-replica alarm."""
+Stubber) and the log; a real gateway fires and resolves the unhealthy-replica alarm; under
+`fortress up`, a local replica killed with SIGKILL is counted as restarted and down, and alarms."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import boto3
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from botocore.stub import Stubber
-from helpers import fortress_argv, free_port, wait_for
+from helpers import (
+    Proc,
+    children_of,
+    fortress_argv,
+    free_port,
+    http_get,
+    wait_for,
+    wait_http,
+    write_up_config,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from fortress.config import AlarmRule, default_alarm_rules, parse_config
 from fortress.observe.alarms import AlarmEvaluator, AlarmEvent, AlarmState, Signals
@@ -430,3 +445,87 @@ async def _wait(pred: Any, seconds: float) -> None:
             return
         await asyncio.sleep(0.05)
     wait_for(pred, 0.01, what="webhook notifications")
+
+
+def test_killed_local_replica_counts_a_restart_and_fires_its_alarms(tmp_path: Path) -> None:
+    """`fortress up` with one local sim replica: SIGKILL its process; the supervisor restarts it,
+    /metrics counts the restart, the restart alarm fires, the unhealthy-replica alarm saw the
+    replica down, and the dashboard's history holds the dip and the restart."""
+    path = write_up_config(tmp_path, "sim-model", {"engine": "sim", "count": 1},
+                           health_check={"interval": 0.5, "timeout": 0.5})  # fmt: skip
+    doc = yaml.safe_load(path.read_text())
+    doc["observe"] = {"access_log": {"enabled": False}, "alarms": {"evaluate_every": 0.2}}
+    path.write_text(yaml.safe_dump(doc))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(fortress_argv("up", "-c", str(path), "--port", str(port), "-q"), tmp_path / "up.log")
+    try:
+        try:
+            wait_http(url + "/ready", timeout=60)
+            wait_for(lambda: len(children_of(proc.pid)) == 1, timeout=10, what="the replica process")
+        except AssertionError:
+            raise AssertionError("fortress up did not start:\n" + proc.output()[-3000:]) from None
+        labels = {"replica": "sim-model-1", "pool": "sim-model", "model": "sim-model",
+                  "tier": "primary", "engine": "sim"}  # fmt: skip
+
+        def metric(name: str) -> float | None:
+            _, body = http_get(url + "/metrics", timeout=10)
+            for fam in text_string_to_metric_families(body.decode()):
+                for s in fam.samples:
+                    if s.name == name and s.labels == labels:
+                        return s.value
+            return None
+
+        def alarms() -> dict[str, dict[str, Any]]:
+            return {a["name"]: a for a in json.loads(http_get(url + "/alarms", timeout=10)[1])["alarms"]}
+
+        def history() -> list[dict[str, Any]]:
+            return json.loads(http_get(url + "/dashboard/data", timeout=10)[1])["history"]
+
+        assert metric("fortress_replica_restarts_total") == 0.0
+        assert metric("fortress_replica_process_down") == 0.0
+        wait_for(lambda: alarms()["replica_restarts"]["value"] == 0.0, timeout=10, what="a first evaluation")
+        assert alarms()["replica_restarts"]["state"] == "ok"
+        assert alarms()["unhealthy_replicas"]["last_fired"] is None
+        wait_for(
+            lambda: any(p["health"]["primary"]["healthy"] == 1 for p in history()),
+            timeout=30,
+            what="a healthy point in the history",
+        )
+        t_kill = time.time()
+        os.kill(children_of(proc.pid)[0], signal.SIGKILL)
+        wait_for(
+            lambda: metric("fortress_replica_restarts_total") == 1.0,
+            timeout=30,
+            what="the restart counted in /metrics",
+        )
+        wait_for(
+            lambda: alarms()["replica_restarts"]["state"] == "firing",
+            timeout=30,
+            what="replica_restarts firing",
+        )
+        a = alarms()
+        assert a["replica_restarts"]["value"] == 1.0 and a["replica_restarts"]["severity"] == "warning"
+        # Between the crash and the restart the replica is out of the router; it still counted
+        # as unhealthy (evaluated every 0.2 s, the backoff alone is 1 s).
+        assert a["unhealthy_replicas"]["last_fired"] is not None
+        assert a["unhealthy_replicas"]["last_fired"] >= t_kill - 1
+        wait_for(lambda: len(children_of(proc.pid)) == 1, timeout=30, what="the replica to run again")
+        wait_for(lambda: metric("fortress_replica_process_down") == 0.0, timeout=30, what="the process up")
+        firing = [
+            s.value
+            for fam in text_string_to_metric_families(http_get(url + "/metrics", timeout=10)[1].decode())
+            for s in fam.samples
+            if s.name == "fortress_alarm_firing" and s.labels.get("alarm") == "replica_restarts"
+        ]
+        assert firing == [1.0]
+
+        # The dashboard's history (a point every 5 s) holds the dip and the restart.
+        wait_for(
+            lambda: any(p["restarts"] == 1 for p in history()), timeout=30, what="the restart in the history"
+        )
+        points = history()
+        assert any(p["health"]["primary"]["unhealthy"] >= 1 for p in points), points
+        assert any(p["health"]["primary"]["healthy"] == 1 for p in points if p["t"] < t_kill), points
+    finally:
+        proc.stop()
