@@ -1,12 +1,17 @@
 """The one composition root: builds every part of a running Fortress, starts and stops them.
 
-``Runtime(config)`` builds, in this order and without I/O: the router (pools, stable replica
+``Runtime(config, config_path=...)`` builds, in this order and without I/O: the router (pools, stable replica
 names), the health checker, the outlier detector, engine load, the access and audit layers,
 observability, the relay, the gateway, and the supervisor of local replicas. Nothing is wired
 after construction. ``start()`` starts them (audit, access, relay, health, load, observe) and
 freezes what lives for the whole process out of the garbage collector; ``start_replicas()``
 runs the local processes; ``stop()`` stops everything in reverse. ``serve()`` is the life of a
 ``fortress serve`` or ``fortress up`` process: signals, start, replicas, uvicorn, stop.
+
+SIGHUP reloads (``reload``): the access-log file is reopened (logrotate), and the config file
+the process was started with is read again and, when valid, applied: pools and their replicas
+(``Router.reconcile``), usage plans, an immediate key-cache resync, the log level and format.
+What only a restart can change is named in one warning; an invalid file changes nothing.
 
 The runtime is also the supervisor's ``SlotListener``: a local process that is ready joins the
 router under its slot's name (with its ``incarnation``), one that dies leaves it at once.
@@ -20,13 +25,16 @@ import gc
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 import uvicorn
 
-from fortress.config import FortressConfig
+from fortress.config import ConfigError, FortressConfig, load_config
 from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
 from fortress.gateway.admin import ReplicaAdmin
@@ -37,8 +45,11 @@ from fortress.observe.observability import Observability
 from fortress.routing.health import HealthChecker
 from fortress.routing.load import EngineLoad
 from fortress.routing.outlier import OutlierDetector
-from fortress.routing.pool import Router
+from fortress.routing.pool import NamingError, Router
 from fortress.routing.replica import Origin, OriginKind
+
+if TYPE_CHECKING:
+    from fortress.access.layer import AccessControl
 
 log = logging.getLogger("fortress.runtime")
 
@@ -55,9 +66,70 @@ class StartError(RuntimeError):
     """Fortress cannot start as configured; the message says why."""
 
 
+# What a reload applies; any other difference needs a restart (named in one warning).
+RELOADABLE = {"pools", "plans", "server.log_level", "server.log_format"}
+
+
+def restart_only_changes(old: FortressConfig, new: FortressConfig) -> list[str]:
+    """The settings (``section.key``) that differ between ``old`` and ``new`` and that a reload
+    does not apply: the listener, state_dir, the database, audit, timeouts, observe, ..."""
+    a, b = old.model_dump(), new.model_dump()
+    out = []
+    for section in a.keys() | b.keys():
+        x, y = a.get(section), b.get(section)
+        if x == y or section in RELOADABLE:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in x.keys() | y.keys():
+                name = f"{section}.{key}"
+                if x.get(key) != y.get(key) and name not in RELOADABLE:
+                    out.append(name)
+        else:
+            out.append(section)
+    return sorted(out)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (Unix seconds), ``level``, ``logger``, ``message``, and
+    ``exc_info`` (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exc_info"] = record.exc_text
+        if record.stack_info:
+            doc["stack_info"] = self.formatStack(record.stack_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
 def setup_logging(config: FortressConfig) -> None:
-    """Operational logs on stderr at ``server.log_level``."""
-    logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
+    """Operational logs (Fortress's, uvicorn's, Python warnings) on stderr at
+    ``server.log_level``, in one format: ``server.log_format`` text or json. Called again (a
+    reload) it replaces the handler it installed, leaving any other handler alone."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_fortress", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if config.server.log_format == "json" else logging.Formatter(LOG_FORMAT)
+    )
+    handler._fortress = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(config.server.log_level.upper())
+    # uvicorn's loggers keep no handlers of their own (uvicorn.Config(log_config=None)): their
+    # records reach the handler above like every other.
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.captureWarnings(True)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -75,10 +147,25 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class Runtime:
-    """Every part of one Fortress process, built from one ``FortressConfig``."""
+    """Every part of one Fortress process, built from one ``FortressConfig``.
 
-    def __init__(self, config: FortressConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    ``config_path`` is the file ``config`` was read from, read again on SIGHUP (without one a
+    SIGHUP only reopens the access-log file); ``overrides`` is applied to every config read
+    from it, as it was to ``config`` (command-line options such as ``--port`` or ``--replica``).
+    """
+
+    def __init__(
+        self,
+        config: FortressConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        config_path: str | Path | None = None,
+        overrides: Callable[[FortressConfig], FortressConfig] | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.overrides = overrides
+        self._reload_lock = asyncio.Lock()
         self.router = Router(config, clock=clock)
         self.health = HealthChecker(self.router)
         self.outlier = OutlierDetector(self.router, self.router.clock, on_eject=self.health.poke)
@@ -133,6 +220,11 @@ class Runtime:
     async def start(self) -> None:
         """Start the layers and the checkers (not the local replicas). On failure, what did
         start is stopped again before the error propagates."""
+        if self.observe is not None and self.observe.access_log is not None:
+            try:
+                self.observe.access_log.open()
+            except OSError as exc:
+                raise StartError(f"cannot open the access log: {exc}") from None
         parts: list[Any] = [self.audit, self.access, self.relay, self.health, self.load, self.observe]
         for part in parts:
             if part is None:
@@ -172,6 +264,76 @@ class Runtime:
         gc.collect()
         gc.freeze()
 
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """What SIGHUP does: reopen the access-log file, then read the config file again and
+        apply what can change at run time. Returns True when a new config was applied.
+
+        In-flight requests are not touched: replicas that leave drain first. An unreadable or
+        invalid config (or one whose names clash with replicas added at run time) is reported
+        in one ERROR line and changes nothing.
+        """
+        async with self._reload_lock:
+            self._reopen_logs()
+            path = self.config_path
+            if path is None:
+                log.warning("reload: no config file to read (started without -c); access log reopened")
+                return False
+            try:
+                new = await asyncio.to_thread(load_config, path)
+                if self.overrides is not None:
+                    new = self.overrides(new)
+                old = self.config
+                applied = old.replace(
+                    pools=new.pools,
+                    plans=new.plans,
+                    server=old.server.replace(
+                        log_level=new.server.log_level, log_format=new.server.log_format
+                    ),
+                )
+                reconciled = self.router.reconcile(applied)
+            except (ConfigError, NamingError, ValueError) as exc:
+                log.error("reload of %s failed, nothing changed: %s", path, "; ".join(str(exc).splitlines()))
+                return False
+            self.config = applied
+            for replica in reconciled.rechecked:
+                self.health.poke(replica)
+            parts = reconciled.summary()
+            if self.access is not None:
+                access = cast("AccessControl", self.access)  # built by build_access
+                plans = access.reload_plans(applied.plans)
+                if plans:
+                    parts.append(f"plans changed: {', '.join(plans)}")
+                try:
+                    await access.resync_keys()
+                    parts.append(f"keys resynced ({access.cache.size} active)")
+                except Exception as exc:  # the cache keeps its keys and retries on its own
+                    parts.append(f"keys not resynced ({type(exc).__name__}: the store is unreachable)")
+            if (new.server.log_level, new.server.log_format) != (old.server.log_level, old.server.log_format):
+                setup_logging(applied)
+                parts.append(f"logs: {new.server.log_level}, {new.server.log_format}")
+            restart = restart_only_changes(old, new)
+            if reconciled.local_changed:
+                restart.append(f"local replicas of {', '.join(reconciled.local_changed)}")
+            if restart:
+                log.warning(
+                    "reload: a restart is needed to apply: %s (ignored until then)", ", ".join(restart)
+                )
+            log.info("reloaded %s: %s", path, "; ".join(parts) or "no changes")
+            return True
+
+    def _reopen_logs(self) -> None:
+        if self.observe is None or self.observe.access_log is None:
+            return
+        try:
+            reopened = self.observe.access_log.reopen()
+        except OSError as exc:
+            log.error("cannot reopen the access log, still writing to the old file: %s", exc)
+            return
+        if reopened:
+            log.info("access log reopened: %s", ", ".join(reopened))
+
     # -- the supervisor's listener -------------------------------------------------------------
 
     def slot_ready(self, slot: Slot) -> None:
@@ -207,6 +369,7 @@ class Runtime:
             http=guarded_protocol(ConnectionLimits.from_config(server), self.connections),
             lifespan="off",
             access_log=False,
+            log_config=None,  # one format for every log: setup_logging's handler on the root
             log_level=server.log_level,
             server_header=False,
             date_header=False,
@@ -261,8 +424,21 @@ class Runtime:
             else:
                 main.cancel()
 
+        reloads: set[asyncio.Task[bool]] = set()
+        hup_pending = False
+
+        def on_hup() -> None:
+            nonlocal hup_pending
+            if not serving:  # reload once started: the parts it changes are not all there yet
+                hup_pending = True
+                return
+            task = loop.create_task(self.reload(), name="fortress-reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         announce: asyncio.Task[None] | None = None
         try:
             try:
@@ -277,6 +453,8 @@ class Runtime:
                     log.error("last output of %s:\n%s", slot.name, "\n".join(list(slot.tail)[-20:]))
                 return 1
             serving = True
+            if hup_pending:
+                on_hup()
             if on_ready is not None:
                 announce = asyncio.create_task(self._announce(server, on_ready, url))
             await server.serve(sockets=[sock])
@@ -289,9 +467,11 @@ class Runtime:
         finally:
             if announce is not None:
                 announce.cancel()
+            for task in list(reloads):
+                task.cancel()
             await self.stop()
             sock.close()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     async def _announce(self, server: uvicorn.Server, on_ready: OnReady, url: str) -> None:

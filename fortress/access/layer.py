@@ -22,7 +22,7 @@ from fortress.access import admin
 from fortress.access.keys import KeyCache, KeyStore
 from fortress.access.limits import Limiter, MemoryLimiter
 from fortress.access.plans import Plan
-from fortress.config import FortressConfig
+from fortress.config import FortressConfig, UsagePlan
 from fortress.core.context import RequestContext
 from fortress.core.errors import GatewayError
 from fortress.core.secret import load_secret
@@ -178,6 +178,12 @@ class AccessControl:
         if ticket is None or ticket.done:
             return
         usage = ctx.usage
+        plan = self.plans.get(ticket.plan.name)
+        if plan is not ticket.plan and (plan is None or plan.counters != ticket.plan.counters):
+            # Admitted under a plan a reload has since reshaped: its counters no longer line up
+            # with the key's, so settle as reserved (the slot is freed, no token correction).
+            self.limiter.settle(ticket, ticket.reserved_in, ticket.reserved_out)
+            return
         if usage:
             used_in = _int(usage.get("prompt_tokens"))
             used_out = _int(usage.get("completion_tokens"))
@@ -187,6 +193,34 @@ class AccessControl:
         else:
             used_in = used_out = 0  # nothing was generated
         self.limiter.settle(ticket, used_in, used_out)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload_plans(self, plans: dict[str, UsagePlan]) -> list[str]:
+        """Apply reloaded usage plans; the next request of a key is admitted under its plan's
+        new limits. Returns the names of the plans added, changed or removed (sorted).
+
+        What a key has used stays counted: a plan whose counters changed shape (a quota added
+        or removed) has each key's counters carried over by metric and period.
+        """
+        compiled = {name: Plan.compile(name, p) for name, p in plans.items()}
+        changed = sorted(
+            name
+            for name in compiled.keys() | self.plans.keys()
+            if name not in compiled or name not in self.plans or compiled[name] != self.plans[name]
+        )
+        for name in changed:
+            old, new = self.plans.get(name), compiled.get(name)
+            if old is not None and new is not None and old.counters != new.counters:
+                for limiter in _memory_limiters(self.limiter):
+                    _reshape(limiter, old, new)
+        self.plans = compiled
+        return changed
+
+    async def resync_keys(self) -> bool:
+        """Read the key store now rather than at the next refresh (a reload). True when the
+        cache changed; raises when the store cannot be read (the cache keeps its keys)."""
+        return await self.cache.sync()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -222,6 +256,32 @@ class AccessControl:
 
 def _int(v: Any) -> int:
     return v if isinstance(v, int) and v >= 0 else 0
+
+
+def _memory_limiters(limiter: Limiter) -> list[MemoryLimiter]:
+    """The in-process limiters whose key states follow a plan's counters: the memory backend,
+    or the Redis backend's local fallback."""
+    if isinstance(limiter, MemoryLimiter):
+        return [limiter]
+    local = getattr(limiter, "local", None)
+    return [local] if isinstance(local, MemoryLimiter) else []
+
+
+def _reshape(limiter: MemoryLimiter, old: Plan, new: Plan) -> None:
+    """Carry each key's counters of plan ``old`` over to ``new``'s counters, matched by
+    (metric, period); a counter ``new`` adds starts at zero in the current period."""
+    now = limiter.clock()
+    starts = limiter.periods.for_plan(new, now).starts
+    where = {(c.metric, c.period): i for i, c in enumerate(old.counters)}
+    for st in limiter.states.values():
+        if st.plan != old.name or len(st.used) != len(old.counters):
+            continue
+        windows, used = [], []
+        for j, c in enumerate(new.counters):
+            i = where.get((c.metric, c.period))
+            windows.append(st.windows[i] if i is not None else starts[j])
+            used.append(st.used[i] if i is not None else 0)
+        st.windows, st.used, st.aligned = windows, used, None
 
 
 def _limiter(config: FortressConfig) -> Limiter:

@@ -188,6 +188,8 @@ class AccessLog(ConfigModel):
 
     enabled: bool = True
     stream: Literal["stdout", "stderr", "none"] = Field("stdout", description="none: only your handlers")
+    # A file instead of ``stream``: appended to, reopened on SIGHUP (for logrotate).
+    file: str | None = Field(None, description="append the lines to this file instead of stream")
     emf: bool = Field(False, description="write CloudWatch Embedded Metric Format lines")
     emf_namespace: str = "Fortress"
 

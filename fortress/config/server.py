@@ -19,6 +19,9 @@ class Server(ConfigModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     upstream_connections: int = Field(1000, ge=1, description="keep-alive pool size to replicas")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Operational logs (Fortress's and uvicorn's, on stderr): plain text, or one JSON object
+    # per line (ts, level, logger, message, exc_info) for log shippers.
+    log_format: Literal["text", "json"] = "text"
     # Bearer token for /admin/*; without one, the admin API answers only to this machine.
     admin_token: str | None = None
     # Add keys OpenAI's schema requires that an engine left out (llama.cpp: logprobs, refusal).

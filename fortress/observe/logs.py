@@ -1,7 +1,9 @@
 """The access log: one JSON line per completion request, on the ``fortress.access_log`` logger.
 
 On by default at INFO to stdout (what users of other LLM proxies expect); ``observe.access_log``
-turns it off, moves it to stderr, or leaves it to your own logging handlers (``stream: none``).
+turns it off, moves it to stderr, leaves it to your own logging handlers (``stream: none``), or
+appends it to a file (``file: PATH``), which ``AccessLog.reopen`` reopens (the runtime calls it
+on SIGHUP, after logrotate moved the file away).
 With ``emf: true`` every line is also a CloudWatch Embedded Metric Format document: the CloudWatch
 agent or a Lambda/ECS log driver turns it into metrics (namespace ``Fortress``, dimensions
 ``Service`` and ``Service, Model``) without any API call from the gateway. ``emit_gauges`` writes
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 import traceback
@@ -107,6 +110,64 @@ class BatchStreamHandler(logging.StreamHandler[IO[str]]):
         super().close()
 
 
+class BatchFileHandler(BatchStreamHandler):
+    """A ``BatchStreamHandler`` that appends to a file, opened by ``open`` (or at the first
+    line) and swapped for a fresh one by ``reopen`` (after logrotate moved the file away)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(os.path.expanduser(path))
+        super().__init__(None)  # type: ignore[arg-type]  # opened lazily: building does no I/O
+        self.stream = None  # type: ignore[assignment]
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8")  # kept open until reopen
+
+    def open(self) -> None:
+        """Open the file now (raises ``OSError``): a bad path fails at start, not at a request."""
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream is None:
+                self.stream = self._open()
+
+    def reopen(self) -> None:
+        """Write what is held to the old file, then continue in a newly opened one at ``path``.
+        Raises ``OSError`` (and keeps the old file) when the path cannot be opened."""
+        new = self._open()
+        with self.lock:  # type: ignore[union-attr]
+            self.flush()
+            old, self.stream = self.stream, new
+        if old is not None:
+            old.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            try:
+                self.open()
+            except OSError:
+                self.handleError(record)
+                return
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            super().flush()
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.flush()
+                if self.stream is not None:
+                    self.stream.close()
+                    self.stream = None  # type: ignore[assignment]
+            finally:
+                logging.Handler.close(self)
+
+
+def _same_target(handler: logging.Handler, cfg: AccessLogConfig) -> bool:
+    if isinstance(handler, BatchFileHandler):
+        return cfg.file is not None and handler.path == os.path.abspath(os.path.expanduser(cfg.file))
+    return cfg.file is None
+
+
 class AccessLog:
     """The gateway observer that writes the access log."""
 
@@ -114,11 +175,22 @@ class AccessLog:
         self.emf = cfg.emf
         self.namespace = cfg.emf_namespace
         self.logger = logger or logging.getLogger(LOGGER)
-        if cfg.stream != "none" and not any(getattr(h, "_fortress", False) for h in self.logger.handlers):
-            handler = BatchStreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            handler._fortress = True  # type: ignore[attr-defined]
-            self.logger.addHandler(handler)
+        if cfg.file is not None or cfg.stream != "none":
+            ours = [h for h in self.logger.handlers if getattr(h, "_fortress", False)]
+            # One Fortress handler per logger; one writing elsewhere (another file) is replaced.
+            for h in ours:
+                if not _same_target(h, cfg):
+                    self.logger.removeHandler(h)
+                    h.close()
+            if not any(_same_target(h, cfg) for h in ours):
+                handler: BatchStreamHandler
+                if cfg.file is not None:
+                    handler = BatchFileHandler(cfg.file)
+                else:
+                    handler = BatchStreamHandler(sys.stdout if cfg.stream == "stdout" else sys.stderr)
+                handler.setFormatter(logging.Formatter("%(message)s"))
+                handler._fortress = True  # type: ignore[attr-defined]
+                self.logger.addHandler(handler)
             self.logger.propagate = False  # one line per request, not also through the root logger
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
@@ -239,6 +311,24 @@ class AccessLog:
                 rec.msecs = (wall - int(wall)) * 1000.0
                 handle(rec)
         self.flush()
+
+    def open(self) -> None:
+        """Open the access-log file, if one is configured (raises ``OSError``)."""
+        for handler in self.logger.handlers:
+            if isinstance(handler, BatchFileHandler):
+                handler.open()
+
+    def reopen(self) -> list[str]:
+        """Reopen the access-log file (SIGHUP, after logrotate moved it): what is queued goes to
+        the old file, later lines to a new one at the same path. Returns the paths reopened;
+        raises ``OSError`` (the old file stays in use) when one cannot be opened."""
+        self.write_pending()
+        paths = []
+        for handler in self.logger.handlers:
+            if isinstance(handler, BatchFileHandler):
+                handler.reopen()
+                paths.append(handler.path)
+        return paths
 
     def flush(self) -> None:
         """Flush the logger's handlers (a ``BatchStreamHandler`` writes what it holds in one call)."""

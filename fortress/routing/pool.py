@@ -8,11 +8,17 @@ Names are given here and nowhere else: a pool is named by its ``name:``, else it
 ``default``; a replica by its ``name:``, else ``<pool>-<n>`` in config order (local replicas with
 ``count: n`` take n such names). A local slot keeps its name across restarts, and its counters
 carry over, so metric series do not churn.
+
+``Router.reconcile`` brings the pools in line with a reloaded config by those names: pools and
+replicas (of the config) that appear are added, those that disappear drain for the pool's
+deregistration delay and then leave, pool settings (health check, outlier detection, aliases,
+deregistration delay) change in place. Local replicas are the fleet's: they stay as started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -25,10 +31,13 @@ from fortress.config import (
     LocalReplicaConfig,
     OutlierDetection,
     PoolConfig,
+    ReplicaConfig,
     Tier,
 )
 from fortress.routing.balancers import RequestView, TieredBalancer, build_balancer
 from fortress.routing.replica import Origin, OriginKind, Replica, State
+
+log = logging.getLogger("fortress.routing")
 
 
 class NamingError(ValueError):
@@ -43,6 +52,9 @@ class Pool:
     config: PoolConfig
     balancer: TieredBalancer
     replicas: list[Replica] = field(default_factory=list)
+    # Gone from a reloaded config: out of the model index, its replicas draining; it leaves the
+    # router once they have.
+    retiring: bool = False
 
     @property
     def model(self) -> str | None:
@@ -72,6 +84,70 @@ class Route:
         return self.name != self.upstream_model
 
 
+Layout = list[tuple[str, PoolConfig, list[tuple[str, ReplicaConfig]]]]
+
+
+def layout(pools: Iterable[PoolConfig]) -> Layout:
+    """Every pool's name, config and members (replica name, its config) as the config names
+    them; a local replica with ``count: n`` is n members. Raises ``NamingError`` on a clash."""
+    out: Layout = []
+    pool_names: set[str] = set()
+    names: set[str] = set()
+    for pc in pools:
+        pool_name = pc.name or pc.model or "default"
+        if pool_name in pool_names:
+            raise NamingError(f"two pools are named {pool_name!r}: give one a `name:`")
+        pool_names.add(pool_name)
+        members: list[tuple[str, ReplicaConfig]] = []
+        n = 0
+        for rc in pc.replicas:
+            if isinstance(rc, ExternalReplicaConfig):
+                n += 1
+                members.append((rc.name or f"{pool_name}-{n}", rc))
+                continue
+            for i in range(rc.count):  # a local replica: `count` slots, started by the fleet
+                n += 1
+                explicit = rc.name if rc.count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
+                members.append((explicit or f"{pool_name}-{n}", rc))
+        for name, _ in members:
+            if name in names:
+                raise NamingError(f"two replicas are named {name!r}: give one a `name:`")
+            names.add(name)
+        out.append((pool_name, pc, members))
+    return out
+
+
+@dataclass
+class Reconciled:
+    """What ``Router.reconcile`` changed (names), for the reload's log line."""
+
+    pools_added: list[str] = field(default_factory=list)
+    pools_removed: list[str] = field(default_factory=list)
+    pools_changed: list[str] = field(default_factory=list)
+    replicas_added: list[str] = field(default_factory=list)
+    replicas_removed: list[str] = field(default_factory=list)  # draining, then removed
+    replicas_changed: list[str] = field(default_factory=list)  # tier or URL
+    # Pools whose local replicas differ from the running ones: a restart applies that.
+    local_changed: list[str] = field(default_factory=list)
+    # Replicas whose health check settings changed (the checker re-plans their next check).
+    rechecked: list[Replica] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        """``pools added: a, b``-style parts, one per kind of change that happened."""
+        parts = []
+        for label, names in (
+            ("pools added", self.pools_added),
+            ("pools removed", self.pools_removed),
+            ("pools changed", self.pools_changed),
+            ("replicas added", self.replicas_added),
+            ("replicas draining", self.replicas_removed),
+            ("replicas changed", self.replicas_changed),
+        ):
+            if names:
+                parts.append(f"{label}: {', '.join(names)}")
+        return parts
+
+
 class Router:
     """All pools, their replicas' names, the model index and the balancers."""
 
@@ -95,19 +171,19 @@ class Router:
         self._names: set[str] = set()
         # Counters of replicas that left, resumed by the next replica of the same name.
         self._retired: dict[str, tuple[int, int, int]] = {}
-        for pc in config.pools:
+        # The config's own replicas: name → (pool, url, tier); reconcile keeps the router in
+        # line with it (one replaced under its name joins once its predecessor has drained).
+        self._wanted: dict[str, tuple[str, str, Tier]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        for _, pc, members in layout(config.pools):
             pool = self._new_pool(pc)
-            n = 0
-            for rc in pc.replicas:
+            for name, rc in members:
+                self._names.add(name)
                 if isinstance(rc, ExternalReplicaConfig):
-                    n += 1
-                    name = self._claim(rc.name, pool, n)
                     self._new_replica(pool, rc.url, rc.tier, name, Origin(OriginKind.STATIC))
-                    continue
-                for i in range(rc.count):  # a local replica: `count` slots, started by the fleet
-                    n += 1
-                    explicit = rc.name if rc.count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
-                    self.planned.append(PlannedSlot(self._claim(explicit, pool, n), pool, rc))
+                    self._wanted[name] = (pool.name, rc.url.rstrip("/"), rc.tier)
+                else:
+                    self.planned.append(PlannedSlot(name, pool, rc))
         self.rebuild_index()
 
     # -- names -----------------------------------------------------------------------------
@@ -119,13 +195,6 @@ class Router:
         pool = Pool(name, pc, build_balancer(pc, self.config.routing, self.rng))
         self.pools.append(pool)
         return pool
-
-    def _claim(self, name: str | None, pool: Pool, n: int) -> str:
-        name = name or f"{pool.name}-{n}"
-        if name in self._names:
-            raise NamingError(f"two replicas are named {name!r}: give one a `name:`")
-        self._names.add(name)
-        return name
 
     def next_name(self, pool: Pool) -> str:
         """The first ``<pool>-<n>`` never used in this process, for a replica added at run time
@@ -235,12 +304,12 @@ class Router:
         """The pool configured for ``model``; for None, the discovery pool (made on demand)."""
         if model is None:
             return self.default_pool()
-        return next((p for p in self.pools if p.model == model), None)
+        return next((p for p in self.pools if p.model == model and not p.retiring), None)
 
     def default_pool(self) -> Pool:
         """The discovery pool (model=None), created on demand for ``--replica URL`` use."""
         for pool in self.pools:
-            if pool.model is None:
+            if pool.model is None and not pool.retiring:
                 return pool
         return self._new_pool(PoolConfig())
 
@@ -266,18 +335,171 @@ class Router:
             replica.models = models
             self.rebuild_index()
 
+    # -- reload ----------------------------------------------------------------------------
+
+    def reconcile(self, config: FortressConfig) -> Reconciled:
+        """Bring the pools and the config's replicas in line with ``config`` (a reload).
+
+        Checked before anything changes: a ``NamingError`` (a clash within the config, or with
+        a replica added at run time under another URL) leaves the router as it was. Then pools
+        and replicas are matched by name: new ones are added (starting ``initial``), gone ones
+        drain for their pool's deregistration delay and leave (a gone pool leaves the model
+        index at once), a replica whose URL or pool changed is drained and replaced under its
+        name. Pool settings change in place; a changed health check applies from each replica's
+        next check (``rechecked``). Replicas added at run time stay unless their pool goes;
+        local replicas stay as the fleet started them (``local_changed`` lists the pools whose
+        local replicas the config changed).
+        """
+        new_layout = layout(config.pools)
+        planned = {slot.name: slot for slot in self.planned}
+        live = {r.name: r for r in self.all_replicas()}
+        wanted: dict[str, tuple[str, str, Tier]] = {}
+        for pool_name, _, members in new_layout:
+            for name, rc in members:
+                if not isinstance(rc, ExternalReplicaConfig):
+                    continue
+                url = rc.url.rstrip("/")
+                wanted[name] = (pool_name, url, rc.tier)
+                if name in planned:
+                    raise NamingError(f"the replica name {name!r} is a local replica's: give one a `name:`")
+                r = live.get(name)
+                if (
+                    r is not None
+                    and r.origin.kind is OriginKind.ADMIN
+                    and (r.url, r.pool) != (url, pool_name)
+                ):
+                    raise NamingError(
+                        f"the replica name {name!r} is taken by a replica added at run time "
+                        f"({r.url}): give one a `name:`, or remove that replica first"
+                    )
+        out = Reconciled()
+        by_name = {pool_name: (pc, members) for pool_name, pc, members in new_layout}
+        for pool in list(self.pools):
+            pc_members = by_name.get(pool.name)
+            slots = [(slot.name, slot.config) for slot in self.planned if slot.pool is pool]
+            if pc_members is None:
+                if slots:  # the fleet's processes run on: only a restart stops them
+                    out.local_changed.append(pool.name)
+                    continue
+                if not pool.retiring:
+                    pool.retiring = True
+                    out.pools_removed.append(pool.name)
+                    for r in pool.replicas:
+                        if r.state is not State.DRAINING:
+                            out.replicas_removed.append(r.name)
+                        self._retire(r)
+                continue
+            pc, members = pc_members
+            local = [(n, rc) for n, rc in members if not isinstance(rc, ExternalReplicaConfig)]
+            if local != slots:
+                out.local_changed.append(pool.name)
+            if pool.retiring:  # back in the config before its replicas finished draining
+                pool.retiring = False
+                out.pools_added.append(pool.name)
+            if self._settings(pool.config) != self._settings(pc):
+                self._apply_pool_settings(pool, pc, config, out)
+            pool.config = pc
+        for pool_name, pc, members in new_layout:
+            if self.pool_named(pool_name) is None:
+                pool = self._new_pool(pc)
+                out.pools_added.append(pool.name)
+                if any(not isinstance(rc, ExternalReplicaConfig) for _, rc in members):
+                    out.local_changed.append(pool.name)
+        # The config's replicas: gone or moved ones drain; same name and URL stay (tier in place).
+        retiring = {p.name for p in self.pools if p.retiring}
+        for name, r in live.items():
+            if r.pool in retiring:
+                continue  # drained with its pool above
+            if r.origin.kind is not OriginKind.STATIC and not (
+                r.origin.kind is OriginKind.ADMIN and name in wanted
+            ):
+                continue
+            want = wanted.get(name)
+            if want is not None and (r.pool, r.url) == want[:2]:
+                r.origin = Origin(OriginKind.STATIC)  # an admin-added one the config now names
+                if r.tier is not want[2]:
+                    r.tier = want[2]
+                    out.replicas_changed.append(name)
+                continue
+            if r.state is not State.DRAINING:
+                (out.replicas_changed if want is not None else out.replicas_removed).append(name)
+            self._retire(r)
+        self._wanted = wanted
+        self.config = config
+        out.replicas_added = self._converge()
+        out.replicas_added = [n for n in out.replicas_added if n not in out.replicas_changed]
+        self.rebuild_index()
+        return out
+
+    @staticmethod
+    def _settings(pc: PoolConfig) -> PoolConfig:
+        return pc.model_copy(update={"replicas": []})
+
+    def _apply_pool_settings(
+        self, pool: Pool, pc: PoolConfig, config: FortressConfig, out: Reconciled
+    ) -> None:
+        out.pools_changed.append(pool.name)
+        pool.balancer = build_balancer(pc, config.routing, self.rng)
+        now = self.clock()
+        for r in pool.replicas:
+            r.expected_model = pc.model
+            if r.check != pc.health_check:
+                r.check = pc.health_check
+                # A shorter interval applies now, a longer one after the check already planned.
+                r.next_check_at = min(r.next_check_at, now + r.check.interval)
+                out.rechecked.append(r)
+
+    def _converge(self) -> list[str]:
+        """Add each replica the config names that is not there (and whose name is free)."""
+        added = []
+        for name, (pool_name, url, tier) in self._wanted.items():
+            if self.replica_named(name) is not None:
+                continue
+            pool = self.pool_named(pool_name)
+            if pool is None or pool.retiring:
+                continue
+            self._names.add(name)
+            r = self._new_replica(pool, url, tier, name, Origin(OriginKind.STATIC))
+            for cb in self.on_added:
+                cb(r)
+            added.append(name)
+        if added:
+            self.rebuild_index()
+        return added
+
+    def _retire(self, replica: Replica) -> None:
+        """Drain ``replica`` in the background; then add what waited for its name, and drop a
+        retiring pool left empty."""
+
+        async def retire() -> None:
+            await self.drain(replica)
+            added = self._converge()
+            if added:
+                log.info("replicas added after a drain: %s", ", ".join(added))
+            for pool in [p for p in self.pools if p.retiring and not p.replicas]:
+                self.pools.remove(pool)
+                log.info("pool %s removed", pool.name)
+            self.rebuild_index()
+
+        replica.drain()  # out of rotation now, not when the task first runs
+        task = asyncio.get_running_loop().create_task(retire(), name=f"retire-{replica.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     # -- the index -------------------------------------------------------------------------
 
     def rebuild_index(self) -> None:
         index: dict[str, Route] = {}
         for pool in self.pools:
+            if pool.retiring:
+                continue  # its model is no longer served; in-flight requests hold their replica
             if pool.model is not None:
                 route = Route(pool.model, pool.model, pool, self._tiers(pool.replicas, pool.model))
                 index[pool.model] = route
                 for alias in pool.config.aliases:
                     index[alias] = Route(alias, pool.model, pool, route.tiers)
         for pool in self.pools:
-            if pool.model is None:
+            if pool.model is None and not pool.retiring:
                 names = sorted({m for r in pool.replicas for m in r.models})
                 for m in names:
                     if m in index:
