@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import struct
 import threading
 import time
@@ -190,7 +191,7 @@ class BedrockStub:
                 await resp.write(exception_event("modelStreamErrorException", "The model stream broke."))
                 await resp.write_eof()
                 return resp
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(5 if "[slow]" in prompt else 0.01)
         await resp.write(event("contentBlockStop", {"contentBlockIndex": 0}))
         if "[tool]" in prompt:
             tool = {"toolUseId": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "name": "top_song"}
@@ -563,6 +564,31 @@ def test_a_slow_stream_does_not_block_the_server(stack: tuple[BedrockStub, str, 
     for t in threads:
         t.join(10)
     assert results == [200] * 6
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(stack: tuple[BedrockStub, str, str, str]) -> None:
+    _, _, url, _ = stack
+    host, port = url.removeprefix("http://").split(":")
+    body = chat("[slow] hi", stream=True)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        seen = b""
+        while b"data: " not in seen:  # the stream started; Bedrock's next event is 5 s away
+            data = sock.recv(65536)
+            assert data, "the adapter closed the stream"
+            seen += data
+
+        def running() -> float:
+            text = http_get(url + "/metrics")[1].decode()
+            line = next(x for x in text.splitlines() if x.startswith("vllm:num_requests_running"))
+            return float(line.split()[-1])
+
+        assert running() == 1
+    t0 = time.monotonic()
+    while running() != 0:
+        assert time.monotonic() - t0 < 2, "the slot of a vanished client was not freed"
+        time.sleep(0.05)
 
 
 # -- config and engine -----------------------------------------------------------------------
