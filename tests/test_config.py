@@ -141,7 +141,7 @@ def test_a_replica_without_engine_is_external_and_each_engine_gets_its_class():
     assert isinstance(sim, SimReplicaConfig) and isinstance(sim.options, SimOptions)
     assert all(isinstance(r, LocalReplicaConfig) for r in (llama, vllm, sim))
     assert not isinstance(ext, LocalReplicaConfig)
-    assert {"llamacpp", "vllm", "sim"} == LOCAL_ENGINES
+    assert {"llamacpp", "vllm", "sim", "bedrock"} == LOCAL_ENGINES
 
 
 def test_unknown_engine_is_named_with_its_line():

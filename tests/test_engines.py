@@ -51,7 +51,7 @@ def llamacpp(options: dict[str, Any] | None = None, pool_model: str | None = Non
 def test_every_local_engine_has_one_registered_engine_and_its_kind_comes_from_the_config() -> None:
     assert set(engines.ENGINES) == set(LOCAL_REPLICA_CLASSES)
     assert {c.model_fields["engine"].default for c in LOCAL_REPLICA_CLASSES} == LOCAL_ENGINES
-    assert LOCAL_ENGINES == {"llamacpp", "vllm", "sim"}
+    assert LOCAL_ENGINES == {"llamacpp", "vllm", "sim", "bedrock"}
     sim = engine_for(SimReplicaConfig())
     assert sim.kind == "sim" and vllm({"model": "m"}).kind == "vllm" and llamacpp().kind == "llamacpp"
 
@@ -177,6 +177,9 @@ def test_llamacpp_custom_gguf_and_flags(tmp_path: Path) -> None:
     # In a pool that names its model, that name is the default alias; an explicit one wins.
     assert llamacpp({"model": str(gguf)}, pool_model="qwen").model == "qwen"
     assert llamacpp({"model": str(gguf), "alias": "q"}, pool_model="qwen").model == "q"
+    embed = llamacpp({"model": str(gguf), "embeddings": True}).launch(9101).argv
+    assert "--embeddings" in embed and flag(embed, "--pooling") == "mean"
+    assert "--embeddings" not in argv
 
 
 def test_llamacpp_missing_gguf_is_a_clear_error(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 from aiohttp import web
-from helpers import assert_schema, free_port, http_get
+from helpers import assert_schema, free_port, http_get, http_post
 
 PROMPT = [{"role": "user", "content": "Say hello in three words."}]
 
@@ -260,3 +260,31 @@ def test_stream_then_non_stream_on_one_replica_never_fails(gw: str) -> None:
     _code, body = http_get(gw + "/admin/replicas")
     replica = json.loads(body)["pools"][0]["replicas"][0]
     assert replica["state"] == "healthy" and replica["failures"] == 0
+
+
+def test_responses_api_through_the_gateway(gw: str) -> None:
+    # llama-server serves OpenAI's Responses API too; the gateway relays it like chat.
+    c = client(gw)
+    resp = c.responses.create(model="smollm2", input="Say hello.", max_output_tokens=8)
+    assert resp.output_text and resp.usage.output_tokens <= 8
+    events = list(c.responses.create(model="smollm2", input="Say hello.", max_output_tokens=8, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_a_replica_error_reaches_the_client_in_openai_format(gw: str) -> None:
+    # llama-server answers a malformed `messages` with its own error shape (an integer code):
+    # the gateway relays its message in OpenAI's format.
+    status, raw = http_post(
+        gw + "/v1/chat/completions", json.dumps({"model": "smollm2", "messages": "hi"}).encode()
+    )
+    assert status == 400, raw[:300]
+    body = json.loads(raw)
+    assert_schema(body, "ErrorResponse")
+    assert body["error"]["message"] and (
+        body["error"]["code"] is None or isinstance(body["error"]["code"], str)
+    )
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(model="smollm2", messages="hi")  # type: ignore[arg-type]
+    assert exc.value.status_code == 400

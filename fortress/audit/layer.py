@@ -67,6 +67,10 @@ def journal_full_error(free: int, floor: int) -> GatewayError:
     )
 
 
+USER_HEADER = "x-llm-user"
+USER_HEADER_RAW = USER_HEADER.encode()
+
+
 def missing_headers_error(missing: list[str], required: list[str]) -> GatewayError:
     """400 in OpenAI's format naming every missing audit header."""
     plural = "s" if len(missing) > 1 else ""
@@ -87,6 +91,7 @@ class AuditTrail:
         self.config = config
         self.disk_usage = disk_usage  # how the journal reads its free space (tests replace it)
         self.required = [(h, h.encode("latin-1")) for h in config.audit.required_headers]
+        self.user_from_body = config.audit.user_from_body and USER_HEADER in config.audit.required_headers
         names = [*config.audit.required_headers, *OPTIONAL_HEADERS]
         self.bounded = [(h, h.encode("latin-1")) for h in dict.fromkeys(names)]
         self.max_header = config.audit.max_header_bytes
@@ -110,6 +115,8 @@ class AuditTrail:
         ``audit.max_header_bytes``, or a 503 while the journal's disk is below its floor."""
         headers = ctx.headers
         missing = [name for name, raw in self.required if not headers.get(raw, b"").strip()]
+        if self.user_from_body and USER_HEADER in missing:
+            missing.remove(USER_HEADER)  # the body's `user` may stand in: check_body decides
         if missing:
             raise missing_headers_error(missing, [name for name, _ in self.required])
         limit = self.max_header
@@ -121,6 +128,25 @@ class AuditTrail:
         if journal is not None and journal.low_space:
             self.refused += 1
             raise journal_full_error(journal.disk_free, journal.min_free_bytes)
+
+    def check_body(self, ctx: RequestContext) -> None:
+        """With ``audit.user_from_body``, a request without ``x-llm-user`` is attributed to the
+        body's standard ``user`` field (many clients can set only that); 400 when it has neither."""
+        if not self.user_from_body or ctx.headers.get(USER_HEADER_RAW, b"").strip():
+            return
+        user = ctx.body.get("user") if ctx.body is not None else None
+        if not isinstance(user, str) or not user.strip():
+            raise GatewayError(
+                400,
+                f"Missing the end user: send the {USER_HEADER} header or the body's 'user' field.",
+                "invalid_request_error",
+                "missing_audit_headers",
+                "user",
+            )
+        raw = user.encode()
+        if len(raw) > self.max_header:
+            raise header_too_long_error("user", len(raw), self.max_header)
+        ctx.headers[USER_HEADER_RAW] = raw  # recorded as if it came in the header
 
     async def record(self, ctx: RequestContext) -> None:
         """Append the request's record; returns once it is durable. While the journal's disk is

@@ -16,6 +16,8 @@ class Audit(ConfigModel):
     required_headers: list[str] = Field(
         default_factory=lambda: ["x-llm-source", "x-llm-user", "x-llm-request-type"]
     )
+    # Accept the body's standard `user` field as the end user when x-llm-user is missing.
+    user_from_body: bool = False
     body_capture: Literal["none", "metadata", "full"] = "none"
     redact_fields: list[str] = Field(default_factory=lambda: ["messages", "prompt"])
     journal_dir: str | None = Field(None, description="default: <state_dir>/journal")

@@ -121,6 +121,8 @@ class LlamaCppOptions(LocalOptions):
     ctx_size: int = Field(2048, ge=1)
     parallel: int = Field(2, ge=1, description="slots: requests decoded at once")
     metrics: bool = Field(True, description="serve /metrics (engine load for routing)")
+    # llama-server's --embeddings serves /v1/embeddings only (no chat): give it its own pool.
+    embeddings: bool = Field(False, description="an embeddings server (--embeddings --pooling mean)")
 
 
 class VllmOptions(LocalOptions):

@@ -54,6 +54,10 @@ class AuditLayer(Protocol):
     def check_headers(self, ctx: RequestContext) -> None:
         """Raise a 400 ``GatewayError`` naming the required audit headers that are missing."""
 
+    def check_body(self, ctx: RequestContext) -> None:
+        """After the body is parsed: raise a 400 ``GatewayError`` when the end user is in
+        neither the header nor (where allowed) the body's ``user`` field."""
+
     async def record(self, ctx: RequestContext) -> None:
         """Append the request's record to the journal; returns once it is durable."""
 

@@ -111,5 +111,7 @@ class LlamaCppEngine:
         ]  # fmt: skip
         if o.metrics:
             argv.append("--metrics")
+        if o.embeddings:
+            argv += ["--embeddings", "--pooling", "mean"]
         argv.extend(o.extra_args)
         return Launch(tuple(argv), dict(o.env), http_url(host, port))

@@ -33,7 +33,9 @@ from fortress.routing.pool import Route, Router
 
 log = logging.getLogger("fortress.gateway")
 
-COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The OpenAI endpoints relayed to replicas, with keys, limits, audit and routing alike.
+API_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 # One logged traceback per exception type and minute: a request that trips a bug must not
 # become a way to flood the logs.
 _LOG_EVERY = 60.0
@@ -106,7 +108,7 @@ class Gateway:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path in COMPLETION_PATHS:
+        if path in API_PATHS:
             if method != "POST":
                 await respond_error(send, errors.method_not_allowed(f"Use POST for {path}."))
                 return
@@ -184,6 +186,8 @@ class Gateway:
             ctx.bytes_in = len(raw)
             try:
                 route = self._parse(ctx, raw)
+                if self.audit is not None:
+                    self.audit.check_body(ctx)
                 body = self.relay.upstream_body(ctx, route, raw)
                 if access is not None:
                     access.authorize(ctx, route.name)
@@ -267,12 +271,17 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("You must provide a model parameter.", "model")
-        stream = body.get("stream", False)
+        stream = body.get("stream", False) if ctx.path in STREAMING_PATHS else False
         if stream is not None and not isinstance(stream, bool):
             raise errors.bad_request("'stream' must be a boolean.", "stream")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if ctx.path == "/v1/embeddings":
+            field, max_tokens = "max_tokens", 0  # nothing is generated: no output to reserve
+        elif ctx.path == "/v1/responses":
+            field, max_tokens = "max_output_tokens", body.get("max_output_tokens")
+        else:
+            field, max_tokens = "max_tokens", body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
-            raise errors.bad_request("'max_tokens' must be a non-negative integer.", "max_tokens")
+            raise errors.bad_request(f"'{field}' must be a non-negative integer.", field)
         route = self.router.route(model)
         if route is None:
             raise errors.model_not_found(model)

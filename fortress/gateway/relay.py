@@ -22,8 +22,8 @@ import orjson
 from fortress.config import FortressConfig
 from fortress.core import errors
 from fortress.core.context import RequestContext
-from fortress.gateway.conform import fix_chat_completion
-from fortress.gateway.sse import StreamTap, first_event_model
+from fortress.gateway.conform import fix_chat_completion, openai_error
+from fortress.gateway.sse import RESPONSES_DONE, StreamTap, first_event_model
 from fortress.gateway.watchdog import Watchdog
 from fortress.routing.outlier import Failure, OutlierDetector
 from fortress.routing.pool import Route, Router
@@ -142,7 +142,7 @@ class Relay:
         if route.is_alias:
             body["model"] = route.upstream_model
             changed = True
-        if ctx.stream:
+        if ctx.stream and ctx.path != "/v1/responses":  # the Responses API always reports usage
             so = body.get("stream_options")
             ctx.want_usage = isinstance(so, dict) and so.get("include_usage") is True
             if not ctx.want_usage:
@@ -207,10 +207,16 @@ class Relay:
                     data = await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
                     ctx.status = status
+                    ctype = resp.headers.get("content-type", "application/json")
                     if status == 200:
                         data = self._inspect(ctx, replica, want, data)
+                    elif status >= 400:  # a replica's own 4xx: relayed, in OpenAI's error format
+                        fixed = openai_error(data, status)
+                        if fixed is not None:
+                            data, ctype = fixed, "application/json"
+                        ctx.error = _snippet(data)
                     t_out = perf_counter()
-                    hdrs = self._headers(ctx, replica, resp.headers.get("content-type", "application/json"))
+                    hdrs = self._headers(ctx, replica, ctype)
                     hdrs.append((b"content-length", str(len(data)).encode()))
                     ctx.overhead += perf_counter() - t_out
                     hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
@@ -272,7 +278,10 @@ class Relay:
     ) -> None:
         """Relay a stream event by event. The response starts with the first complete event,
         once its model is checked: until then a failure is retried on another replica."""
-        tap = StreamTap(strip_usage=not ctx.want_usage)
+        if ctx.path == "/v1/responses":
+            tap = StreamTap(strip_usage=False, done_marks=RESPONSES_DONE)
+        else:
+            tap = StreamTap(strip_usage=not ctx.want_usage)
         mark = wd.mark
         async for data in resp.content.iter_any():
             mark()
@@ -286,14 +295,14 @@ class Relay:
                 ctx.bytes_out += len(out)
                 if tap.done and not ctx.finished:
                     # The chunk with [DONE] waits until the request's record is committed.
-                    ctx.usage = tap.usage
+                    ctx.usage = _usage(tap.usage)
                     ctx.chunks = tap.chunks
                     await self._finish(ctx)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 # A slow client holds us in send(); that silence is not the replica's.
                 mark()
         rest = tap.flush()
-        ctx.usage = tap.usage
+        ctx.usage = _usage(tap.usage)
         ctx.chunks = tap.chunks
         if not tap.done:
             # The replica closed the stream early: tell the client instead of ending silently.
@@ -327,7 +336,7 @@ class Relay:
         if isinstance(got, str) and got != want:
             self._wrong_model(replica, got, want)
         usage = obj.get("usage")
-        ctx.usage = usage if isinstance(usage, dict) else None
+        ctx.usage = _usage(usage)
         if self.conform and obj.get("object") == "chat.completion" and fix_chat_completion(obj):
             return orjson.dumps(obj)
         return data
@@ -387,6 +396,19 @@ class Relay:
         ctx.responded = True
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _usage(usage: Any) -> dict[str, Any] | None:
+    """Usage in chat completions' terms: the Responses API says input/output_tokens."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage and "prompt_tokens" not in usage:
+        usage = {
+            **usage,
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+        }
+    return usage
 
 
 def _snippet(text: bytes, limit: int = 200) -> str:

@@ -15,18 +15,23 @@ import orjson
 
 _USAGE_MARKS = (b'"usage":{', b'"usage": {')
 _EVENT_END = b"\n\n"
+# How a stream says it is complete: chat/completions end with [DONE]; the Responses API with a
+# terminal event (and no [DONE]).
+CHAT_DONE = (b"[DONE]",)
+RESPONSES_DONE = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 
 
 class StreamTap:
     """Split an SSE byte stream into whole events, keep usage, strip it if unwanted."""
 
-    __slots__ = ("_pending", "chunks", "done", "strip_usage", "usage")
+    __slots__ = ("_pending", "chunks", "done", "done_marks", "strip_usage", "usage")
 
-    def __init__(self, strip_usage: bool) -> None:
+    def __init__(self, strip_usage: bool, done_marks: tuple[bytes, ...] = CHAT_DONE) -> None:
         self.strip_usage = strip_usage
+        self.done_marks = done_marks
         self.usage: dict[str, Any] | None = None
         self.chunks = 0  # data events relayed (for metrics and audit)
-        self.done = False  # saw "data: [DONE]"
+        self.done = False  # saw "data: [DONE]" (or the Responses API's terminal event)
         self._pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -42,8 +47,10 @@ class StreamTap:
         self.chunks += out.count(b"data:")
         if _USAGE_MARKS[0] in out or _USAGE_MARKS[1] in out:
             out = self._take_usage(out)
-        if not self.done and b"[DONE]" in out:
-            self.done = True
+        if not self.done:
+            for mark in self.done_marks:
+                if mark in out:
+                    self.done = True
         return out
 
     def flush(self) -> bytes:
@@ -73,7 +80,13 @@ class StreamTap:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return ev
-        if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        if not isinstance(obj, dict):
+            return ev
+        if not isinstance(obj.get("usage"), dict):
+            # The Responses API: usage inside the terminal event's response object; kept as is.
+            inner = obj.get("response")
+            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                self.usage = inner["usage"]
             return ev
         self.usage = obj["usage"]
         if not self.strip_usage:
@@ -95,5 +108,9 @@ def first_event_model(data: bytes) -> str | None:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    model = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    model = obj.get("model")
+    if model is None and isinstance(obj.get("response"), dict):  # Responses API events
+        model = obj["response"].get("model")
     return model if isinstance(model, str) else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -36,21 +37,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fortress.sim import apis
+from fortress.sim.wire import JSON as _JSON
+from fortress.sim.wire import ClientGone as _ClientGone
+from fortress.sim.wire import error as _error
+from fortress.sim.wire import gone as _gone
+from fortress.sim.wire import sleep_until as _sleep_until
+from fortress.sim.wire import token as _token
+
 __all__ = ["POISON_MARKER", "SimSettings", "build_app", "run"]
 
 _FLAVORS = ("vllm", "llamacpp")
 # Prompt text that makes a completion fail with 500: a bad replica on demand, for outlier tests.
 POISON_MARKER = "[sim:500]"
-# How often a sleeping handler looks whether its client is still there. aiohttp does not cancel
-# handlers on disconnect by default, so a hung or slow request would otherwise never notice.
-_POLL_S = 0.25
 # Simulated KV-cache size, only to give kv_cache_usage_perc a plausible moving value.
 _KV_CAPACITY_TOKENS = 262_144
 # Prefix-cache model: vLLM-style chained hashes of fixed word blocks, bounded LRU.
 _PREFIX_BLOCK_WORDS = 16
 _PREFIX_CACHE_BLOCKS = 65_536
 
-_JSON = "application/json"
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -106,40 +111,11 @@ class SimSettings:
             raise ValueError(f"metrics_flavor must be one of {_FLAVORS}, got {self.metrics_flavor!r}")
 
 
-class _ClientGone(ConnectionResetError):
-    """The client closed its connection while its request was being served."""
-
-
 class _BadRequest(Exception):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-
-
-def _error(
-    status: int, message: str, type_: str, code: str | None = None, param: str | None = None
-) -> web.Response:
-    err = {"message": message, "type": type_, "param": param, "code": code}
-    body = orjson.dumps({"error": err})
-    return web.Response(status=status, body=body, content_type=_JSON)
-
-
-def _gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-async def _sleep_until(request: web.Request, deadline: float) -> None:
-    """Sleep until ``deadline`` (loop time, may be inf); raise ``_ClientGone`` on disconnect."""
-    loop = asyncio.get_running_loop()
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return
-        await asyncio.sleep(min(remaining, _POLL_S))
-        if _gone(request):
-            raise _ClientGone("client went away")
 
 
 def _words(value: Any) -> int:
@@ -217,10 +193,6 @@ def _parse(req: Any, chat: bool) -> _Job:
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
     words = " ".join(parts).split()
     return _Job(chat, stream, include_usage, limit, max(1, len(words)), words, poisoned)
-
-
-def _token(i: int) -> bytes:
-    return b" tok%d" % i
 
 
 class _Sim:
@@ -675,6 +647,8 @@ def build_app(settings: SimSettings) -> web.Application:
     app.router.add_get("/v1/models", sim.models)
     app.router.add_post("/v1/chat/completions", sim.chat_completions)
     app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_post("/v1/embeddings", functools.partial(apis.embeddings, sim))
+    app.router.add_post("/v1/responses", functools.partial(apis.responses, sim))
     app.router.add_get("/metrics", sim.metrics)
     app.router.add_post("/sim/control", sim.control)
     app.router.add_get("/sim/stats", sim.stats)
