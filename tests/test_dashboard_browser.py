@@ -1,14 +1,18 @@
 """The live dashboard in a real browser (Debian's chromium, driven by Playwright).
 
 While traffic runs, the page's numbers change without a reload; a replica killed with SIGKILL
-shows as unhealthy within a few seconds and the unhealthy-replica alarm fires. The page loads
-nothing from anywhere but the gateway. The final state is saved to ``docs/dashboard.png``.
+shows as unhealthy within a few seconds and the unhealthy-replica alarm fires. The charts draw
+the gateway's history: the dip survives a reload, and the time axis' labels are short local
+times that never overlap. The page loads nothing from anywhere but the gateway. The final state
+is saved to ``docs/dashboard.png``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import re
 import shutil
 import signal
 import time
@@ -100,7 +104,8 @@ async def test_dashboard_live_in_chromium(cluster) -> None:
             assert await page.text_content("#rps") not in (DASH, "0.0")
             assert (await page.text_content("#p95")) != DASH
             assert (await page.text_content("#ttft-p95")) != DASH
-            await page.wait_for_timeout(4000)  # some history in the charts
+            # The gateway's history has a point with every replica healthy (a point every 5 s).
+            await page.wait_for_selector('#chart-health[data-max-healthy="3"]', timeout=15_000)
 
             # SIGKILL a primary: it shows as unhealthy within a few seconds.
             proc2.kill(signal.SIGKILL)
@@ -113,7 +118,26 @@ async def test_dashboard_live_in_chromium(cluster) -> None:
                 'tr[data-alarm="unhealthy_replicas"][data-state="firing"]', timeout=5_000
             )
             assert "bad" in (await page.get_attribute("#tile-healthy", "class") or "")
-            await page.wait_for_timeout(2500)  # the charts show the failure
+            # The history records the dip; the page's charts draw it.
+            await page.wait_for_selector('#chart-health[data-last-healthy="2"]', timeout=15_000)
+            await page.wait_for_selector('#chart-health[data-max-unhealthy="1"]', timeout=15_000)
+            for chart in ("chart-rps", "chart-latency", "chart-tokens", "chart-health"):
+                await _check_time_axis(page, chart)
+            before = await page.get_attribute("#chart-health", "data-points")
+            first = await page.get_attribute("#chart-health", "data-first")
+            assert before is not None and int(before) >= 3
+
+            # A reload keeps the history: it comes from the gateway, not from the page.
+            await page.reload()
+            await page.wait_for_selector("#conn.pill-ok", timeout=10_000)
+            await page.wait_for_selector("#chart-health[data-points]", timeout=10_000)
+            assert int(await page.get_attribute("#chart-health", "data-points") or 0) >= int(before)
+            assert await page.get_attribute("#chart-health", "data-first") == first
+            assert await page.get_attribute("#chart-health", "data-last-healthy") == "2"
+            assert await page.get_attribute("#chart-health", "data-max-healthy") == "3"
+            assert await page.get_attribute("#chart-health", "data-max-unhealthy") == "1"
+            await _check_time_axis(page, "chart-health")
+            await until(lambda: _text_is(page, "#healthy", "2 / 3"), 5, "2 of 3 healthy after the reload")
             SCREENSHOT.parent.mkdir(exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
             await browser.close()
@@ -132,3 +156,25 @@ async def _more(page, n: int) -> bool:  # type: ignore[no-untyped-def]
 
 async def _text_is(page, selector: str, text: str) -> bool:  # type: ignore[no-untyped-def]
     return await page.text_content(selector) == text
+
+
+LABEL = re.compile(r"^\d\d:\d\d(:\d\d)?$")  # local HH:MM, or HH:MM:SS for ticks under a minute
+
+
+async def _check_time_axis(page, chart: str) -> None:  # type: ignore[no-untyped-def]
+    """The chart's time labels: a few short, distinct local times whose boxes do not overlap."""
+    labels = await page.query_selector_all(f"#{chart} .xlabel")
+    texts = [await label.text_content() or "" for label in labels]
+    assert 2 <= len(texts) <= 12, texts
+    assert all(LABEL.match(t) for t in texts), texts
+    assert len(set(texts)) == len(texts), texts
+    boxes = [await label.bounding_box() for label in labels]
+    assert all(b is not None and b["width"] > 0 for b in boxes), boxes
+    spans = sorted((b["x"], b["x"] + b["width"], b["y"], b["height"]) for b in boxes if b is not None)
+    assert len({(y, h) for _, _, y, h in spans}) == 1, spans  # one line, nothing wrapped
+    for (_, right, _, _), (left, _, _, _) in itertools.pairwise(spans):
+        assert right <= left, f"{chart}: tick labels overlap: {texts} {spans}"
+    plot = await page.query_selector(f"#{chart} .u-over")
+    assert plot is not None
+    area = await plot.bounding_box()
+    assert area is not None and all(y >= area["y"] + area["height"] for _, _, y, _ in spans)  # below the plot

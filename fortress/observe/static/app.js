@@ -2,10 +2,19 @@
 "use strict";
 
 const POLL_MS = 1500;
-const HISTORY_S = 300;
+const HISTORY_S = 3600;
+const TIERS = ["primary", "secondary", "standby"];
+// Tick spacing of the time axis: whole seconds/minutes only, at least X_SPACE px apart, so
+// labels (HH:MM, or HH:MM:SS below a minute) never run into each other.
+const X_INCRS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600];
+const X_SPACE = 90;
 const $ = (id) => document.getElementById(id);
 const charts = {};
-const health = { t: [], primary: [], secondary: [], standby: [] };
+// The gateway keeps the history (the last hour, a point every 5 s); the page only holds what
+// it was sent, and asks for the points after the last one it has.
+let hist = [];
+let lastT = null;
+let uptime = 0;
 
 function secs(v) {
   if (v === null || v === undefined) return "–";
@@ -37,6 +46,40 @@ function cell(row, value, cls) {
   return td;
 }
 
+function pad(n) { return String(n).padStart(2, "0"); }
+function clock(t, seconds) {
+  const d = new Date(t * 1000);  // local time
+  return pad(d.getHours()) + ":" + pad(d.getMinutes()) + (seconds ? ":" + pad(d.getSeconds()) : "");
+}
+
+// The time axis' labels are HTML under the plot (uPlot draws only the ticks and the grid), so
+// they are real elements: one per tick, never wrapped, measurable in a test.
+function xValues(u, splits, axisIdx, space, incr) {
+  u.xticks = splits.map((t) => [t, clock(t, incr < 60)]);
+  return splits.map(() => "");
+}
+function drawXLabels(u) {
+  let box = u.root.querySelector(".xlabels");
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "xlabels";
+    u.root.querySelector(".u-wrap").appendChild(box);
+  }
+  box.style.left = u.over.style.left;
+  box.style.top = (parseFloat(u.over.style.top) + parseFloat(u.over.style.height) + 6) + "px";
+  box.style.width = u.over.style.width;
+  box.replaceChildren();
+  for (const [t, label] of u.xticks || []) {
+    const x = u.valToPos(t, "x");
+    if (x < 0 || x > parseFloat(u.over.style.width)) continue;
+    const span = document.createElement("span");
+    span.className = "xlabel";
+    span.textContent = label;
+    span.style.left = x + "px";
+    box.appendChild(span);
+  }
+}
+
 function chart(id, series, opts) {
   const el = $(id);
   const width = Math.max(300, el.clientWidth || el.parentElement.clientWidth - 20);
@@ -45,12 +88,14 @@ function chart(id, series, opts) {
     height: 200,
     series: [{}].concat(series),
     axes: [
-      { stroke: "#8795a4", grid: { stroke: "#2a3541" }, ticks: { stroke: "#2a3541" } },
+      { stroke: "#8795a4", grid: { stroke: "#2a3541" }, ticks: { stroke: "#2a3541" }, size: 30,
+        space: X_SPACE, incrs: X_INCRS, values: xValues },
       { stroke: "#8795a4", grid: { stroke: "#2a3541" }, ticks: { stroke: "#2a3541" }, size: 55 },
     ],
     scales: { x: { time: true } },
     legend: { live: false },
     cursor: { drag: { x: false, y: false } },
+    hooks: { draw: [drawXLabels] },
   }, opts || {});
   const data = [[]].concat(series.map(() => []));
   charts[id] = new uPlot(options, data, el);
@@ -67,9 +112,9 @@ function setup() {
     line("TTFT p95", "#58a6ff", { dash: [4, 4] })]);
   chart("chart-tokens", [line("out tokens/s", "#3fb950", { fill: "rgba(63,185,80,0.12)" }),
     line("in tokens/s", "#58a6ff")]);
-  chart("chart-health", [line("primary", "#3fb950", { paths: uPlot.paths.stepped({ align: 1 }) }),
-    line("secondary", "#58a6ff", { paths: uPlot.paths.stepped({ align: 1 }) }),
-    line("standby", "#bc8cff", { paths: uPlot.paths.stepped({ align: 1 }) })],
+  const stepped = () => ({ paths: uPlot.paths.stepped({ align: 1 }) });
+  chart("chart-health", [line("primary", "#3fb950", stepped()), line("secondary", "#58a6ff", stepped()),
+    line("standby", "#bc8cff", stepped()), line("unhealthy", "#f85149", Object.assign(stepped(), { dash: [4, 3] }))],
     { scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(2, max + 1)] } } });
   window.addEventListener("resize", () => {
     for (const id in charts) {
@@ -79,12 +124,39 @@ function setup() {
   });
 }
 
+function tierCount(p, tier, key) {
+  const h = p.health[tier];
+  return h && h.total ? h[key] : null;  // no line for a tier without replicas
+}
+
+function drawCharts() {
+  const h = hist;
+  const xs = h.map((p) => p.t);
+  const per = (key) => h.map((p) => p[key] / p.seconds);
+  charts["chart-rps"].setData([xs, per("requests"), per("errors_4xx"), per("errors_5xx"), per("rate_limited")]);
+  charts["chart-latency"].setData([xs, h.map((p) => p.p50), h.map((p) => p.p95), h.map((p) => p.p99),
+    h.map((p) => p.ttft_p95)]);
+  charts["chart-tokens"].setData([xs, per("tokens_out"), per("tokens_in")]);
+  const unhealthy = h.map((p) => TIERS.reduce((a, t) => a + (p.health[t] ? p.health[t].unhealthy : 0), 0));
+  charts["chart-health"].setData([xs].concat(TIERS.map((t) => h.map((p) => tierCount(p, t, "healthy"))),
+    [unhealthy]));
+  // What the chart holds, for whoever checks the page (tests, scripts).
+  const healthy = h.map((p) => TIERS.reduce((a, t) => a + (p.health[t] ? p.health[t].healthy : 0), 0));
+  const el = $("chart-health");
+  el.dataset.points = h.length;
+  el.dataset.first = h.length ? h[0].t : "";
+  el.dataset.minHealthy = h.length ? Math.min(...healthy) : "";
+  el.dataset.maxHealthy = h.length ? Math.max(...healthy) : "";
+  el.dataset.lastHealthy = h.length ? healthy[healthy.length - 1] : "";
+  el.dataset.maxUnhealthy = h.length ? Math.max(...unhealthy) : "";
+}
+
 function render(d) {
   const l10 = d.last_10s, l60 = d.last_60s, tot = d.totals;
   // Tiles.
   let healthy = 0, total = 0;
   const tierText = [];
-  for (const tier of ["primary", "secondary", "standby"]) {
+  for (const tier of TIERS) {
     const t = d.tiers[tier];
     healthy += t.healthy; total += t.total;
     if (t.total) tierText.push(tier + " " + t.healthy + "/" + t.total);
@@ -129,20 +201,14 @@ function render(d) {
   text("ready", d.models && Object.values(d.models).every((x) => x.healthy > 0) ? "ready" : "NOT READY");
   $("ready").className = "pill " + ($("ready").textContent === "ready" ? "pill-ok" : "pill-bad");
 
-  // Charts.
-  const s = d.series, step = d.series_step;
-  const xs = s.map((p) => p.t);
-  charts["chart-rps"].setData([xs, s.map((p) => p.rps), s.map((p) => p.errors_4xx / step),
-    s.map((p) => p.errors_5xx / step), s.map((p) => p.rate_limited / step)]);
-  charts["chart-latency"].setData([xs, s.map((p) => p.p50), s.map((p) => p.p95), s.map((p) => p.p99),
-    s.map((p) => p.ttft_p95)]);
-  charts["chart-tokens"].setData([xs, s.map((p) => p.tokens_per_s), s.map((p) => p.tokens_in / step)]);
-  health.t.push(d.now);
-  for (const tier of ["primary", "secondary", "standby"]) health[tier].push(d.tiers[tier].healthy);
-  while (health.t.length && health.t[0] < d.now - HISTORY_S) {
-    for (const k in health) health[k].shift();
+  // Charts: from the gateway's history.
+  if (d.uptime < uptime) { hist = []; lastT = null; }  // the gateway restarted
+  uptime = d.uptime;
+  if (d.history.length) {
+    hist = hist.concat(d.history).filter((p) => p.t > d.now - HISTORY_S);
+    lastT = hist[hist.length - 1].t;
+    drawCharts();
   }
-  charts["chart-health"].setData([health.t, health.primary, health.secondary, health.standby]);
 
   // Replica table.
   const body = $("replicas").tBodies[0];
@@ -199,7 +265,8 @@ function render(d) {
 
 async function poll() {
   try {
-    const resp = await fetch("/dashboard/data", { credentials: "same-origin", cache: "no-store" });
+    const url = "/dashboard/data" + (lastT === null ? "" : "?since=" + lastT);
+    const resp = await fetch(url, { credentials: "same-origin", cache: "no-store" });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     render(await resp.json());
     $("conn").textContent = "live";
