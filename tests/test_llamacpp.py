@@ -362,7 +362,7 @@ def test_zero_config_up_prints_a_working_snippet_and_stops_on_ctrl_c(tmp_path: P
     require_embedded_llama()
     port = free_port()
     proc = Proc(
-        fortress_argv("up", "--port", str(port), "-q"),
+        fortress_argv("up", "--port", str(port), "-q", "--show-key"),  # the log file is no terminal
         tmp_path / "up.log",
         env={"FORTRESS__STATE_DIR": str(tmp_path / "state")},
     )
@@ -451,3 +451,24 @@ def test_a_start_that_fails_leaves_no_unseen_key_behind(tmp_path: Path) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     assert "first-key" not in listed.stdout and "fk_" not in listed.stdout, listed.stdout
+
+
+def test_an_embeddings_pool_of_llama_server(tmp_path: Path) -> None:
+    """`options: {embeddings: true}`: llama-server with --embeddings behind the gateway, the
+    openai SDK's embeddings call (base64 by default) answered with the model's vectors."""
+    require_embedded_llama()
+    config = write_up_config(
+        tmp_path, "smollm2-embed", {"engine": "llamacpp", "options": {"embeddings": True}},
+        health_check={"interval": 0.5, "timeout": 0.5},
+    )  # fmt: skip
+    port = free_port()
+    proc = Proc(fortress_argv("up", "-c", str(config), "--port", str(port), "-q"), tmp_path / "up.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", timeout=90)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        out = c.embeddings.create(model="smollm2-embed", input=["a cat", "a dog", "a cat"])
+        vecs = [d.embedding for d in out.data]
+        assert len(vecs) == 3 and len(vecs[0]) >= 64 and out.usage.prompt_tokens > 0
+        assert vecs[0] == pytest.approx(vecs[2]) and vecs[0] != pytest.approx(vecs[1])
+    finally:
+        proc.stop()
