@@ -93,6 +93,9 @@ class Cluster:
         if "auth:" not in config:
             # These tests are about routing and relay; access and audit have their own tests.
             config += "auth: {enabled: false}\naudit: {enabled: false}\n"
+        if "state_dir:" not in config:
+            # One gateway per state dir (it is locked): each gets its own, never the checkout's.
+            config += f"state_dir: {self.tmp / f'state-{port}'}\n"
         path.write_text(config)
         p = Proc(fortress_argv("serve", "-c", str(path), "--port", str(port)), self.tmp / f"gw-{port}.log")
         self.procs.append(p)

@@ -86,6 +86,18 @@ def cli(cfg: Path, *args: str) -> str:
     return out.stdout
 
 
+def beside(text: str, tmp: Path) -> str:
+    """The config of a second gateway next to the one ``text`` started: a state dir of its own
+    (one gateway per state dir), the first one's database and secret, so both know the same
+    keys."""
+    state = tmp / "state"
+    other = text.replace(f"state_dir: {state}\n", f"state_dir: {tmp / 'state-b'}\n")
+    if "database:" not in other:
+        other += f"database: {{url: 'sqlite:///{state / 'fortress.db'}'}}\n"
+    secret = (state / "secret").read_text().strip()
+    return other.replace("auth: {", f"auth: {{secret: '{secret}', ", 1)
+
+
 def write(tmp: Path, text: str) -> Path:
     path = tmp / f"keys-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(text)
@@ -199,7 +211,8 @@ def test_admin_api_for_keys_and_plans(cluster: Cluster, tmp_path: Path) -> None:
     assert call(gw, created["key"])[0] == 401  # grace 0: at once on this gateway
     assert call(gw, rotated["key"])[0] == 200
     status, plans = admin(gw, "GET", "/admin/plans")
-    assert {p["name"] for p in plans["data"]} == {"default", "tight", "tokens"}
+    # The config's plans, and the built-in unlimited `operator` (the first key's).
+    assert {p["name"] for p in plans["data"]} == {"default", "tight", "tokens", "operator"}
     assert admin(gw, "DELETE", f"/admin/keys/{created['id']}")[1]["status"] == "revoked"
     assert call(gw, rotated["key"])[0] == 401
     assert admin(gw, "GET", "/admin/keys/key_0000000000000000")[0] == 404
@@ -217,7 +230,7 @@ def test_revocation_reaches_every_gateway_within_5s(
     sim, _ = cluster.sim()
     text = config(sim, tmp_path, database=database)
     gw_a, _ = cluster.gateway(text)
-    gw_b, _ = cluster.gateway(text)
+    gw_b, _ = cluster.gateway(beside(text, tmp_path))
     _, created = admin(gw_a, "POST", "/admin/keys", {"name": "shared"})
     key = created["key"]
     wait_for(lambda: call(gw_b, key)[0] == 200, timeout=5, what="gateway B to learn the new key")
@@ -235,7 +248,7 @@ def test_two_gateways_share_limits_through_redis(cluster: Cluster, tmp_path: Pat
     limits = f"limits: {{backend: redis, redis_url: '{redis_url}', key_prefix: '{prefix}'}}\n"
     text = config(sim, tmp_path, extra=limits, plans="  default: {rate: null, requests: {day: 7}}\n")
     gw_a, _ = cluster.gateway(text)
-    gw_b, _ = cluster.gateway(text)
+    gw_b, _ = cluster.gateway(beside(text, tmp_path))
     _, created = admin(gw_a, "POST", "/admin/keys", {"name": "r"})
     key = created["key"]
     wait_for(lambda: call(gw_b, key)[0] in (200, 429), timeout=5, what="gateway B to learn the key")

@@ -326,7 +326,11 @@ async def test_serve_with_replica_flags_discovers_models(cluster, tmp_path) -> N
     proc = Proc(
         fortress_argv("serve", "--replica", x, "--secondary", y, "--port", str(port)),
         tmp_path / "gw.log",
-        env={"FORTRESS__AUTH__ENABLED": "false", "FORTRESS__AUDIT__ENABLED": "false"},
+        env={
+            "FORTRESS__AUTH__ENABLED": "false",
+            "FORTRESS__AUDIT__ENABLED": "false",
+            "FORTRESS__STATE_DIR": str(tmp_path / "state"),
+        },
     )
     cluster.procs.append(proc)
     gw = f"http://127.0.0.1:{port}"
