@@ -296,6 +296,9 @@ class Runtime:
             except (ConfigError, NamingError, ValueError) as exc:
                 log.error("reload of %s failed, nothing changed: %s", path, "; ".join(str(exc).splitlines()))
                 return False
+            except Exception:  # a bug, not a bad file: say so with the traceback
+                log.exception("reload of %s failed", path)
+                return False
             self.config = applied
             for replica in reconciled.rechecked:
                 self.health.poke(replica)
