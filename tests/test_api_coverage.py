@@ -32,7 +32,18 @@ def config(tmp: Path, sim_url: str, audit: str = "") -> str:
 
 def new_key(cfg_path: Path) -> str:
     out = subprocess.run(
-        [PYTHON, "-m", "fortress.cli.main", "keys", "create", "--name", "api-tests", "-c", str(cfg_path), "--json"],
+        [
+            PYTHON,
+            "-m",
+            "fortress.cli.main",
+            "keys",
+            "create",
+            "--name",
+            "api-tests",
+            "-c",
+            str(cfg_path),
+            "--json",
+        ],
         capture_output=True,
         text=True,
     )

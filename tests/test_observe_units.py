@@ -405,7 +405,9 @@ def test_exports() -> None:
     )
     prom = yaml.safe_load(yaml.safe_dump(prometheus_rules(cfg)))
     rules = {r["alert"]: r for r in prom["groups"][0]["rules"]}
-    assert rules["unhealthy_replicas"]["expr"] == 'sum(fortress_replicas{state="unhealthy"}) > 0'
+    assert rules["unhealthy_replicas"]["expr"] == (
+        'sum(fortress_replicas{state="unhealthy"}) + (sum(fortress_replica_process_down) or vector(0)) > 0'
+    )
     assert "for" not in rules["unhealthy_replicas"]
     assert rules["latency_warning"]["for"] == "3m" and rules["latency_page"]["for"] == "1m"
     assert rules["latency_page"]["expr"].endswith("> 60")

@@ -56,6 +56,7 @@ GAUGE_METRICS = {
     "StoreUnreachable": "Count",
     "LimiterFailOpen": "Count",  # increase since the previous line
     "ConnectionsRefused": "Count",  # increase since the previous line
+    "ReplicaRestarts": "Count",
     "GpuUtilization": "Percent",
     "MemoryUtilization": "Percent",
 }

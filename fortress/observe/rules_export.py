@@ -28,7 +28,8 @@ def promql(rule: AlarmRule) -> str:
     w = _dur(rule.window)
     m = rule.metric
     if m == "unhealthy_replicas":
-        return 'sum(fortress_replicas{state="unhealthy"})'
+        # Crashed local replicas are out of the router while they restart: count them too.
+        return 'sum(fortress_replicas{state="unhealthy"}) + (sum(fortress_replica_process_down) or vector(0))'
     if m == "healthy_replicas":
         return "min(sum by (model) (fortress_replicas_healthy))"
     if m == "wrong_model_replicas":
