@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import PYTHON, ROOT, fortress_argv, free_port, http_get, http_post, sim_argv, wait_for, wait_http
+from helpers import ROOT, fortress_argv, free_port, http_get, http_post, sim_argv, wait_for, wait_http
 
 from fortress.access.layer import _reshape
 from fortress.access.limits import MemoryLimiter
@@ -29,18 +29,6 @@ from fortress.access.plans import Plan
 from fortress.config import UsagePlan, build_config
 from fortress.routing.pool import NamingError, Router
 from fortress.runtime import JsonFormatter, restart_only_changes
-
-# A gateway process as `fortress serve -c PATH` runs it, with the config path handed to the
-# runtime so that SIGHUP reloads that file.
-LAUNCH = """
-import sys
-from fortress.config import load_config
-from fortress.runtime import Runtime, bind, setup_logging
-cfg = load_config(sys.argv[1])
-setup_logging(cfg)
-runtime = Runtime(cfg, config_path=sys.argv[1])
-raise SystemExit(runtime.run(bind(cfg.server.host, cfg.server.port)))
-"""
 
 
 class Process:
@@ -275,7 +263,7 @@ def test_sighup_reloads_pools_plans_and_keys_without_dropping_a_stream(
     path = tmp_path / "fortress.yaml"
     path.write_text(yaml.safe_dump(base))
     key = _create_key(path, "default")
-    gw = Process([PYTHON, "-c", LAUNCH, str(path)], tmp_path, "gw")
+    gw = Process(fortress_argv("serve", "-c", str(path)), tmp_path, "gw")  # SIGHUP reads it again
     procs.append(gw)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", timeout=30)
@@ -336,6 +324,34 @@ def test_sighup_reloads_pools_plans_and_keys_without_dropping_a_stream(
 
 
 # -- reload, in process ----------------------------------------------------------------------
+
+
+def test_a_reload_keeps_the_command_lines_replicas_and_port(tmp_path: Path, procs: list[Process]) -> None:
+    """`fortress serve -c FILE --replica URL --port P`: SIGHUP reads FILE again and applies the
+    command line on top, as at start: the --replica replica stays, the port needs no restart."""
+    a, b = start_sims(tmp_path, procs, "m1", "m2")
+    port = free_port()
+    doc: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "auth": {"enabled": False},
+        "audit": {"enabled": False},
+        "pools": [
+            {"model": "m1", "health_check": {"interval": 0.5, "timeout": 0.4}, "replicas": [{"url": a}]}
+        ],
+    }
+    path = tmp_path / "fortress.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    gw = Process(fortress_argv("serve", "-c", str(path), "--replica", b, "--port", str(port)), tmp_path, "gw")
+    procs.append(gw)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/ready", timeout=30)
+    assert chat(url, "m2")[0] == 200  # served by the --replica replica
+    doc["pools"][0]["aliases"] = ["m1-alias"]
+    path.write_text(yaml.safe_dump(doc))
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: "m1-alias" in http_get(url + "/v1/models")[1].decode(), 15, what="the reload")
+    assert chat(url, "m2")[0] == 200 and chat(url, "m1-alias")[0] == 200
+    assert "restart" not in gw.stderr()  # no warning about server.port
 
 
 def _config(pools: list[dict[str, Any]], **more: Any) -> Any:

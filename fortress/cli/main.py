@@ -7,6 +7,7 @@ error, 3 state dir in use by another gateway, 4 no store yet (read-only commands
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -68,6 +69,37 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 
 
+def _flags(
+    cfg: Any,
+    replicas: list[str],
+    secondary: list[str],
+    standby: list[str],
+    host: str | None,
+    port: int | None,
+) -> Any:
+    """``cfg`` with serve's command-line replicas and listener: at start, and again on every
+    reload of the file (SIGHUP), so a reload keeps them."""
+    from fortress.config import ExternalReplicaConfig, PoolConfig, Tier
+
+    extra = (
+        [ExternalReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
+        + [ExternalReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
+        + [ExternalReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
+    )
+    if extra:
+        pools = list(cfg.pools)
+        auto = next((p for p in pools if p.model is None), None)
+        if auto is None:
+            pools.append(PoolConfig(replicas=extra))
+        else:
+            pools[pools.index(auto)] = auto.replace(replicas=[*auto.replicas, *extra])
+        cfg = cfg.replace(pools=pools)
+    if host is not None or port is not None:
+        changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        cfg = cfg.replace(server=cfg.server.replace(**changes))
+    return cfg
+
+
 def _load(
     config: Path | None,
     replicas: list[str],
@@ -76,26 +108,11 @@ def _load(
     host: str | None,
     port: int | None,
 ):
-    from fortress.config import ExternalReplicaConfig, LocalReplicaConfig, PoolConfig, Tier
+    from fortress.config import LocalReplicaConfig
 
     cfg = load_cli_config(config)
     try:
-        extra = (
-            [ExternalReplicaConfig(url=u, tier=Tier.PRIMARY) for u in replicas]
-            + [ExternalReplicaConfig(url=u, tier=Tier.SECONDARY) for u in secondary]
-            + [ExternalReplicaConfig(url=u, tier=Tier.STANDBY) for u in standby]
-        )
-        if extra:
-            pools = list(cfg.pools)
-            auto = next((p for p in pools if p.model is None), None)
-            if auto is None:
-                pools.append(PoolConfig(replicas=extra))
-            else:
-                pools[pools.index(auto)] = auto.replace(replicas=[*auto.replicas, *extra])
-            cfg = cfg.replace(pools=pools)
-        if host is not None or port is not None:
-            changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-            cfg = cfg.replace(server=cfg.server.replace(**changes))
+        cfg = _flags(cfg, replicas, secondary, standby, host, port)
     except ValueError as exc:  # a --replica URL that is not http(s), a port out of range
         fail(str(exc), ExitCode.USAGE)
     if not any(p.replicas for p in cfg.pools):
@@ -140,7 +157,12 @@ def serve(
     with hold_state_dir(cfg):  # a second gateway on this state dir stops here (exit 3)
         setup_logging(cfg)
         try:
-            runtime = Runtime(cfg)
+            found, _ = find_cli_config(config)  # what SIGHUP reads again
+            runtime = Runtime(
+                cfg,
+                config_path=found,
+                overrides=lambda c: _flags(c, replica, secondary, standby, host, port),
+            )
             sock = bind(cfg.server.host, cfg.server.port)
         except (NamingError, StartError) as exc:
             fail(str(exc), ExitCode.USAGE if isinstance(exc, NamingError) else ExitCode.FAILED)

@@ -85,7 +85,9 @@ def up(
     cfg = _config(config, replicas, model, engine, port)
     found, _ = find_cli_config(config)
     with hold_state_dir(cfg):
-        code = _run(cfg, quiet, show_key or sys.stderr.isatty(), found)
+        # A reload (SIGHUP) reads the file again and keeps the command line's --port.
+        keep = (lambda c: c) if port is None else (lambda c: c.replace(server=c.server.replace(port=port)))
+        code = _run(cfg, quiet, show_key or sys.stderr.isatty(), found, keep)
     raise typer.Exit(code)
 
 
@@ -168,7 +170,13 @@ def _fail(message: str, code: int = ExitCode.USAGE) -> Any:
 # -- running -------------------------------------------------------------------------------
 
 
-def _run(cfg: Any, quiet: bool, show_key: bool = False, config_path: Path | None = None) -> int:
+def _run(
+    cfg: Any,
+    quiet: bool,
+    show_key: bool = False,
+    config_path: Path | None = None,
+    overrides: Any = None,
+) -> int:
     """Build the runtime (engine errors surface now), bind the port, then serve until stopped."""
     from fortress.engines import EngineError
     from fortress.fleet.supervisor import SupervisorError
@@ -177,7 +185,7 @@ def _run(cfg: Any, quiet: bool, show_key: bool = False, config_path: Path | None
 
     setup_logging(cfg)
     try:
-        runtime = Runtime(cfg)
+        runtime = Runtime(cfg, config_path=config_path, overrides=overrides)
     except (EngineError, SupervisorError, NamingError) as exc:
         return _fail(str(exc))
     try:
