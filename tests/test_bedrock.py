@@ -25,13 +25,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-
-from fortress.bedrock.server import BedrockSettings, build_app, make_client
-from fortress.bedrock.translate import RequestError, converse_request
-from fortress.config import ConfigError, parse_config
-from fortress.config.engines import BedrockReplicaConfig
-from fortress.engines import BedrockEngine, engine_for
-from tests.helpers import (
+from helpers import (
     PYTHON,
     Proc,
     assert_schema,
@@ -42,6 +36,12 @@ from tests.helpers import (
     wait_http,
     write_up_config,
 )
+
+from fortress.bedrock.server import BedrockSettings, build_app, make_client
+from fortress.bedrock.translate import RequestError, converse_request
+from fortress.config import ConfigError, parse_config
+from fortress.config.engines import BedrockReplicaConfig
+from fortress.engines import BedrockEngine, engine_for
 
 MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"
 ANSWER = ["Hello", "! How can I", " help you today?"]

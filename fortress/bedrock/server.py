@@ -82,7 +82,9 @@ def make_client(settings: BedrockSettings) -> Any:
         connect_timeout=10,
         read_timeout=settings.read_timeout,
     )
-    return boto3.client("bedrock-runtime", endpoint_url=settings.endpoint_url, config=config)
+    # A session of its own: boto3's default session caches credentials process-wide.
+    session = boto3.session.Session()
+    return session.client("bedrock-runtime", endpoint_url=settings.endpoint_url, config=config)
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
