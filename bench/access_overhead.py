@@ -6,6 +6,10 @@ the memory limiter and with the Redis limiter (a throwaway redis-server is start
 relay; this is the access layer's share of it. Redis's own CPU is not counted (another process).
 
     .venv/bin/python bench/access_overhead.py [-n 20000] [--concurrency 32] [--redis-url URL]
+        [--write-docs]
+
+With ``--write-docs`` it measures both 32 concurrent requests and one at a time and writes the
+"Access layer" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -101,7 +105,9 @@ def main() -> None:
     ap.add_argument(
         "--no-uvloop", action="store_true", help="the stdlib loop instead of uvloop (the gateway's)"
     )
+    ap.add_argument("--write-docs", action="store_true", help="32 concurrent and one at a time; write docs")
     args = ap.parse_args()
+    rows: dict[tuple[str, str], dict[int, float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="fortress-bench-"))
     go: Any = asyncio.run
     loop_name = "asyncio"
@@ -130,18 +136,48 @@ def main() -> None:
             f"access layer per request, N={args.n}, {args.concurrency} concurrent, {loop_name} "
             "(CPU of this process)"
         )
-        print(f"{'backend':8} {'plan':8} {'CPU µs/req':>11} {'net of loop':>12} {'wall µs/req':>12}")
-        for backend in ("memory", "redis"):
-            # The same loop without the layer (context creation, task switches): subtracted.
-            base, _ = go(run(backend, "default", args.n, args.concurrency, url, tmp, baseline=True))
-            for plan in PLANS:
-                cpu, wall = go(run(backend, plan, args.n, args.concurrency, url, tmp))
-                print(f"{backend:8} {plan:8} {cpu:11.1f} {cpu - base:12.1f} {wall:12.1f}")
+        print(
+            f"{'backend':8} {'plan':8} {'conc':>4} {'CPU µs/req':>11} {'net of loop':>12} {'wall µs/req':>12}"
+        )
+        for conc in (args.concurrency, 1) if args.write_docs else (args.concurrency,):
+            for backend in ("memory", "redis"):
+                # The same loop without the layer (context creation, task switches): subtracted.
+                base, _ = go(run(backend, "default", args.n, conc, url, tmp, baseline=True))
+                for plan in PLANS:
+                    cpu, wall = go(run(backend, plan, args.n, conc, url, tmp))
+                    rows.setdefault((backend, plan), {})[conc] = cpu - base
+                    print(f"{backend:8} {plan:8} {conc:4} {cpu:11.1f} {cpu - base:12.1f} {wall:12.1f}")
+        if args.write_docs:
+            write_docs(rows, args, loop_name)
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_docs(rows: dict[tuple[str, str], dict[int, float]], args: Any, loop_name: str) -> None:
+    import datetime as dt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from docs_section import machine_line, write_section
+
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    what = {"default": "default (bucket + day quota)", "full": "everything (bucket, quotas, concurrency)"}
+    lines = [
+        f"Measured {when} on {machine_line()}, with `python bench/access_overhead.py -n {args.n} "
+        "--write-docs`: authenticate + authorize + admit + release in-process, "
+        f"{loop_name}, CPU of the process per request net of the same loop without the layer; "
+        "Redis's own CPU not included.",
+        "",
+        f"| backend | plan | {args.concurrency} concurrent | one at a time |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for (backend, plan), by in rows.items():
+        lines.append(
+            f"| {backend} | {what.get(plan, plan)} | {by[args.concurrency]:.1f} µs | {by[1]:.1f} µs |"
+        )
+    print(write_section("access", "\n".join(lines) + "\n", "## Access layer", after="gateway-layers"))
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def report(
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python bench/audit_throughput.py" + (" --write-docs" if args.write_docs else "")
     setup = (
-        f"Measured {now} at commit {commit()} on {machine_line()}, "
+        f"Measured {now} on {machine_line()}, "
         f"uvloop {uvloop.__version__}, SQLAlchemy {sqlalchemy.__version__}, SQLite {sqlite3.sqlite_version}; "
         f"journal and database on {fs}. {args.records:,} records (~600 bytes sealed) appended by "
         f"{args.concurrency} coroutines, group commit {args.group_commit_ms:g} ms, shipper batches of "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -53,9 +54,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def commit() -> str:
+    """The checkout's commit (short), marked when fortress/ or bench/ has uncommitted changes."""
+    root = DOCS.parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "fortress", "bench"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return f"commit {head}" + (" (with uncommitted changes)" if dirty else "")
+
+
 def machine_line() -> str:
-    """'<CPU> (<n> cores, Linux <kernel>), Python <version>' for a report's first line."""
+    """'<CPU> (<n> cores, Linux <kernel>), Python <version>, commit <sha>' for a report's first
+    line: every figure names the code it measured."""
     return (
         f"{cpu_model()} ({os.cpu_count()} cores, {platform.system()} {platform.release()}), "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}, {commit()}"
     )

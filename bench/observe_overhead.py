@@ -194,8 +194,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "## Metrics and alarms overhead",
         "",
-        f"Measured {dt.date.today().isoformat()} on {machine_line()}",
-        f"(shared, busy machine), with `python bench/observe_overhead.py --n {r['n']}`: {r['n']:,} finished",
+        f"Measured {dt.date.today().isoformat()} on {machine_line()},",
+        f"with `python bench/observe_overhead.py --n {r['n']}`: {r['n']:,} finished",
         "requests (70 % non-stream 200, 20 % stream 200, 5 % 4xx before routing, 3 % 502 after a retry,",
         "2 % 429) passed to the gateway's observers in-process, as the runtime hands them to the gateway;",
         f"CPU time by `time.process_time`, median of {r['repeats']} runs.",
