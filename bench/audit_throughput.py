@@ -172,19 +172,6 @@ def filesystem(path: Path) -> str:
         return "unknown filesystem"
 
 
-def commit() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "fortress"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return rev + (" (fortress/ modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def report(
     args: argparse.Namespace, fs: str, a: dict[str, float], s: dict[str, float], e: dict[str, float]
 ) -> str:
