@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,28 +61,41 @@ def test_key_lifecycle_in_the_store(db_url: str) -> None:
     assert store.get("key_nope") is None and store.revoke("key_nope") is None
 
 
+async def eventually(pred: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    """Poll ``pred`` while the cache's refresh task runs on this loop."""
+    deadline = time.monotonic() + seconds
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 async def test_cache_follows_creates_rotations_and_revocations(db_url: str) -> None:
     store = KeyStore(migrate(db_url), SECRET)
     cache = KeyCache(store, 0.05)
+    early, _ = store.create("early", "default", [])
+    assert cache.lookup(early.encode()) is None  # lookups read memory only: nothing synced yet
     await cache.start()
     try:
+        assert cache.lookup(early.encode()) is not None  # start syncs once before serving
         key, rec = await asyncio.to_thread(store.create, "a", "default", [])
-        assert cache.lookup(key.encode()) is None  # not synced yet
-        await asyncio.sleep(0.3)
+        await eventually(lambda: cache.lookup(key.encode()) is not None, "the new key")
         ident = cache.lookup(key.encode())
         assert ident is not None and ident.key_id == rec["id"] and ident.key_name == "a"
         assert cache.lookup(b"fk_00000000_" + b"x" * 32) is None
-        done = await asyncio.to_thread(store.rotate, rec["id"], 0.5)
+        # A grace long enough to outlast the sync on a loaded machine; its end is checked exactly.
+        done = await asyncio.to_thread(store.rotate, rec["id"], 3.0)
         assert done is not None
-        new_key = done[0]
-        await asyncio.sleep(0.3)
-        assert cache.lookup(new_key.encode()) is not None
+        new_key, rotated = done
+        grace_end = rotated["previous_expires_at"]
+        await eventually(lambda: cache.lookup(new_key.encode()) is not None, "the rotated key")
+        assert time.time() < grace_end, "the rotation took its whole grace to reach the cache"
         assert cache.lookup(key.encode()) is not None  # inside its grace
-        await asyncio.sleep(0.4)
-        assert cache.lookup(key.encode()) is None  # grace over
+        await eventually(lambda: cache.lookup(key.encode()) is None, "the end of the grace")
+        assert time.time() >= grace_end  # not a moment early
+        assert cache.lookup(new_key.encode()) is not None
         await asyncio.to_thread(store.revoke, rec["id"])
-        await asyncio.sleep(0.3)
-        assert cache.lookup(new_key.encode()) is None
+        await eventually(lambda: cache.lookup(new_key.encode()) is None, "the revocation")
     finally:
         await cache.stop()
 
