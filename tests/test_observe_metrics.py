@@ -118,17 +118,23 @@ async def test_known_traffic_gives_exact_series(cluster) -> None:
 
 
 async def test_in_flight_is_read_from_the_replicas(cluster) -> None:
-    slow, _ = cluster.sim("m", "--ttft", "1.5")
+    # The first token takes long enough that the three requests are still open when seen.
+    slow, _ = cluster.sim("m", "--ttft", "5")
     gw, _ = cluster.gateway(f"pools:\n  - model: m\n    {FAST}\n    replicas:\n      - {{url: '{slow}'}}\n")
+
+    def in_flight(n: int) -> bool:
+        m = scrape(gw)
+        return (
+            v(m, "fortress_replica_in_flight", replica="m-1", model="m", tier="primary") == n
+            and v(m, "fortress_requests_in_flight", model="m") == n
+        )
+
     async with aiohttp.ClientSession() as s:
         tasks = [asyncio.create_task(chat(s, gw, "m")) for _ in range(3)]
-        await asyncio.sleep(0.7)
-        m = await asyncio.to_thread(scrape, gw)
-        assert v(m, "fortress_replica_in_flight", replica="m-1", model="m", tier="primary") == 3
-        assert v(m, "fortress_requests_in_flight", model="m") == 3
+        await asyncio.to_thread(wait_for, lambda: in_flight(3), 30, what="3 requests in flight")
+        assert not any(t.done() for t in tasks)  # seen while they were all open
         assert await asyncio.gather(*tasks) == [200, 200, 200]
-    m = scrape(gw)
-    assert v(m, "fortress_replica_in_flight", replica="m-1", model="m", tier="primary") == 0
+    wait_for(lambda: in_flight(0), 30, what="nothing in flight")
 
 
 def test_admin_token_guards_metrics_alarms_and_dashboard(cluster) -> None:
