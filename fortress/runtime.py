@@ -51,6 +51,8 @@ from fortress.routing.replica import Origin, OriginKind
 if TYPE_CHECKING:
     from fortress.access.layer import AccessControl
 
+KEY_RESYNC_TIMEOUT = 10.0  # seconds a reload waits for the key store
+
 log = logging.getLogger("fortress.runtime")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -274,8 +276,8 @@ class Runtime:
         invalid config (or one whose names clash with replicas added at run time) is reported
         in one ERROR line and changes nothing.
         """
+        self._reopen_logs()  # never behind a slow reload: logrotate's SIGHUP must not wait
         async with self._reload_lock:
-            self._reopen_logs()
             path = self.config_path
             if path is None:
                 log.warning("reload: no config file to read (started without -c); access log reopened")
@@ -300,31 +302,39 @@ class Runtime:
                 log.exception("reload of %s failed", path)
                 return False
             self.config = applied
-            for replica in reconciled.rechecked:
-                self.health.poke(replica)
-            parts = reconciled.summary()
-            if self.access is not None:
-                access = cast("AccessControl", self.access)  # built by build_access
-                plans = access.reload_plans(applied.plans)
-                if plans:
-                    parts.append(f"plans changed: {', '.join(plans)}")
-                try:
-                    await access.resync_keys()
-                    parts.append(f"keys resynced ({access.cache.size} active)")
-                except Exception as exc:  # the cache keeps its keys and retries on its own
-                    parts.append(f"keys not resynced ({type(exc).__name__}: the store is unreachable)")
-            if (new.server.log_level, new.server.log_format) != (old.server.log_level, old.server.log_format):
-                setup_logging(applied)
-                parts.append(f"logs: {new.server.log_level}, {new.server.log_format}")
-            restart = restart_only_changes(old, new)
-            if reconciled.local_changed:
-                restart.append(f"local replicas of {', '.join(reconciled.local_changed)}")
-            if restart:
-                log.warning(
-                    "reload: a restart is needed to apply: %s (ignored until then)", ", ".join(restart)
-                )
-            log.info("reloaded %s: %s", path, "; ".join(parts) or "no changes")
+            try:
+                await self._apply_rest(old, new, applied, reconciled, path)
+            except Exception:  # the router changed already: say what failed after it
+                log.exception("reload of %s: the pools were applied, the rest failed", path)
             return True
+
+    async def _apply_rest(
+        self, old: FortressConfig, new: FortressConfig, applied: FortressConfig, reconciled: Any, path: Path
+    ) -> None:
+        """The parts of a reload after the router's: checks, plans, keys, logs, the summary."""
+        for replica in reconciled.rechecked:
+            self.health.poke(replica)
+        parts = reconciled.summary()
+        if self.access is not None:
+            access = cast("AccessControl", self.access)  # built by build_access
+            plans = access.reload_plans(applied.plans)
+            if plans:
+                parts.append(f"plans changed: {', '.join(plans)}")
+            try:
+                # Bounded: a store that does not answer must not hold the reload lock.
+                await asyncio.wait_for(access.resync_keys(), KEY_RESYNC_TIMEOUT)
+                parts.append(f"keys resynced ({access.cache.size} active)")
+            except Exception as exc:  # the cache keeps its keys and retries on its own
+                parts.append(f"keys not resynced ({type(exc).__name__}: the store did not answer)")
+        if (new.server.log_level, new.server.log_format) != (old.server.log_level, old.server.log_format):
+            setup_logging(applied)
+            parts.append(f"logs: {new.server.log_level}, {new.server.log_format}")
+        restart = restart_only_changes(old, new)
+        if reconciled.local_changed:
+            restart.append(f"local replicas of {', '.join(reconciled.local_changed)}")
+        if restart:
+            log.warning("reload: a restart is needed to apply: %s (ignored until then)", ", ".join(restart))
+        log.info("reloaded %s: %s", path, "; ".join(parts) or "no changes")
 
     def _reopen_logs(self) -> None:
         if self.observe is None or self.observe.access_log is None:

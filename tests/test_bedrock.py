@@ -552,17 +552,19 @@ def test_a_slow_stream_does_not_block_the_server(stack: tuple[BedrockStub, str, 
     results: list[int] = []
     threads = [
         threading.Thread(
-            target=lambda: results.append(http_post(url + "/v1/chat/completions", chat("Hi", stream=True))[0])
+            target=lambda: results.append(
+                http_post(url + "/v1/chat/completions", chat("[slow] Hi", stream=True), timeout=60)[0]
+            )
         )
         for _ in range(6)
     ]
     for t in threads:
         t.start()
-    t0 = time.monotonic()
-    assert http_get(url + "/health")[0] == 200
-    assert time.monotonic() - t0 < 0.5
+    assert http_get(url + "/health", timeout=30)[0] == 200
+    # Answered while the streams (5 s per event) were still running: not queued behind them.
+    assert any(t.is_alive() for t in threads)
     for t in threads:
-        t.join(10)
+        t.join(60)
     assert results == [200] * 6
 
 
@@ -587,7 +589,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(stack: tuple[BedrockStub
         assert running() == 1
     t0 = time.monotonic()
     while running() != 0:
-        assert time.monotonic() - t0 < 2, "the slot of a vanished client was not freed"
+        assert time.monotonic() - t0 < 10, "the slot of a vanished client was not freed"
         time.sleep(0.05)
 
 

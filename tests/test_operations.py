@@ -28,6 +28,7 @@ from fortress.access.limits import MemoryLimiter
 from fortress.access.plans import Plan
 from fortress.config import UsagePlan, build_config
 from fortress.routing.pool import NamingError, Router
+from fortress.routing.replica import State
 from fortress.runtime import JsonFormatter, restart_only_changes
 
 
@@ -384,6 +385,34 @@ async def test_reconcile_matches_by_name_and_keeps_run_time_replicas() -> None:
     for task in list(router._retiring):
         await task
     assert router.replica_named("m-2").url == "http://h5:1"
+
+
+async def test_reconcile_keeps_an_unnamed_replica_at_its_url() -> None:
+    """Removing the first of two unnamed replicas must not rename (and drain) the second: the
+    model would have no replica until the renamed one passed a check."""
+    router = Router(_config([{"model": "m", "replicas": [{"url": "http://h1:1"}, {"url": "http://h2:1"}]}]))
+    for r in router.all_replicas():
+        r.state = State.HEALTHY
+        router.set_models(r, frozenset({"m"}))  # as their checks found
+    assert router.healthy_count(router.route("m")) == 2
+    out = router.reconcile(
+        _config([{"model": "m", "replicas": [{"url": "http://h2:1"}, {"url": "http://h3:1"}]}])
+    )
+    assert out.replicas_removed == ["m-1"] and out.replicas_changed == []
+    kept = router.replica_named("m-2")
+    assert kept.url == "http://h2:1" and kept.state is State.HEALTHY  # still serving
+    added = [r for r in router.all_replicas() if r.url == "http://h3:1"]
+    assert len(added) == 1 and added[0].name not in ("m-1", "m-2")  # a name never used before
+    assert router.healthy_count(router.route("m")) == 1
+
+
+async def test_a_reload_leaves_the_run_times_discovery_pool_alone() -> None:
+    router = Router(_config([{"model": "m", "replicas": [{"url": "http://h1:1"}]}]))
+    pool = router.pool_for_model(None)  # POST /admin/replicas without a model makes it
+    router.add_replica(pool, "http://h9:1", router.pools[0].replicas[0].tier)
+    out = router.reconcile(_config([{"model": "m", "replicas": [{"url": "http://h1:1"}]}]))
+    assert out.pools_removed == [] and not pool.retiring
+    assert router.pool_for_model(None) is pool  # still usable: no "two pools named default"
 
 
 async def test_reconcile_refuses_a_clash_and_changes_nothing() -> None:

@@ -179,7 +179,7 @@ class AccessControl:
             return
         usage = ctx.usage
         plan = self.plans.get(ticket.plan.name)
-        if plan is not ticket.plan and (plan is None or plan.counters != ticket.plan.counters):
+        if plan is not ticket.plan and (plan is None or _shape(plan) != _shape(ticket.plan)):
             # Admitted under a plan a reload has since reshaped: its counters no longer line up
             # with the key's, so settle as reserved (the slot is freed, no token correction).
             self.limiter.settle(ticket, ticket.reserved_in, ticket.reserved_out)
@@ -252,6 +252,11 @@ class AccessControl:
         if plan is None:
             return None
         return await self.limiter.usage(key_id, plan)
+
+
+def _shape(plan: Plan) -> tuple[tuple[int, str], ...]:
+    # Which counters a plan keeps, not their limits: a changed limit keeps the key's counters.
+    return tuple((c.metric, c.period) for c in plan.counters)
 
 
 def _int(v: Any) -> int:

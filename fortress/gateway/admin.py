@@ -82,11 +82,11 @@ class ReplicaAdmin:
                 send, _bad("Bad replica: 'url' must start with http:// or https://", param="url")
             )
             return
-        pool = self.router.pool_for_model(model)
-        if pool is None:
-            await respond_error(send, _bad(f"No pool for model {model!r}.", 404))
-            return
         try:
+            pool = self.router.pool_for_model(model)
+            if pool is None:
+                await respond_error(send, _bad(f"No pool for model {model!r}.", 404))
+                return
             replica = self.router.add_replica(pool, url, tier, name=name)
         except NamingError as exc:
             await respond_error(send, _bad(str(exc), 409, param="name"))

@@ -55,6 +55,9 @@ class Pool:
     # Gone from a reloaded config: out of the model index, its replicas draining; it leaves the
     # router once they have.
     retiring: bool = False
+    # Made at run time for replicas added without a model (the discovery pool): not the
+    # config's, so a reload leaves it alone.
+    on_demand: bool = False
 
     @property
     def model(self) -> str | None:
@@ -311,7 +314,9 @@ class Router:
         for pool in self.pools:
             if pool.model is None and not pool.retiring:
                 return pool
-        return self._new_pool(PoolConfig())
+        pool = self._new_pool(PoolConfig())
+        pool.on_demand = True
+        return pool
 
     def replica_named(self, name: str) -> Replica | None:
         return next((r for r in self.all_replicas() if r.name == name), None)
@@ -354,11 +359,30 @@ class Router:
         planned = {slot.name: slot for slot in self.planned}
         live = {r.name: r for r in self.all_replicas()}
         wanted: dict[str, tuple[str, str, Tier]] = {}
+        # An unnamed replica is named by its position: removing the first of two would rename
+        # the second and drain both. It keeps the name of the live replica at its URL instead.
+        at_url = {
+            (r.pool, r.url): r.name
+            for r in live.values()
+            if r.origin.kind is OriginKind.STATIC and r.state is not State.DRAINING
+        }
+        explicit = {
+            rc.name
+            for _, _, members in new_layout
+            for _, rc in members
+            if isinstance(rc, ExternalReplicaConfig) and rc.name
+        }
         for pool_name, _, members in new_layout:
             for name, rc in members:
                 if not isinstance(rc, ExternalReplicaConfig):
                     continue
                 url = rc.url.rstrip("/")
+                if rc.name is None:
+                    kept = at_url.get((pool_name, url))
+                    if kept is not None and kept not in explicit and kept not in wanted:
+                        name = kept
+                    elif name in wanted:  # its position's name went to a replica kept above
+                        name = self._free_name(pool_name, wanted, explicit, at_url.values())
                 wanted[name] = (pool_name, url, rc.tier)
                 if name in planned:
                     raise NamingError(f"the replica name {name!r} is a local replica's: give one a `name:`")
@@ -381,6 +405,12 @@ class Router:
                 if slots:  # the fleet's processes run on: only a restart stops them
                     out.local_changed.append(pool.name)
                     continue
+                if pool.on_demand:
+                    continue  # the run time's, not the config's
+                if not pool.replicas:  # nothing to drain: gone at once
+                    self.pools.remove(pool)
+                    out.pools_removed.append(pool.name)
+                    continue
                 if not pool.retiring:
                     pool.retiring = True
                     out.pools_removed.append(pool.name)
@@ -390,6 +420,7 @@ class Router:
                         self._retire(r)
                 continue
             pc, members = pc_members
+            pool.on_demand = False  # the config names it now
             local = [(n, rc) for n, rc in members if not isinstance(rc, ExternalReplicaConfig)]
             if local != slots:
                 out.local_changed.append(pool.name)
@@ -430,6 +461,13 @@ class Router:
         out.replicas_added = [n for n in out.replicas_added if n not in out.replicas_changed]
         self.rebuild_index()
         return out
+
+    def _free_name(self, pool_name: str, *taken: Iterable[str]) -> str:
+        used = set(self._names).union(*taken)
+        n = 1
+        while f"{pool_name}-{n}" in used:
+            n += 1
+        return f"{pool_name}-{n}"
 
     @staticmethod
     def _settings(pc: PoolConfig) -> PoolConfig:
