@@ -187,8 +187,9 @@ class AccessControl:
         if usage:
             used_in = _int(usage.get("prompt_tokens"))
             used_out = _int(usage.get("completion_tokens"))
-        elif ctx.status == 200 and ctx.bytes_out > 0:
-            # An answer went out but its usage is unknown (a cut stream): keep the reservation.
+        elif ctx.bytes_out > 0 and (ctx.status == 200 or (ctx.stream and ctx.responded)):
+            # An answer went out but its usage is unknown (a stream cut by the client, 499, or by
+            # the replica, 502, after its first event): keep the reservation.
             used_in, used_out = ticket.reserved_in, ticket.reserved_out
         else:
             used_in = used_out = 0  # nothing was generated

@@ -391,6 +391,8 @@ class Relay:
             *ctx.extra_headers,
             *err.headers,
         ]
+        if ctx.attempts:  # the replicas tried before this error (502/503/504 after retries)
+            headers.append((b"x-fortress-attempts", str(ctx.attempts).encode()))
         ctx.bytes_out = len(body)
         await self._finish(ctx)
         ctx.responded = True
