@@ -11,6 +11,8 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXA
 # busy loops (one per core by default) keep every core loaded: green there means not load-bound.
 STRESS_RUNS ?= 3
 STRESS_BURNERS ?= $(shell nproc 2>/dev/null || echo 2)
+# Each run's temporary files (process logs) stay there until the next `make test-stress`.
+STRESS_TMP ?= $(or $(TMPDIR),/tmp)/fortress-stress
 STRESS_TESTS ?= tests/test_resilience.py tests/test_supervisor.py $(wildcard tests/test_observe_*.py) \
 	tests/test_audit_journal.py $(wildcard tests/test_hostile_*.py) tests/test_operations.py
 
@@ -49,10 +51,11 @@ test-stress: setup
 	trap 'kill $$burners 2>/dev/null; wait $$burners 2>/dev/null' EXIT INT TERM; \
 	for i in $$(seq $(STRESS_BURNERS)); do $(BIN)/python -c 'while True: pass' & burners="$$burners $$!"; done; \
 	echo "test-stress: $(STRESS_RUNS) runs with $(STRESS_BURNERS) CPU burners (pids$$burners)"; \
-	failed=0; \
+	mkdir -p "$(STRESS_TMP)"; failed=0; \
 	for run in $$(seq $(STRESS_RUNS)); do \
 		echo "== run $$run of $(STRESS_RUNS)"; \
-		$(BIN)/pytest -q $(STRESS_TESTS) $(PYTEST_ARGS) || failed=$$((failed + 1)); \
+		$(BIN)/pytest -q --basetemp="$(STRESS_TMP)/run-$$run" $(STRESS_TESTS) $(PYTEST_ARGS) \
+			|| { failed=$$((failed + 1)); echo "run $$run failed: its process logs are in $(STRESS_TMP)/run-$$run"; }; \
 	done; \
 	echo "test-stress: $$failed of $(STRESS_RUNS) runs failed"; \
 	[ $$failed -eq 0 ]
