@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Proc, fortress_argv, free_port, sim_argv, wait_http
+from helpers import Proc, fortress_argv, free_port, http_get, sim_argv, wait_http
 
 pytest_plugins = ["conftest_services"]
 
@@ -73,6 +74,22 @@ def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.stop()
 
 
+def _wait_up(url: str, proc: Proc, timeout: float = 60.0) -> None:
+    """Wait for ``url`` to answer 200, failing at once (with the log) if ``proc`` exited: a
+    loaded machine gets a generous deadline, a dead process none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.p.poll() is not None:
+            pytest.fail(f"{proc.argv[-4:]} exited {proc.p.returncode}:\n{proc.output()[-2000:]}")
+        try:
+            if http_get(url, timeout=1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"{url} did not answer 200 within {timeout:g}s:\n{proc.output()[-2000:]}")
+
+
 class Cluster:
     """Simulated replicas and gateways started as real processes for one test."""
 
@@ -84,7 +101,7 @@ class Cluster:
         port = port or free_port()
         p = Proc(sim_argv(port, model, *extra), self.tmp / f"sim-{port}.log")
         self.procs.append(p)
-        wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=20)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60)
         return f"http://127.0.0.1:{port}", p
 
     def gateway(self, config: str, ready: bool = True) -> tuple[str, Proc]:
@@ -100,9 +117,9 @@ class Cluster:
         p = Proc(fortress_argv("serve", "-c", str(path), "--port", str(port)), self.tmp / f"gw-{port}.log")
         self.procs.append(p)
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", timeout=20)
+        _wait_up(url + "/health", p)
         if ready:
-            wait_http(url + "/ready", timeout=20)
+            _wait_up(url + "/ready", p)
         return url, p
 
     def stop(self) -> None:
