@@ -30,23 +30,9 @@ def config(tmp: Path, sim_url: str, audit: str = "") -> str:
     )
 
 
-def new_key(cfg_path: Path) -> str:
-    out = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "fortress.cli.main",
-            "keys",
-            "create",
-            "--name",
-            "api-tests",
-            "-c",
-            str(cfg_path),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
+def new_key(cfg_path: Path, plan: str = "default") -> str:
+    argv = ["keys", "create", "--name", f"api-{plan}", "--plan", plan, "-c", str(cfg_path), "--json"]
+    out = subprocess.run([PYTHON, "-m", "fortress.cli.main", *argv], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["key"]
 
@@ -132,6 +118,25 @@ def test_the_body_user_stands_in_for_the_header_where_allowed(gateway: tuple[str
     rec = records(path)
     assert rec["u-body"]["user"] == "bob" and rec["u-both"]["user"] == "carol"  # the header wins
     assert rec["u-none"]["status"] == 400
+
+
+def test_a_plan_can_allow_the_body_user_for_its_keys(cluster: Cluster, tmp_path: Path) -> None:
+    sim_url, _ = cluster.sim("m")
+    cfg = config(tmp_path, sim_url).replace(
+        "plans:\n", "plans:\n  apps: {rate: 100, burst: 100, user_from_body: true}\n"
+    )
+    path = tmp_path / "fortress.yaml"
+    path.write_text(cfg)
+    app_key, plain_key = new_key(path, "apps"), new_key(path)
+    url, _ = cluster.gateway(cfg)
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "bob"}).encode()
+    headers = {"x-llm-source": "app", "x-llm-request-type": "chat"}
+    ok = http_post(url + "/v1/chat/completions", chat, {**headers, "authorization": f"Bearer {app_key}"})
+    assert ok[0] == 200, ok
+    status, raw = http_post(
+        url + "/v1/chat/completions", chat, {**headers, "authorization": f"Bearer {plain_key}"}
+    )
+    assert status == 400 and "x-llm-user" in json.loads(raw)["error"]["message"]
 
 
 def test_without_permission_the_body_user_is_not_enough(cluster: Cluster, tmp_path: Path) -> None:

@@ -91,7 +91,10 @@ class AuditTrail:
         self.config = config
         self.disk_usage = disk_usage  # how the journal reads its free space (tests replace it)
         self.required = [(h, h.encode("latin-1")) for h in config.audit.required_headers]
-        self.user_from_body = config.audit.user_from_body and USER_HEADER in config.audit.required_headers
+        required = USER_HEADER in config.audit.required_headers
+        self.user_from_body = config.audit.user_from_body and required
+        # Plans whose keys may use the body's `user` (UsagePlan.user_from_body).
+        self.body_user_plans = frozenset(n for n, p in config.plans.items() if p.user_from_body and required)
         names = [*config.audit.required_headers, *OPTIONAL_HEADERS]
         self.bounded = [(h, h.encode("latin-1")) for h in dict.fromkeys(names)]
         self.max_header = config.audit.max_header_bytes
@@ -115,7 +118,7 @@ class AuditTrail:
         ``audit.max_header_bytes``, or a 503 while the journal's disk is below its floor."""
         headers = ctx.headers
         missing = [name for name, raw in self.required if not headers.get(raw, b"").strip()]
-        if self.user_from_body and USER_HEADER in missing:
+        if USER_HEADER in missing and self._body_user_allowed(ctx):
             missing.remove(USER_HEADER)  # the body's `user` may stand in: check_body decides
         if missing:
             raise missing_headers_error(missing, [name for name, _ in self.required])
@@ -132,7 +135,7 @@ class AuditTrail:
     def check_body(self, ctx: RequestContext) -> None:
         """With ``audit.user_from_body``, a request without ``x-llm-user`` is attributed to the
         body's standard ``user`` field (many clients can set only that); 400 when it has neither."""
-        if not self.user_from_body or ctx.headers.get(USER_HEADER_RAW, b"").strip():
+        if ctx.headers.get(USER_HEADER_RAW, b"").strip() or not self._body_user_allowed(ctx):
             return
         user = ctx.body.get("user") if ctx.body is not None else None
         if not isinstance(user, str) or not user.strip():
@@ -147,6 +150,12 @@ class AuditTrail:
         if len(raw) > self.max_header:
             raise header_too_long_error("user", len(raw), self.max_header)
         ctx.headers[USER_HEADER_RAW] = raw  # recorded as if it came in the header
+
+    def _body_user_allowed(self, ctx: RequestContext) -> bool:
+        if self.user_from_body:
+            return True
+        ident = ctx.identity  # set by the access layer, which checks the key first
+        return ident is not None and ident.plan in self.body_user_plans
 
     async def record(self, ctx: RequestContext) -> None:
         """Append the request's record; returns once it is durable. While the journal's disk is

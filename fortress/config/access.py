@@ -21,6 +21,9 @@ class UsagePlan(ConfigModel):
     output_tokens: dict[Literal["day", "week", "month"], int] = Field(default_factory=dict)
     # Output tokens reserved at admission when the request gives no max_tokens.
     default_max_tokens: int = Field(2048, ge=1)
+    # Keys of this plan may name the end user in the body's `user` field instead of x-llm-user
+    # (audit.user_from_body allows it for every key).
+    user_from_body: bool = False
 
 
 # The built-in plan of the operator's own key (the first key `fortress up` creates): no rate,
