@@ -36,6 +36,7 @@ import orjson
 from sqlalchemy import Engine, func, insert, select, update
 
 from fortress.core.context import Identity
+from fortress.core.secret import private_temp_file
 from fortress.store.db import describe_error
 from fortress.store.tables import api_keys
 
@@ -439,13 +440,8 @@ class KeyCache:
         path = self.snapshot
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = orjson.dumps({"mac": self._seal(data), "data": data})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = private_temp_file(path, blob)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, path)  # readers see the old snapshot or the new one, whole
         except BaseException:
             tmp.unlink(missing_ok=True)

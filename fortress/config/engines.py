@@ -246,6 +246,15 @@ class LocalReplicaConfig(ReplicaConfigBase):
             raise ValueError(f"a local {engine} replica gets its port from Fortress: remove its url")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _options_present(cls, v: Any) -> Any:
+        # Missing options: the engine's options say what is required (vllm's model, bedrock's
+        # model_id), rather than a bare "field required".
+        if isinstance(v, Mapping) and v.get("options") is None:
+            return {**v, "options": {}}
+        return v
+
 
 class LlamaCppReplicaConfig(LocalReplicaConfig):
     """Local ``llama-server`` processes (default: the embedded SmolLM2 model)."""
@@ -260,14 +269,6 @@ class VllmReplicaConfig(LocalReplicaConfig):
     engine: Literal["vllm"] = "vllm"
     options: VllmOptions
 
-    @model_validator(mode="before")
-    @classmethod
-    def _options_present(cls, v: Any) -> Any:
-        # Missing options: let VllmOptions say that options.model is needed, and how.
-        if isinstance(v, Mapping) and v.get("options") is None:
-            return {**v, "options": {}}
-        return v
-
 
 class SimReplicaConfig(LocalReplicaConfig):
     """Local ``fortress sim`` processes: simulated replicas for tests and drills, never a model."""
@@ -281,14 +282,6 @@ class BedrockReplicaConfig(LocalReplicaConfig):
 
     engine: Literal["bedrock"] = "bedrock"
     options: BedrockOptions
-
-    @model_validator(mode="before")
-    @classmethod
-    def _options_present(cls, v: Any) -> Any:
-        # Missing options: let BedrockOptions say that options.model_id is needed.
-        if isinstance(v, Mapping) and v.get("options") is None:
-            return {**v, "options": {}}
-        return v
 
 
 def _engine_name(cls: type[ReplicaConfigBase]) -> str:

@@ -44,13 +44,8 @@ def load_secret(config: FortressConfig, create: bool = True) -> bytes:
     # Write a private temp file, then link it into place: the secret appears with its content
     # or not at all (a crash cannot leave an empty secret), and only one creator wins.
     value = secrets.token_hex(32).encode()
-    tmp = path.with_name(f".secret.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = private_temp_file(path, value)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(value)
-            fh.flush()
-            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -69,3 +64,19 @@ def _read_secret(path: Path) -> bytes:
         if time.monotonic() > deadline:
             raise SecretMissing(f"{path} is empty: delete it or set auth.secret")
         time.sleep(0.01)  # created by another process that has not written it yet
+
+
+def private_temp_file(path: Path, data: bytes) -> Path:
+    """A new file beside ``path``, readable by this user only, holding ``data`` on disk (fsynced).
+    The caller links or renames it into place, and removes it when that fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp

@@ -67,8 +67,8 @@ def _inputs(value: Any) -> list[str] | None:
     return None
 
 
-async def embeddings(sim: _Sim, request: web.Request) -> web.Response:
-    """``POST /v1/embeddings``."""
+async def _request(sim: _Sim, request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the error answer: loading, bad JSON, another model."""
     sim.requests += 1
     if sim.loading():
         return _error(503, "Loading model", "unavailable_error", "model_loading")
@@ -80,6 +80,14 @@ async def embeddings(sim: _Sim, request: web.Request) -> web.Response:
         return _error(400, "The request body must be a JSON object.", "invalid_request_error")
     if sim.model_check and req.get("model") != sim.answer_model:
         return _error(404, f"The model `{req.get('model')}` does not exist.", "NotFoundError")
+    return req
+
+
+async def embeddings(sim: _Sim, request: web.Request) -> web.Response:
+    """``POST /v1/embeddings``."""
+    req = await _request(sim, request)
+    if isinstance(req, web.Response):
+        return req
     texts = _inputs(req.get("input"))
     if texts is None:
         return _error(
@@ -158,17 +166,11 @@ def _response(sim: _Sim, rid: str, mid: str, status: str, text: str | None, usag
 
 async def responses(sim: _Sim, request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: placeholder tokens, whole or as typed SSE events."""
-    sim.requests += 1
-    if sim.loading():
-        return _error(503, "Loading model", "unavailable_error", "model_loading")
-    try:
-        req = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        return _error(400, f"Invalid JSON body: {exc}", "invalid_request_error")
-    if not isinstance(req, dict) or req.get("input") in (None, "", []):
+    req = await _request(sim, request)
+    if isinstance(req, web.Response):
+        return req
+    if req.get("input") in (None, "", []):
         return _error(400, "'input' is required.", "invalid_request_error", param="input")
-    if sim.model_check and req.get("model") != sim.answer_model:
-        return _error(404, f"The model `{req.get('model')}` does not exist.", "NotFoundError")
     cfg = sim.cfg
     limit = req.get("max_output_tokens")
     n = (
