@@ -36,6 +36,7 @@ import uvicorn
 
 from fortress.config import ConfigError, FortressConfig, load_config
 from fortress.core.layers import AccessLayer, AuditLayer
+from fortress.fleet.controller import Fleet
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.app import Gateway
@@ -185,22 +186,28 @@ class Runtime:
         # What the connection guard (gateway.protocol) counts: open, refused, timed out.
         self.connections = ConnectionStats()
         self.observe: Observability | None = None
+        self.fleet: Fleet | None = None  # built below, read by observe when it asks
         if config.observe.enabled:
             stats = [layer.stats for layer in (self.audit, self.access) if layer is not None]
             # The supervisor is built below: a lambda reads it when observe asks.
             slots = lambda: self.supervisor.stats() if self.supervisor is not None else {}  # noqa: E731
+            fleet = lambda: self.fleet.stats() if self.fleet is not None else {}  # noqa: E731
             self.observe = Observability(
-                config, self.router, stats=[*stats, self.connections.snapshot, slots]
+                config, self.router, stats=[*stats, self.connections.snapshot, slots, fleet]
             )
         # Local replica processes (engine: llamacpp | vllm | sim); engine errors surface here.
         self.supervisor: Supervisor | None = None
         if self.router.planned:
             self.supervisor = Supervisor(self.router.planned, self, state_dir=config.state_dir)
+        # Pools with `fleet:`: their size follows load and schedules, and they sleep at zero.
+        if any(p.config.fleet is not None for p in self.router.pools):
+            self.fleet = Fleet(config, self.router, self.supervisor)
         self.relay = Relay(
             config,
             self.router,
             self.outlier,
             finish=self.audit.record if self.audit is not None else None,
+            capacity=self.fleet,
         )
         self.gateway = Gateway(
             config,
@@ -213,6 +220,7 @@ class Runtime:
             replica_admin=ReplicaAdmin(
                 self.router, self.supervisor.status if self.supervisor is not None else None
             ),
+            capacity=self.fleet,
         )
         self.server: uvicorn.Server | None = None
         self._running: list[Any] = []  # started parts, in start order
@@ -240,12 +248,18 @@ class Runtime:
         self._freeze()
 
     async def start_replicas(self, watch: StartWatcher | None = None) -> list[Slot]:
-        """Start the local replica processes; returns the slots that failed."""
+        """Start the local replica processes (a fleet's pool: its minimum), then the fleet's
+        control loops; returns the slots that failed."""
         if self.supervisor is None:
             return []
         self._running.append(self.supervisor)
+        if self.fleet is not None:
+            self.supervisor.set_asleep(self.fleet.asleep_slots())
         started = self.supervisor.start()
         failed = await (watch(self.supervisor, started) if watch is not None else started)
+        if self.fleet is not None:
+            await self.fleet.start()
+            self._running.append(self.fleet)
         self._freeze()
         return failed
 
@@ -460,7 +474,8 @@ class Runtime:
                 log.error("cannot start: %s", exc)
                 return 1
             failed = await self.start_replicas(watch)
-            if self.supervisor is not None and len(failed) == len(self.supervisor.slots):
+            started = [s for s in self.supervisor.slots if not s.asleep] if self.supervisor else []
+            if started and len(failed) == len(started):
                 for slot in failed:
                     log.error("%s failed: %s; log: %s", slot.name, slot.detail, slot.log_path)
                     log.error("last output of %s:\n%s", slot.name, "\n".join(list(slot.tail)[-20:]))

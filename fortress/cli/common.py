@@ -149,3 +149,34 @@ def get_gateway_json(url: str, path: str, admin_token: str | None) -> Any:
         fail(f"{url} answered {exc.code}: {exc.read().decode(errors='replace')[:200]}")
     except (urllib.error.URLError, OSError) as exc:
         fail(f"cannot reach the gateway at {url}: {exc}")
+
+
+def call_gateway_json(
+    url: str, path: str, admin_token: str | None, body: dict[str, Any], timeout: float
+) -> tuple[int, Any]:
+    """POST ``body`` as JSON to ``path`` of a running gateway: (status, decoded answer). An
+    error status is returned, not raised (the caller says what it means); an unreachable
+    gateway exits 1."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    if admin_token:
+        req.add_header("Authorization", f"Bearer {admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            fail(f"{url} answered {exc.code}: {raw.decode(errors='replace')[:200]}")
+    except (urllib.error.URLError, OSError) as exc:
+        fail(f"cannot reach the gateway at {url}: {exc}")

@@ -25,6 +25,7 @@ from fortress.cli.common import (
     print_json,
     resolve_gateway,
 )
+from fortress.cli.fleet import fleet_app
 from fortress.cli.keys import keys_app
 from fortress.cli.up import hold_state_dir, up
 from fortress.sim.command import sim
@@ -67,6 +68,7 @@ app.command("up")(up)
 app.add_typer(alarms_app, name="alarms")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(fleet_app, name="fleet")
 
 
 def _flags(

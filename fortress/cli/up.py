@@ -225,7 +225,7 @@ async def _progress(supervisor: Any, started: Awaitable[list[Any]]) -> list[Any]
         console=err_console,
         transient=False,
     ) as progress:
-        ids = {s: progress.add_task(s.name, total=1) for s in supervisor.slots}
+        ids = {s: progress.add_task(s.name, total=1) for s in supervisor.slots if not s.asleep}
         while True:
             for s, tid in ids.items():
                 what = f"[bold]{s.name}[/bold] {s.engine.kind} :{s.port or '?'} {escape(s.detail)}"
@@ -330,7 +330,7 @@ def _banner(
     py_headers = f", default_headers={extra!r}" if extra else ""
     config_hint = f" -c {config_path}" if config_path is not None else ""
     slots = supervisor.slots if supervisor is not None else []
-    procs = ", ".join(f"{s.name} ({s.engine.kind}, {s.url})" for s in slots) or "none"
+    procs = ", ".join(f"{s.name} ({s.engine.kind}, {s.url or 'asleep'})" for s in slots) or "none"
     logs = f"{supervisor.log_dir}/" if supervisor is not None else "(no local replicas)"
     lines = [
         "",

@@ -1,7 +1,7 @@
 """The one typed model of ``fortress.yaml``.
 
 Nothing else in Fortress parses configuration. One schema module per feature (``server``,
-``routing``, ``engines``, ``access``, ``audit``, ``observe``) and the ``loader`` (YAML with line
+``routing``, ``engines``, ``fleet``, ``access``, ``audit``, ``observe``) and the ``loader`` (YAML with line
 numbers, ``FORTRESS__*`` environment overrides). Every public name is re-exported here, so
 ``from fortress.config import X`` is all a user needs. This package imports nothing else of
 Fortress.
@@ -30,6 +30,7 @@ from fortress.config.engines import (
     VllmReplicaConfig,
 )
 from fortress.config.example import EXAMPLE_CONFIG
+from fortress.config.fleet import FleetConfig, FleetSchedule, FleetTarget
 from fortress.config.loader import (
     ENV_PREFIX,
     ConfigError,
@@ -72,6 +73,9 @@ __all__ = [
     "ConfigModel",
     "Database",
     "ExternalReplicaConfig",
+    "FleetConfig",
+    "FleetSchedule",
+    "FleetTarget",
     "FortressConfig",
     "HealthCheck",
     "Limits",

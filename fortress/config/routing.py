@@ -7,9 +7,10 @@ from typing import Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from fortress.config.base import NAME_PATTERN, TIER_ORDER, ConfigModel, Tier, seconds
-from fortress.config.engines import ReplicaConfig
+from fortress.config.engines import ExternalReplicaConfig, ReplicaConfig
+from fortress.config.fleet import FleetConfig
 
-__all__ = ["TIER_ORDER", "HealthCheck", "OutlierDetection", "PoolConfig", "Routing", "Tier"]
+__all__ = ["TIER_ORDER", "FleetConfig", "HealthCheck", "OutlierDetection", "PoolConfig", "Routing", "Tier"]
 
 
 class HealthCheck(ConfigModel):
@@ -21,6 +22,11 @@ class HealthCheck(ConfigModel):
     healthy_threshold: int = Field(2, ge=1, le=10)
     unhealthy_threshold: int = Field(2, ge=1, le=10)
     expected_status: list[int] = Field(default_factory=lambda: [200])
+
+    @field_validator("interval", "timeout", mode="before")
+    @classmethod
+    def _check_durations(cls, v: Any) -> Any:
+        return seconds(v)
 
     @field_validator("path")
     @classmethod
@@ -128,9 +134,34 @@ class PoolConfig(ConfigModel):
         30.0, ge=0, description="seconds a draining replica keeps in-flight requests"
     )
     replicas: list[ReplicaConfig] = Field(default_factory=list)
+    # Autoscaling: the pool's one local replica is the template the fleet starts copies of.
+    fleet: FleetConfig | None = None
+
+    @field_validator("deregistration_delay", mode="before")
+    @classmethod
+    def _delay(cls, v: Any) -> Any:
+        return seconds(v)
 
     @model_validator(mode="after")
     def _aliases_need_model(self) -> Self:
         if self.aliases and not self.model:
             raise ValueError("aliases need the pool's model to be set")
+        return self
+
+    @model_validator(mode="after")
+    def _fleet_template(self) -> Self:
+        if self.fleet is None:
+            return self
+        local = [rc for rc in self.replicas if not isinstance(rc, ExternalReplicaConfig)]
+        if len(local) != 1 or len(self.replicas) != 1:
+            raise ValueError(
+                "a pool with `fleet:` has exactly one replica, a local one (engine: llamacpp, vllm, "
+                "sim or bedrock): the template the fleet starts copies of"
+            )
+        if local[0].count != 1:
+            raise ValueError(
+                "a fleet's replica count comes from fleet.min_replicas/max_replicas: remove `count`"
+            )
+        if not self.model:
+            raise ValueError("a pool with `fleet:` needs its `model`: requests for it wake the pool")
         return self

@@ -106,3 +106,15 @@ def upstream_failed(message: str) -> GatewayError:
 
 def upstream_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, "upstream_error", "gateway_timeout")
+
+
+def pool_unavailable(model: str, message: str, code: str, retry_after: int) -> GatewayError:
+    """503 for a pool the fleet keeps at zero (stopped, scheduled off) or that did not wake in
+    time; ``code`` is ``pool_stopped``, ``pool_scheduled_off`` or ``pool_wake_timeout``."""
+    return GatewayError(
+        503,
+        f"The pool serving '{model}' {message}",
+        "service_unavailable",
+        code,
+        headers=[(b"retry-after", str(max(1, retry_after)).encode())],
+    )

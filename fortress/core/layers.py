@@ -63,3 +63,15 @@ class AuditLayer(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics: journal head, fsyncs, what the store has, shipper state."""
+
+
+class Capacity(Protocol):
+    """The fleet, as the gateway sees it: replicas that come and go with demand."""
+
+    async def wait(self, pool: str, model: str) -> None:
+        """Return once ``pool`` has a healthy replica, waking it from zero if need be (at once
+        for a pool the fleet does not manage). Raises a 503 ``GatewayError`` with Retry-After
+        when the pool is stopped, scheduled off, or not awake within its ``wake_timeout``."""
+
+    async def handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
+        """Serve ``/admin/fleet...``; None when the path is not the fleet's."""

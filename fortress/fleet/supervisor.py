@@ -236,6 +236,8 @@ class Slot:
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     started_at: float | None = None  # wall clock of the current process's start
     ready_at: float | None = None  # wall clock of the first readiness
+    failed_at: float | None = None  # monotonic time the restart policy gave up
+    asleep: bool = False  # not started with the others: the fleet starts it when needed
     first_ready: asyncio.Event = field(default_factory=asyncio.Event)  # ready once, or failed
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # this slot is asked to stop
     exited: asyncio.Future[int] | None = None
@@ -360,16 +362,25 @@ class Supervisor:
 
     # -- starting --------------------------------------------------------------------------
 
+    def set_asleep(self, names: frozenset[str]) -> None:
+        """Before ``start``: these slots are not started with the rest (the fleet starts them
+        when it needs them)."""
+        for slot in self.slots:
+            if slot.name in names:
+                slot.asleep = True
+                self._set(slot, ProcState.STOPPED, "asleep: the fleet starts it when needed")
+
     async def start(self) -> list[Slot]:
-        """Start every slot and wait until each is ready or has failed.
+        """Start every slot (but those ``set_asleep``) and wait until each is ready or has failed.
 
         Returns the slots that failed (empty when all are ready). The slots keep running (and
         restarting) until ``stop``.
         """
-        for slot in self.slots:
+        started = [slot for slot in self.slots if not slot.asleep]
+        for slot in started:
             self._launch(slot)
-        await asyncio.gather(*(slot.first_ready.wait() for slot in self.slots))
-        return [s for s in self.slots if s.state is ProcState.FAILED]
+        await asyncio.gather(*(slot.first_ready.wait() for slot in started))
+        return [s for s in started if s.state is ProcState.FAILED]
 
     async def start_slot(self, name: str) -> bool:
         """Start one stopped (or failed) slot again and wait until it is ready; True when it is."""
@@ -379,6 +390,7 @@ class Supervisor:
         if slot.task is not None and not slot.task.done():
             await slot.first_ready.wait()
             return slot.state is ProcState.RUNNING
+        slot.asleep = False
         slot.stopping.clear()
         slot.first_ready.clear()
         slot.policy = RestartPolicy.from_config(slot.config.options, self.clock)
@@ -413,6 +425,7 @@ class Supervisor:
                     "spawn": slot.detail,
                 }[outcome]
                 if delay is None:
+                    slot.failed_at = self.clock()
                     self._set(
                         slot,
                         ProcState.FAILED,

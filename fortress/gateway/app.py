@@ -26,7 +26,7 @@ from fortress.core import errors
 from fortress.core.admin import admin_allowed
 from fortress.core.asgi import Handler, Receive, Scope, Send, respond_error, respond_json
 from fortress.core.context import RequestContext
-from fortress.core.layers import AccessLayer, AuditLayer, Observer
+from fortress.core.layers import AccessLayer, AuditLayer, Capacity, Observer
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.relay import Relay
 from fortress.routing.pool import Route, Router
@@ -84,6 +84,7 @@ class Gateway:
         observers: Sequence[Observer] = (),
         routes: Mapping[str, Handler] | None = None,
         replica_admin: ReplicaAdmin | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -95,6 +96,7 @@ class Gateway:
         # Extra routes served beside the API (/metrics, /dashboard, ...): path prefix → handler.
         self.routes = dict(routes or {})
         self.replica_admin = replica_admin or ReplicaAdmin(router)
+        self.capacity = capacity  # the fleet's /admin/fleet
         self.max_body = config.server.max_body_bytes
         self.admin_token = config.server.admin_token
 
@@ -121,9 +123,11 @@ class Gateway:
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/ready":
             ok, missing = self.router.ready()
-            await respond_json(
-                send, 200 if ok else 503, {"ready": ok, "models_without_healthy_replica": missing}
-            )
+            body = {"ready": ok, "models_without_healthy_replica": missing}
+            dormant = self.router.dormant()
+            if dormant:  # pools at zero on purpose: a request wakes them (or says why not)
+                body["dormant"] = dormant
+            await respond_json(send, 200 if ok else 503, body)
         elif path.startswith("/admin/"):
             await self._admin(scope, receive, send, method, path)
         elif self.routes and (handler := self._route_for(path)) is not None:
@@ -349,6 +353,11 @@ class Gateway:
             return  # nothing to answer, nobody to answer to
         if await self.replica_admin.handle(method, path, body, send):
             return
+        if self.capacity is not None and path.startswith("/admin/fleet"):
+            answer = await self.capacity.handle_admin(method, path, body)
+            if answer is not None:
+                await respond_json(send, answer[0], answer[1])
+                return
         if self.access is not None:
             answer = await self.access.handle_admin(method, path, body)
             if answer is not None:

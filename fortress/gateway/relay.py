@@ -22,12 +22,13 @@ import orjson
 from fortress.config import FortressConfig
 from fortress.core import errors
 from fortress.core.context import RequestContext
+from fortress.core.layers import Capacity
 from fortress.gateway.conform import fix_chat_completion, openai_error
 from fortress.gateway.sse import RESPONSES_DONE, StreamTap, first_event_model
 from fortress.gateway.watchdog import Watchdog
 from fortress.routing.outlier import Failure, OutlierDetector
 from fortress.routing.pool import Route, Router
-from fortress.routing.replica import Replica
+from fortress.routing.replica import Replica, State
 
 log = logging.getLogger("fortress.relay")
 
@@ -60,8 +61,11 @@ class Relay:
         router: Router,
         outlier: OutlierDetector,
         finish: Callable[[RequestContext], Awaitable[None]] | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.config = config
+        # The fleet: wakes a pool at zero before a request for it is relayed.
+        self.capacity = capacity
         self.router = router
         self.outlier = outlier
         t = config.timeouts
@@ -102,6 +106,14 @@ class Relay:
         """Pick, relay, retry. Ends with a complete response sent to the client. ``body`` is
         what goes upstream (``upstream_body``)."""
         rcfg = self.config.routing
+        if self.capacity is not None and not _any_healthy(route):
+            try:
+                await self.capacity.wait(route.pool.name, route.name)
+            except errors.GatewayError as exc:
+                await self.send_error(send, ctx, exc)
+                return
+            # The index was rebuilt when the woken replicas joined: route by the new one.
+            route = self.router.route(route.name) or route
         wd = Watchdog(ctx, self.config.timeouts.total)
         tried: tuple[Replica, ...] = ()
         last_error: errors.GatewayError | None = None
@@ -434,3 +446,12 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "response cut off"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _any_healthy(route: Route) -> bool:
+    """A healthy replica in any tier (normally the first one looked at)."""
+    for tier in route.tiers:
+        for r in tier:
+            if r.state is State.HEALTHY:
+                return True
+    return False

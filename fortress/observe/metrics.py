@@ -23,7 +23,7 @@ from time import perf_counter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fortress.core.context import RequestContext
@@ -270,6 +270,8 @@ class StateCollector(Collector):
             yield from _guards(stats)
             if "local_slots" in stats:  # the supervisor reports
                 yield from _slots(stats["local_slots"])
+            if "fleet" in stats:  # the fleet's controllers report
+                yield from _fleet(stats["fleet"])
         if self.alarm_states is not None:
             firing = GaugeMetricFamily(
                 "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
@@ -595,6 +597,39 @@ def _slots(slots: list[dict[str, Any]]) -> Iterable[Metric]:
         restarts.add_metric(lv, float(slot["restarts"]))
         down.add_metric(lv, 1.0 if slot_down(slot) else 0.0)
     yield from (restarts, down)
+
+
+def _fleet(pools: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Per managed pool: desired and current replicas, decisions by kind, wake times."""
+    desired = GaugeMetricFamily(
+        "fortress_fleet_desired_replicas", "Replicas the fleet wants in this pool.", labels=["pool"]
+    )
+    current = GaugeMetricFamily(
+        "fortress_fleet_current_replicas", "Replicas of this pool starting or running.", labels=["pool"]
+    )
+    decisions = CounterMetricFamily(
+        "fortress_fleet_decisions",
+        "Changes of a pool's desired count, by kind (target, schedule, idle, wake, bounds, manual).",
+        labels=["pool", "kind"],
+    )
+    interruptions = CounterMetricFamily(
+        "fortress_fleet_spot_interruptions", "Spot interruption notices handled.", labels=["pool"]
+    )
+    wake = HistogramMetricFamily(
+        "fortress_fleet_wake_seconds",
+        "From a request for a pool at zero to its first healthy replica.",
+        labels=["pool"],
+    )
+    for p in pools:
+        desired.add_metric([p["pool"]], float(p["desired"]))
+        current.add_metric([p["pool"]], float(p["current"]))
+        for kind, n in sorted(p["decisions"].items()):
+            decisions.add_metric([p["pool"], kind], float(n))
+        interruptions.add_metric([p["pool"]], float(p["spot_interruptions"]))
+        buckets = [(f"{b:g}", float(n)) for b, n in p["wake_buckets"]]
+        buckets.append(("+Inf", float(p["wake_count"])))
+        wake.add_metric([p["pool"]], buckets, float(p["wake_sum"]))
+    yield from (desired, current, decisions, interruptions, wake)
 
 
 def _guards(stats: dict[str, Any]) -> Iterable[Metric]:

@@ -58,6 +58,9 @@ class Pool:
     # Made at run time for replicas added without a model (the discovery pool): not the
     # config's, so a reload leaves it alone.
     on_demand: bool = False
+    # Set by the fleet for a pool at zero on purpose: "asleep", "waking", "stopped" or
+    # "scheduled off". /ready does not count it as missing a replica.
+    dormant: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -108,9 +111,11 @@ def layout(pools: Iterable[PoolConfig]) -> Layout:
                 n += 1
                 members.append((rc.name or f"{pool_name}-{n}", rc))
                 continue
-            for i in range(rc.count):  # a local replica: `count` slots, started by the fleet
+            # A local replica: `count` slots, or the fleet's `max_replicas`, started by the fleet.
+            for i in range(pc.fleet.max_replicas if pc.fleet is not None else rc.count):
                 n += 1
-                explicit = rc.name if rc.count == 1 or rc.name is None else f"{rc.name}-{i + 1}"
+                single = pc.fleet is None and rc.count == 1
+                explicit = rc.name if single or rc.name is None else f"{rc.name}-{i + 1}"
                 members.append((explicit or f"{pool_name}-{n}", rc))
         for name, _ in members:
             if name in names:
@@ -554,6 +559,10 @@ class Router:
     def route(self, model: str) -> Route | None:
         return self.index.get(model)
 
+    def dormant(self) -> dict[str, str]:
+        """Model → why its pool has no replica on purpose (asleep, waking, stopped, scheduled off)."""
+        return {p.model: p.dormant for p in self.pools if p.model is not None and p.dormant is not None}
+
     def configured_models(self) -> list[str]:
         return [p.model for p in self.pools if p.model is not None]
 
@@ -569,11 +578,12 @@ class Router:
         return sum(1 for tier in route.tiers for r in tier if r.state is State.HEALTHY)
 
     def ready(self) -> tuple[bool, list[str]]:
-        """Every configured model (and every discovered one) has a healthy replica."""
+        """Every configured model (and every discovered one) has a healthy replica, but those
+        of pools the fleet keeps at zero on purpose (``dormant``)."""
         missing = [
             name
             for name, route in self.index.items()
-            if not route.is_alias and self.healthy_count(route) == 0
+            if not route.is_alias and route.pool.dormant is None and self.healthy_count(route) == 0
         ]
         if not self.index:
             return False, ["(no model discovered yet)"]

@@ -1,0 +1,142 @@
+"""The fleet of one pool: how many replicas it runs, when, and what drives the count.
+
+A pool with a ``fleet:`` section has exactly one local replica in ``replicas:``: the template
+the fleet starts copies of (``<pool>-1`` .. ``<pool>-<max_replicas>``, stable names). Without
+``fleet:`` a pool runs what its replicas list, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator, model_validator
+
+from fortress.config.base import NAME_PATTERN, ConfigModel, seconds
+
+__all__ = ["METRICS", "FleetConfig", "FleetSchedule", "FleetTarget"]
+
+# What target tracking can follow, and how each is read:
+# * per replica, summed over the pool, then divided by the target: in_flight (requests in
+#   flight at the gateway, including those waiting for a wake), queue (the engines' waiting
+#   requests), tokens_per_second (generated tokens);
+# * a utilisation averaged over the running replicas (0..1 for kv_cache; percent for cpu, gpu).
+METRICS = ("in_flight", "queue", "tokens_per_second", "kv_cache", "cpu", "gpu")
+
+
+class FleetTarget(ConfigModel):
+    """Target tracking: keep ``metric`` per replica near ``value`` (AWS target tracking, HPA)."""
+
+    metric: Literal["in_flight", "queue", "tokens_per_second", "kv_cache", "cpu", "gpu"]
+    value: float = Field(..., gt=0)
+
+    @model_validator(mode="after")
+    def _utilisation_bounds(self) -> Self:
+        if self.metric == "kv_cache" and self.value > 1:
+            raise ValueError("kv_cache is a fraction: give a value in (0, 1], e.g. 0.7")
+        if self.metric in ("cpu", "gpu") and self.value > 100:
+            raise ValueError(f"{self.metric} is a percentage: give a value in (0, 100], e.g. 70")
+        return self
+
+
+class FleetSchedule(ConfigModel):
+    """A scheduled action (AWS Auto Scaling's): from each time ``cron`` fires, in ``timezone``,
+    until another schedule fires, the pool's bounds are ``min_replicas``/``max_replicas``.
+
+    ``cron`` has five fields (minute hour day-of-month month day-of-week), e.g. ``0 6 * * *``.
+    """
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    cron: str
+    timezone: str = "UTC"
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        v = " ".join(v.split())
+        if len(v.split()) != 5 or not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a five-field cron expression (minute hour day month weekday)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as Europe/Paris)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min_replicas is None and self.max_replicas is None:
+            raise ValueError("a schedule sets min_replicas, max_replicas or both")
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class FleetConfig(ConfigModel):
+    """Autoscaling of one pool: bounds, targets, delays, schedules, scale to zero."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    # Several targets may be given: each gives a replica count, the largest wins.
+    target: list[FleetTarget] = Field(default_factory=list)
+    # Stabilisation windows (HPA's): scale out to the smallest count recommended during the last
+    # scale_out_delay, in to the largest recommended during the last scale_in_delay, so a
+    # short burst or lull does not start or stop a replica.
+    scale_out_delay: float = Field(30.0, ge=0, description="seconds")
+    scale_in_delay: float = Field(300.0, ge=0, description="seconds")
+    max_step: int | None = Field(None, ge=1, description="replicas added or removed per decision")
+    schedules: list[FleetSchedule] = Field(default_factory=list)
+    # Seconds without a request before the pool goes to 0 (min_replicas 0 only). Without it a
+    # pool with min 0 keeps one replica while it is not scheduled off.
+    idle_to_zero: float | None = Field(None, gt=0)
+    wake_timeout: float = Field(120.0, gt=0, description="seconds a request waits for a wake")
+    interval: float = Field(2.0, gt=0, description="seconds between decisions")
+    provider: Literal["local"] = "local"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `target: {in_flight: 4}` and `target: [{metric: in_flight, value: 4}]` mean the same.
+        if isinstance(v, Mapping):
+            t = v.get("target")
+            if isinstance(t, Mapping):
+                v = {**v, "target": [{"metric": k, "value": val} for k, val in t.items()]}
+        return v
+
+    @field_validator(
+        "scale_out_delay", "scale_in_delay", "idle_to_zero", "wake_timeout", "interval", mode="before"
+    )
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.idle_to_zero is not None and self.min_replicas != 0:
+            raise ValueError("idle_to_zero needs min_replicas: 0")
+        metrics = [t.metric for t in self.target]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("each target metric may be given once")
+        for s in self.schedules:
+            for bound in (s.min_replicas, s.max_replicas):
+                if bound is not None and bound > self.max_replicas:
+                    raise ValueError(
+                        f"schedule {s.name or s.cron!r} asks for {bound} replicas, above max_replicas "
+                        f"{self.max_replicas} (the slots this pool has)"
+                    )
+        return self

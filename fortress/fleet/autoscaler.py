@@ -1,0 +1,188 @@
+"""The autoscaler of one pool: signals, its own short memory and the time in; a count and why out.
+
+Pure: no I/O, no clock of its own (``Signals`` carries the monotonic time for delays and the
+wall-clock time for schedules), so every rule is unit-tested on a fake clock. Each ``decide``:
+
+1. **Bounds.** The pool's ``min_replicas``/``max_replicas``, or those of the schedule in force
+   (``fleet.schedule``). A schedule applies at once, whatever the delays.
+2. **Recommendation.** Per target, the count that brings the metric to its target value:
+   ``ceil(total / value)`` for per-replica amounts (in-flight requests, counting those waiting
+   for a wake; engine queue; tokens/s), ``ceil(ready * average / value)`` for utilisations (KV
+   cache, CPU, GPU). The largest wins. Without targets (or signals) the count holds. A pool with
+   traffic is never recommended 0.
+3. **Stabilisation** (HPA's windows). Out: to the smallest count recommended during the last
+   ``scale_out_delay``; in: to the largest recommended during the last ``scale_in_delay``. A
+   request waiting for a pool at 0 skips the out window: waking is never delayed.
+4. **Step**: at most ``max_step`` replicas added or removed per decision.
+5. **Zero.** Only when the bounds allow it (min 0) and either the bounds force it (max 0) or
+   nothing was asked of the pool for ``idle_to_zero`` seconds; otherwise at least one.
+
+An operator's ``pin`` (``fortress fleet scale``, ``stop``) replaces all of this until unpinned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from fortress.config import FleetConfig
+from fortress.fleet.schedule import Bounds, bounds_at
+
+# Metrics read as a pool total per replica, and utilisations averaged over ready replicas.
+TOTALS = ("in_flight", "queue", "tokens_per_second")
+UTILISATIONS = ("kv_cache", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the controller saw of one pool at one moment."""
+
+    now: float  # monotonic seconds: delays and idleness
+    wall: datetime  # aware: schedules
+    current: int  # replicas the pool has (starting or running)
+    ready: int = 0  # of those, healthy and taking traffic
+    # Pool totals for TOTALS, averages over ready replicas for UTILISATIONS; a metric without a
+    # signal is absent.
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    waiting: int = 0  # requests waiting for a replica of this pool (a wake)
+    last_request: float | None = None  # monotonic time the pool last had a request in flight
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A desired count and why: ``kind`` is the metric label (target, schedule, idle, wake,
+    bounds, manual, hold), ``reason`` the sentence for people."""
+
+    desired: int
+    kind: str
+    reason: str
+    bounds: Bounds
+    recommended: int  # before stabilisation, step and bounds
+
+
+class Autoscaler:
+    """Decides the replica count of one pool; keeps only its recommendation history."""
+
+    def __init__(self, config: FleetConfig, now: float, current: int) -> None:
+        self.config = config
+        self.pinned: int | None = None  # an operator's count, held until unpinned
+        self.started = now
+        # (time, recommendation): the windows are read from here. It starts with the count the
+        # pool started with, so nothing scales out before a whole scale_out_delay of load.
+        self.history: deque[tuple[float, int]] = deque([(now, current)])
+
+    def pin(self, count: int | None) -> None:
+        """Hold the pool at ``count`` (None: back to the autoscaler)."""
+        if count is not None and not 0 <= count <= self.config.max_replicas:
+            raise ValueError(
+                f"the pool has {self.config.max_replicas} slots: give 0..{self.config.max_replicas}"
+            )
+        self.pinned = count
+
+    def bounds(self, wall: datetime) -> Bounds:
+        return bounds_at(self.config, wall)
+
+    def recommend(self, s: Signals) -> tuple[int, str]:
+        """The count the targets ask for (before windows and bounds), and the target's words."""
+        best: tuple[int, str] | None = None
+        for t in self.config.target:
+            value = s.metrics.get(t.metric)
+            if t.metric == "in_flight":
+                value = (value or 0.0) + s.waiting
+            if value is None:
+                continue  # no signal: this target has no say
+            if t.metric in TOTALS:
+                count = math.ceil(value / t.value - 1e-9)
+                words = f"{t.metric} {value:g} at {t.value:g} per replica"
+            else:
+                count = math.ceil(s.ready * value / t.value - 1e-9) if s.ready else 0
+                words = f"{t.metric} {value:g} on {s.ready} ready, target {t.value:g}"
+            if best is None or count > best[0]:
+                best = (count, words)
+        if best is None:  # no target: hold, but wake for a waiting request
+            return max(s.current, 1 if s.waiting else 0), "no target"
+        count, words = best
+        if count == 0 and (s.waiting or s.metrics.get("in_flight")):
+            count = 1
+        return count, words
+
+    def decide(self, s: Signals) -> Decision:
+        cfg = self.config
+        bounds = self.bounds(s.wall)
+        if self.pinned is not None:
+            return Decision(
+                self.pinned, "manual", f"held at {self.pinned} by the operator", bounds, self.pinned
+            )
+        rec, words = self.recommend(s)
+        self.history.append((s.now, rec))
+        horizon = s.now - max(cfg.scale_out_delay, cfg.scale_in_delay)
+        while len(self.history) > 1 and self.history[1][0] <= horizon:
+            self.history.popleft()  # keep one entry at or before the horizon: the window's start
+
+        kind, reason = "hold", f"{words}: hold at {s.current}"
+        desired = s.current
+        if rec > s.current:
+            if s.current == 0 and s.waiting:
+                desired, kind = rec, "wake"
+                reason = f"{s.waiting} request(s) waiting for a wake ({words})"
+            else:
+                out = min(r for t, r in self._window(s.now, cfg.scale_out_delay))
+                if out > s.current:
+                    desired, kind = out, "target"
+                    reason = f"{words}: scale out to {out}"
+                else:
+                    reason = f"{words}: wants {rec}, waiting out scale_out_delay {cfg.scale_out_delay:g}s"
+        elif rec < s.current:
+            keep = max(r for t, r in self._window(s.now, cfg.scale_in_delay))
+            if keep < s.current:
+                desired, kind = keep, "target"
+                reason = f"{words}: scale in to {keep}"
+            else:
+                reason = f"{words}: wants {rec}, waiting out scale_in_delay {cfg.scale_in_delay:g}s"
+
+        if cfg.max_step is not None and abs(desired - s.current) > cfg.max_step:
+            desired = s.current + (cfg.max_step if desired > s.current else -cfg.max_step)
+            reason += f" (max_step {cfg.max_step}: {desired})"
+
+        # Zero only when allowed and meant: idle for idle_to_zero (min 0), or scheduled off
+        # (max 0, below). A pool at 0 stays there until a request (or its min) wakes it.
+        busy = bool(s.waiting or s.metrics.get("in_flight"))
+        if bounds.min == 0 and s.current > 0 and self._idle(s, busy):
+            desired, kind = 0, "idle"
+            reason = f"no request for {cfg.idle_to_zero:g}s: scale to zero"
+        elif desired == 0 and s.current > 0 and bounds.max > 0:
+            desired = 1
+            reason = f"{words}: keep one replica (zero only after idle_to_zero)"
+
+        # Bounds last: a cap that only limits a change keeps its kind; one that makes or turns
+        # the change is the schedule's (or the bounds').
+        wanted = desired
+        desired = min(max(desired, bounds.min), bounds.max)
+        if desired != wanted:
+            by = f" by {bounds.schedule}" if bounds.schedule else ""
+            reason = (
+                f"{reason}; capped at max {bounds.max}{by}"
+                if desired < wanted
+                else f"at least min {bounds.min}{by}"
+            )
+            if (wanted - s.current) * (desired - s.current) <= 0:
+                kind = "schedule" if bounds.schedule else "bounds"
+        return Decision(desired, kind if desired != s.current else "hold", reason, bounds, rec)
+
+    def _idle(self, s: Signals, busy: bool) -> bool:
+        """Nothing asked of the pool for idle_to_zero seconds (since start, if never)."""
+        if self.config.idle_to_zero is None or busy:
+            return False
+        since = s.last_request if s.last_request is not None else self.started
+        return s.now - since >= self.config.idle_to_zero
+
+    def _window(self, now: float, delay: float) -> list[tuple[float, int]]:
+        """The recommendations in force during the last ``delay`` seconds: those made within it,
+        and the one made just before it (it held at the window's start)."""
+        start = now - delay
+        inside = [(t, r) for t, r in self.history if t > start]
+        before = [(t, r) for t, r in self.history if t <= start]
+        return ([before[-1]] if before else []) + inside
