@@ -427,7 +427,7 @@ class Router:
             pc, members = pc_members
             pool.on_demand = False  # the config names it now
             local = [(n, rc) for n, rc in members if not isinstance(rc, ExternalReplicaConfig)]
-            if local != slots:
+            if local != slots or pc.fleet != pool.config.fleet:  # the fleet runs as it started
                 out.local_changed.append(pool.name)
             if pool.retiring:  # back in the config before its replicas finished draining
                 pool.retiring = False
