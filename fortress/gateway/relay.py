@@ -443,6 +443,11 @@ def _describe(exc: BaseException) -> str:
         return "connection closed by replica"
     if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
         return "connection reset by replica"
+    if isinstance(exc, aiohttp.ClientOSError):
+        # A connection the replica closed while the request was still being written (a killed
+        # process, seen on a loaded machine): aiohttp says so without an errno.
+        first = str(exc).split(" for http", 1)[0]
+        return f"connection closed by replica ({first})" if first else "connection closed by replica"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "response cut off"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
