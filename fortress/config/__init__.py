@@ -30,7 +30,7 @@ from fortress.config.engines import (
     VllmReplicaConfig,
 )
 from fortress.config.example import EXAMPLE_CONFIG
-from fortress.config.fleet import FleetConfig, FleetSchedule, FleetTarget
+from fortress.config.fleet import AwsFleet, FleetConfig, FleetSchedule, FleetTarget
 from fortress.config.loader import (
     ENV_PREFIX,
     ConfigError,
@@ -67,6 +67,7 @@ __all__ = [
     "Alarms",
     "Audit",
     "Auth",
+    "AwsFleet",
     "BedrockOptions",
     "BedrockReplicaConfig",
     "ConfigError",

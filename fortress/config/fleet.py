@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fortress.config.base import NAME_PATTERN, ConfigModel, seconds
 
-__all__ = ["METRICS", "FleetConfig", "FleetSchedule", "FleetTarget"]
+__all__ = ["METRICS", "AwsFleet", "FleetConfig", "FleetSchedule", "FleetTarget"]
 
 # What target tracking can follow, and how each is read:
 # * per replica, summed over the pool, then divided by the target: in_flight (requests in
@@ -85,6 +85,37 @@ class FleetSchedule(ConfigModel):
         return self
 
 
+class AwsFleet(ConfigModel):
+    """The ``aws`` provider: EC2 Auto Scaling groups Fortress sizes and whose instances it routes
+    to (``http://<address>:<port>``). One group per capacity type; ``capacity`` orders them."""
+
+    region: str | None = Field(None, min_length=1, description="default: the AWS chain's region")
+    endpoint_url: str | None = Field(None, description="a VPC endpoint or a test server")
+    groups: dict[Literal["spot", "on-demand"], str] = Field(..., min_length=1)
+    port: int = Field(8000, ge=1, le=65535, description="the engine's port on each instance")
+    address: Literal["private_ip", "public_ip"] = "private_ip"
+    poll_interval: float = Field(10.0, gt=0, description="seconds between reads of the groups")
+    # Spot refused: the spot group stayed short of its desired capacity this long (or refused
+    # the capacity outright): the shortfall goes to the next capacity type.
+    spot_fallback_after: float = Field(120.0, gt=0)
+    return_to_spot_after: float = Field(600.0, gt=0, description="seconds before trying spot again")
+    # A terminating lifecycle hook on the groups: Fortress drains an instance the group is
+    # terminating on its own (health replacement, rebalancing), then completes the action.
+    lifecycle_hook: str | None = Field(None, min_length=1)
+
+    @field_validator("poll_interval", "spot_fallback_after", "return_to_spot_after", mode="before")
+    @classmethod
+    def _aws_durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
 class FleetConfig(ConfigModel):
     """Autoscaling of one pool: bounds, targets, delays, schedules, scale to zero."""
 
@@ -104,7 +135,11 @@ class FleetConfig(ConfigModel):
     idle_to_zero: float | None = Field(None, gt=0)
     wake_timeout: float = Field(120.0, gt=0, description="seconds a request waits for a wake")
     interval: float = Field(2.0, gt=0, description="seconds between decisions")
-    provider: Literal["local"] = "local"
+    provider: Literal["local", "aws"] = "local"
+    # aws: which capacity types to use, in order of preference (spot first: on-demand takes
+    # what spot refuses or loses, and gives it back when spot returns). Default: as in groups.
+    capacity: list[Literal["spot", "on-demand"]] | None = None
+    aws: AwsFleet | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +164,14 @@ class FleetConfig(ConfigModel):
             raise ValueError("min_replicas must not exceed max_replicas")
         if self.idle_to_zero is not None and self.min_replicas != 0:
             raise ValueError("idle_to_zero needs min_replicas: 0")
+        if self.provider == "aws":
+            if self.aws is None:
+                raise ValueError("provider aws needs an `aws:` section (groups, region, port)")
+            for cap in self.capacity or []:
+                if cap not in self.aws.groups:
+                    raise ValueError(f"capacity {cap!r} has no group in aws.groups")
+        elif self.aws is not None or self.capacity is not None:
+            raise ValueError("`aws:` and `capacity:` are for provider: aws")
         metrics = [t.metric for t in self.target]
         if len(set(metrics)) != len(metrics):
             raise ValueError("each target metric may be given once")
@@ -140,3 +183,12 @@ class FleetConfig(ConfigModel):
                         f"{self.max_replicas} (the slots this pool has)"
                     )
         return self
+
+    @property
+    def capacity_order(self) -> list[str]:
+        """The capacity types in order of preference (aws: ``capacity``, else spot first)."""
+        if self.provider != "aws" or self.aws is None:
+            return ["local"]
+        if self.capacity:
+            return list(self.capacity)
+        return sorted(self.aws.groups, key=lambda c: c != "spot")

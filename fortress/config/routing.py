@@ -152,6 +152,15 @@ class PoolConfig(ConfigModel):
     def _fleet_template(self) -> Self:
         if self.fleet is None:
             return self
+        if not self.model:
+            raise ValueError("a pool with `fleet:` needs its `model`: requests for it wake the pool")
+        if self.fleet.provider == "aws":
+            if self.replicas:
+                raise ValueError(
+                    "a pool with fleet provider aws has no `replicas:`: its replicas are the instances of "
+                    "its Auto Scaling groups"
+                )
+            return self
         local = [rc for rc in self.replicas if not isinstance(rc, ExternalReplicaConfig)]
         if len(local) != 1 or len(self.replicas) != 1:
             raise ValueError(
@@ -162,6 +171,4 @@ class PoolConfig(ConfigModel):
             raise ValueError(
                 "a fleet's replica count comes from fleet.min_replicas/max_replicas: remove `count`"
             )
-        if not self.model:
-            raise ValueError("a pool with `fleet:` needs its `model`: requests for it wake the pool")
         return self

@@ -32,15 +32,16 @@ from typing import Any
 
 import orjson
 
-from fortress.config import FleetConfig, FortressConfig
+from fortress.config import FleetConfig, FortressConfig, Tier
 from fortress.core import errors
 from fortress.fleet.autoscaler import Autoscaler, Decision, Signals
+from fortress.fleet.providers.aws import AwsProvider
 from fortress.fleet.providers.base import ACTIVE, FAILED, READY, TERMINATED, Instance, Provider
 from fortress.fleet.providers.local import LocalProvider
 from fortress.fleet.schedule import bounds_at, next_change
 from fortress.fleet.supervisor import Supervisor
-from fortress.routing.pool import Pool, Router
-from fortress.routing.replica import Replica, State
+from fortress.routing.pool import NamingError, Pool, Router
+from fortress.routing.replica import Origin, OriginKind, Replica, State
 
 log = logging.getLogger("fortress.fleet")
 
@@ -156,8 +157,42 @@ class PoolController:
             self._record(self.desired, d.desired, d.kind, d.reason)
             self.desired = d.desired
         self.apply(self.desired)
+        if self.provider.registers:
+            self._sync_replicas(self.provider.instances())
         self._set_dormant()
         return d
+
+    def _sync_replicas(self, instances: list[Instance]) -> None:
+        """Cloud instances in service join the router under their id (``initial``: traffic
+        after a passing check); those gone without a drain of ours leave at once."""
+        by_name = {i.replica: i for i in instances if i.replica}
+        for i in instances:
+            if i.state == READY and i.url and self.router.replica_named(i.replica) is None:
+                origin = Origin(OriginKind.FLEET, engine=self.provider.kind)
+                with contextlib.suppress(NamingError):  # an id that left once does not return
+                    self.router.add_replica(self.pool, i.url, Tier.PRIMARY, name=i.replica, origin=origin)
+        for r in list(self.pool.replicas):
+            if r.origin.kind is not OriginKind.FLEET or r.state is State.DRAINING:
+                continue
+            i = by_name.get(r.name)
+            if i is None or i.state in (TERMINATED, FAILED):
+                self.router.remove_replica(r)
+
+    async def drain(self, name: str, limit: float | None) -> None:
+        """Drain the replica ``name`` (the pool's deregistration delay, or ``limit``)."""
+        r = self.router.replica_named(name)
+        if r is not None:
+            await self.router.drain(r, limit)
+
+    def interrupt(self, instance_id: str) -> bool:
+        """A spot interruption notice: drain the instance now and replace it (aws)."""
+        handler = getattr(self.provider, "interrupt", None)
+        if handler is None:
+            raise ValueError(f"pool {self.name}'s provider ({self.provider.kind}) has no spot instances")
+        ok: bool = handler(instance_id)
+        if ok:
+            self.poked.set()
+        return ok
 
     def _record(self, before: int, after: int, kind: str, reason: str) -> None:
         entry = {
@@ -366,7 +401,7 @@ class PoolController:
             "wake_buckets": list(zip(WAKE_BUCKETS, _cumulative(self.wake_counts), strict=False)),
             "wake_count": sum(self.wake_counts),
             "wake_sum": self.wake_sum,
-            "spot_interruptions": 0,
+            "spot_interruptions": getattr(self.provider, "interruptions", 0),
         }
 
     async def run(self) -> None:
@@ -405,6 +440,7 @@ class Fleet:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Wall = lambda: datetime.now(UTC),
+        aws_session: Any = None,
     ) -> None:
         self.router = router
         self.controllers: dict[str, PoolController] = {}
@@ -412,21 +448,34 @@ class Fleet:
             fc = pool.config.fleet
             if fc is None:
                 continue
-            assert supervisor is not None  # a fleet pool's template is a local replica
-            provider = LocalProvider(supervisor, pool.name, clock)
+            provider: Provider
+            if fc.provider == "aws":
+                provider = AwsProvider(pool.name, fc, self._drainer(pool.name), clock, session=aws_session)
+            else:
+                assert supervisor is not None  # a local fleet's template is a local replica
+                provider = LocalProvider(supervisor, pool.name, clock)
             self.controllers[pool.name] = PoolController(pool, fc, provider, router, clock, wall)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _drainer(self, pool: str) -> Callable[[str, float | None], Any]:
+        async def drain(name: str, limit: float | None) -> None:
+            await self.controllers[pool].drain(name, limit)
+
+        return drain
 
     def asleep_slots(self) -> frozenset[str]:
         """The slots not to start with the rest: each pool starts with its minimum."""
         out: set[str] = set()
         for c in self.controllers.values():
+            if c.provider.kind != "local":
+                continue
             slots = [i.id for i in c.provider.instances()]
             out.update(slots[c.initial :])
         return frozenset(out)
 
     async def start(self) -> None:
         for c in self.controllers.values():
+            await c.provider.start()
             c.tick()
             self._tasks.append(asyncio.create_task(c.run(), name=f"fleet-{c.name}"))
 
@@ -457,7 +506,8 @@ class Fleet:
     async def handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
         """``GET /admin/fleet``; ``POST /admin/fleet/{pool}/scale`` ``{"replicas": N}`` or
         ``{"auto": true}``; ``POST /admin/fleet/{pool}/stop`` and ``/start`` (``{"timeout": s}``:
-        how long to wait for nothing running, or a healthy replica)."""
+        how long to wait for nothing running, or a healthy replica); ``POST
+        /admin/fleet/{pool}/interruption`` ``{"instance_id": ...}`` (a spot interruption notice)."""
         if path == "/admin/fleet":
             if method != "GET":
                 return 405, errors.method_not_allowed("Use GET for /admin/fleet.").as_dict()
@@ -465,7 +515,7 @@ class Fleet:
         if not path.startswith("/admin/fleet/"):
             return None
         parts = path[len("/admin/fleet/") :].split("/")
-        if len(parts) != 2 or parts[1] not in ("scale", "stop", "start"):
+        if len(parts) != 2 or parts[1] not in ("scale", "stop", "start", "interruption"):
             return 404, errors.not_found(method, path).as_dict()
         if method != "POST":
             return 405, errors.method_not_allowed(f"Use POST for {path}.").as_dict()
@@ -483,6 +533,17 @@ class Fleet:
         except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
             return 400, _bad(f"Bad request: {exc}").as_dict()
         action = parts[1]
+        if action == "interruption":
+            iid = req.get("instance_id")
+            if not isinstance(iid, str) or not iid:
+                return 400, _bad('Give {"instance_id": "i-..."}.', "instance_id").as_dict()
+            try:
+                known = c.interrupt(iid)
+            except ValueError as exc:
+                return 400, _bad(str(exc)).as_dict()
+            if not known:
+                return 404, _bad(f"No instance {iid!r} in pool {c.name}.", "instance_id").as_dict()
+            return 202, {"instance_id": iid, "draining": True, "replacement": "requested"}
         if action == "scale":
             if req.get("auto") is True:
                 c.scale(None)

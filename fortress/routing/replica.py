@@ -34,6 +34,7 @@ class OriginKind(StrEnum):
     STATIC = "static"  # a URL in the config or on the command line
     ADMIN = "admin"  # added at run time through POST /admin/replicas
     LOCAL = "local"  # a process Fortress's supervisor started on this machine
+    FLEET = "fleet"  # an instance of a fleet's cloud provider (an Auto Scaling group's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ class Origin:
     """Where a replica came from; for a local process, which one."""
 
     kind: OriginKind = OriginKind.STATIC
-    engine: str | None = None  # local: llamacpp | vllm | sim
+    engine: str | None = None  # local: llamacpp | vllm | sim; fleet: the provider (aws)
     pid: int | None = None  # local: the process of this incarnation
 
     def describe(self) -> dict[str, object]:

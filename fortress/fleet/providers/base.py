@@ -47,6 +47,12 @@ class Provider(Protocol):
     the background and shows in ``instances()``."""
 
     kind: str
+    # True when the controller routes to the instances itself (cloud instances); False when
+    # something else registers them (local slots: the runtime, as the supervisor reports).
+    registers: bool
+
+    async def start(self) -> None:
+        """Before the first evaluation: read what exists (a restarted gateway adopts it)."""
 
     def instances(self) -> list[Instance]:
         """Every instance of the pool, in a stable order."""

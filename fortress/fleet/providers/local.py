@@ -43,6 +43,10 @@ class LocalProvider:
     """Starts and stops the supervised slots of one pool."""
 
     kind = "local"
+    registers = False  # the supervisor reports ready slots; the runtime registers them
+
+    async def start(self) -> None:
+        return None  # the processes start with the supervisor, or when the fleet asks
 
     def __init__(
         self, supervisor: Supervisor, pool: str, clock: Callable[[], float] = time.monotonic
