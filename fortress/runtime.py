@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 import uvicorn
 
-from fortress.config import ConfigError, FortressConfig, load_config
+from fortress.config import ConfigError, FortressConfig, LocalReplicaConfig, load_config
 from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.controller import Fleet
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
@@ -46,7 +46,7 @@ from fortress.observe.observability import Observability
 from fortress.routing.health import HealthChecker
 from fortress.routing.load import EngineLoad
 from fortress.routing.outlier import OutlierDetector
-from fortress.routing.pool import NamingError, Router
+from fortress.routing.pool import NamingError, Router, layout
 from fortress.routing.replica import Origin, OriginKind
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class Runtime:
             self.supervisor = Supervisor(self.router.planned, self, state_dir=config.state_dir)
         # Pools with `fleet:`: their size follows load and schedules, and they sleep at zero.
         if any(p.config.fleet is not None for p in self.router.pools):
-            self.fleet = Fleet(config, self.router, self.supervisor)
+            self.fleet = Fleet(config, self.router, self.supervisor, templates=self._template)
         self.relay = Relay(
             config,
             self.router,
@@ -360,6 +360,20 @@ class Runtime:
             return
         if reopened:
             log.info("access log reopened: %s", ", ".join(reopened))
+
+    def _template(self, pool: str) -> LocalReplicaConfig | None:
+        """The pool's local replica as the config file says now (a roll's new version); None
+        without a file. Blocking: the fleet calls it in a thread."""
+        if self.config_path is None:
+            return None
+        new = load_config(self.config_path)
+        if self.overrides is not None:
+            new = self.overrides(new)
+        for _, pc, members in layout(new.pools):
+            for _, rc in members:
+                if isinstance(rc, LocalReplicaConfig) and (pc.name or pc.model) == pool:
+                    return rc
+        raise ValueError(f"the config file has no local replica for pool {pool!r} any more")
 
     # -- the supervisor's listener -------------------------------------------------------------
 

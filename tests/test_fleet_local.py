@@ -281,3 +281,83 @@ def test_the_embedded_model_wakes_on_request(gateway: Any) -> None:
     assert body["model"] == "smollm2" and body["choices"][0]["message"]["content"]
     pool = gw.fleet()
     assert pool["wakes"] == 1 and pool["current"] == 1 and pool["healthy"] == 1, pool
+
+
+def _load(gw: Gateway, clients: int) -> tuple[threading.Event, list[threading.Thread], Counter[int]]:
+    stop = threading.Event()
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, _, _ = gw.chat()
+            with lock:
+                statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return stop, threads, statuses
+
+
+def test_a_rolling_update_under_load_fails_nothing_and_a_bad_version_rolls_back(gateway: Any) -> None:
+    import subprocess
+
+    pool = sim_pool(min_replicas=2, max_replicas=2, idle_to_zero=None)
+    pool["replicas"][0]["options"]["startup_delay"] = 1
+    gw = gateway(pool)
+    wait_for(lambda: gw.fleet()["healthy"] == 2, timeout=60, what="two replicas")
+    first = {i["version"] for i in gw.fleet()["instances"]}
+    assert len(first) == 1
+
+    def roll(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            fortress_argv("fleet", "roll", "m", "--url", gw.url, "--timeout", "30", *extra),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def running_versions() -> set[str]:
+        return {i["version"] for i in gw.fleet()["instances"] if i["state"] == "ready"}
+
+    # A new version (another output length) in the config file, rolled under load.
+    doc = yaml.safe_load(gw.config.read_text())
+    doc["pools"][0]["replicas"][0]["options"]["tokens"] = 12
+    gw.config.write_text(yaml.safe_dump(doc))
+    stop, threads, statuses = _load(gw, 8)
+    try:
+        out = roll("--json")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert out.returncode == 0, out.stderr + out.stdout
+    result = json.loads(out.stdout)["roll"]
+    assert not result["rolled_back"] and len(result["replaced"]) == 2, result
+    new = result["version"]
+    assert new not in first and running_versions() == {new}
+    assert set(statuses) == {200} and statuses[200] > 10, statuses
+    pool_now = gw.fleet()
+    assert pool_now["healthy"] == 2 and pool_now["current"] == 2, pool_now
+
+    # A version that never becomes healthy (its model takes longer to load than it may): the
+    # roll stops, the old replicas never stopped serving, every replica still runs `new`.
+    doc["pools"][0]["replicas"][0]["options"].update(startup_delay=600, ready_timeout=3, max_crashes=1)
+    gw.config.write_text(yaml.safe_dump(doc))
+    stop, threads, statuses = _load(gw, 4)
+    try:
+        bad = roll()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert bad.returncode == 1 and "rolled back" in bad.stderr, bad.stderr + bad.stdout
+    assert running_versions() == {new}
+    assert set(statuses) == {200}, statuses
+    wait_for(lambda: gw.fleet()["current"] == 2, timeout=30, what="back to two replicas")
+    # Nothing to do when every replica runs the file's version already.
+    doc["pools"][0]["replicas"][0]["options"].update(startup_delay=1, ready_timeout=None, max_crashes=5)
+    gw.config.write_text(yaml.safe_dump(doc))
+    same = roll("--json")
+    assert same.returncode == 0 and "already" in json.loads(same.stdout)["roll"]["detail"], same.stdout

@@ -23,7 +23,8 @@ from fortress.cli.common import (
 fleet_app = typer.Typer(
     help="The fleet: pools whose replica count follows load and schedules (pools with `fleet:`).\n\n"
     "Example: [bold]fortress fleet status[/bold], [bold]fortress fleet scale chat 3[/bold], "
-    "[bold]fortress fleet stop chat[/bold], [bold]fortress fleet start chat[/bold]",
+    "[bold]fortress fleet stop chat[/bold], [bold]fortress fleet start chat[/bold], "
+    "[bold]fortress fleet roll chat[/bold]",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -116,6 +117,29 @@ def start(
     _post(pool, "start", {"timeout": timeout}, url, admin_token, config, as_json, timeout=timeout + 10)
 
 
+@fleet_app.command("roll")
+def roll(
+    pool: str = typer.Argument(..., help="The pool's name."),
+    strategy: str = typer.Option("rolling", "--strategy", help="rolling (one at a time) or blue-green."),
+    force: bool = typer.Option(False, "--force", help="Replace replicas that run the new version already."),
+    timeout: float = typer.Option(300, "--timeout", help="Seconds each new replica has to become healthy."),
+    url: str | None = URL_OPTION,
+    admin_token: str | None = TOKEN_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Move a pool's replicas to what the config file says now (model, engine, flags): one at a
+    time, each new one healthy before an old one drains. A new version that does not become
+    healthy stops the roll and rolls back; the old replicas serve throughout. Exit 1 then.
+
+    Example: edit the pool's replica options in fortress.yaml, then [bold]fortress fleet roll chat[/bold]
+    """
+    if strategy not in ("rolling", "blue-green"):
+        fail(f"--strategy is rolling or blue-green, not {strategy!r}", ExitCode.USAGE)
+    body = {"strategy": strategy, "force": force, "timeout": timeout}
+    _post(pool, "roll", body, url, admin_token, config, as_json, timeout=timeout * 4 + 60)
+
+
 def _post(
     pool: str,
     action: str,
@@ -137,6 +161,10 @@ def _post(
     if code == 504:
         what = "something still runs" if action == "stop" else "no replica became healthy"
         fail(f"{action} {pool}: {what} within the timeout")
+    if action == "roll" and data.get("roll", {}).get("rolled_back"):
+        fail(f"roll {pool}: rolled back: {data['roll']['detail']}")
+    if action == "roll" and not as_json:
+        out().print(f"roll {pool}: {escape(data['roll']['detail'])}")
 
 
 def _show(pool: dict[str, Any]) -> None:
@@ -159,10 +187,11 @@ def _show(pool: dict[str, Any]) -> None:
         nxt = pool["next_scheduled"]
         console.print(f"  next scheduled action: {nxt['at']} ({escape(nxt['schedule'])})")
     table = Table(show_header=True, box=None, pad_edge=False)
-    for col in ("instance", "state", "capacity", "url", "detail"):
+    for col in ("instance", "state", "capacity", "version", "url", "detail"):
         table.add_column(col)
     for i in pool["instances"]:
-        table.add_row(i["id"], i["state"], i["capacity"], i["url"] or "-", escape(i["detail"] or ""))
+        version = i.get("version") or "-"
+        table.add_row(i["id"], i["state"], i["capacity"], version, i["url"] or "-", escape(i["detail"] or ""))
     console.print(table)
     if pool["decisions"]:
         console.print("  decisions:")

@@ -32,14 +32,14 @@ from typing import Any
 
 import orjson
 
-from fortress.config import FleetConfig, FortressConfig, Tier
+from fortress.config import FleetConfig, FortressConfig, LocalReplicaConfig, Tier
 from fortress.core import errors
 from fortress.fleet.autoscaler import Autoscaler, Decision, Signals
 from fortress.fleet.providers.aws import AwsProvider
 from fortress.fleet.providers.base import ACTIVE, FAILED, READY, TERMINATED, Instance, Provider
-from fortress.fleet.providers.local import LocalProvider
+from fortress.fleet.providers.local import LocalProvider, version_of
 from fortress.fleet.schedule import bounds_at, next_change
-from fortress.fleet.supervisor import Supervisor
+from fortress.fleet.supervisor import ProcState, Supervisor
 from fortress.routing.pool import NamingError, Pool, Router
 from fortress.routing.replica import Origin, OriginKind, Replica, State
 
@@ -47,6 +47,7 @@ log = logging.getLogger("fortress.fleet")
 
 Wall = Callable[[], datetime]
 # Histogram buckets of wake times (seconds): a simulator wakes in a few, a GPU model in minutes.
+_RUNNING = (ProcState.STARTING, ProcState.RUNNING, ProcState.BACKOFF)
 WAKE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -85,6 +86,8 @@ class PoolController:
         self.wake_counts = [0] * (len(WAKE_BUCKETS) + 1)
         self.wake_sum = 0.0
         self.poked = asyncio.Event()
+        self.rolling: str | None = None  # the version a roll in progress moves to
+        self.rolls: deque[dict[str, Any]] = deque(maxlen=20)  # finished rolls, newest last
         self.signals: Signals | None = None
 
     @property
@@ -207,6 +210,8 @@ class PoolController:
         log.info("fleet %s: %d -> %d (%s: %s)", self.name, before, after, kind, reason)
 
     def apply(self, desired: int) -> None:
+        if self.rolling is not None:
+            return  # a roll holds the count and surges by one: nothing to correct meanwhile
         instances = self.provider.instances()
         active = [i for i in instances if i.state in ACTIVE]
         if desired > len(active):
@@ -354,6 +359,133 @@ class PoolController:
             await asyncio.sleep(0.1)
         return True
 
+    # -- rolling updates -------------------------------------------------------------------------
+
+    async def roll(
+        self,
+        template: LocalReplicaConfig,
+        strategy: str = "rolling",
+        force: bool = False,
+        within: float = 300.0,
+    ) -> dict[str, Any]:
+        """Move every running replica to ``template`` (a new version: model, engine, flags).
+
+        ``rolling``: one at a time, surge one on the new version, wait until it is healthy,
+        then drain and stop an old one. ``blue-green``: start as many new ones as there are
+        old, wait until all are healthy, then drain the old ones together (traffic moves as
+        they drain). A new replica that does not become healthy within ``within`` seconds (or
+        crashes) stops the roll, and what was replaced is rolled back to the old version: the
+        old replicas keep serving throughout. Stopped slots take the new version for later
+        scale-outs. The autoscaler holds its count during a roll.
+        """
+        provider = self.provider
+        if not isinstance(provider, LocalProvider):
+            raise ValueError(f"pool {self.name}: rolling updates are for the local provider")
+        if self.rolling is not None:
+            raise ValueError(f"pool {self.name} is already rolling to {self.rolling}")
+        new = version_of(template)
+        running = [s for s in provider.slots if s.state in _RUNNING and s.name not in provider.stopping]
+        old = [s for s in running if force or version_of(s.config) != new]
+        result: dict[str, Any] = {"version": new, "strategy": strategy, "replaced": [], "rolled_back": False}
+        if not old:
+            result["detail"] = f"every replica runs {new} already"
+            self._retarget_idle(provider, template)
+            return result
+        previous = old[0].config
+        pinned = self.autoscaler.pinned
+        self.rolling = new
+        log.info("fleet %s: rolling %d replica(s) to %s (%s)", self.name, len(old), new, strategy)
+        try:
+            done, why = await self._replace(provider, old, template, strategy, within, result["replaced"])
+            if not done:
+                result["rolled_back"] = True
+                result["detail"] = why
+                log.warning("fleet %s: roll to %s stopped: %s; rolling back", self.name, new, why)
+                back = [provider.supervisor.slot(n) for n in result["replaced"]]
+                ok, again = await self._replace(provider, back, previous, strategy, within, [])
+                if not ok:
+                    result["detail"] += f"; the rollback failed too: {again}"
+                self._retarget_idle(provider, previous)
+            else:
+                self._retarget_idle(provider, template)
+                result["detail"] = f"{len(old)} replica(s) now run {new}"
+        finally:
+            self.rolling = None
+            self.autoscaler.pinned = pinned
+            self.rolls.append({"at": self.wall().isoformat(timespec="seconds"), **result})
+            self.poked.set()
+        log.info("fleet %s: roll to %s: %s", self.name, new, result["detail"])
+        return result
+
+    async def _replace(
+        self,
+        provider: LocalProvider,
+        old: list[Any],
+        template: LocalReplicaConfig,
+        strategy: str,
+        within: float,
+        replaced: list[str],
+    ) -> tuple[bool, str]:
+        """Replace ``old`` slots by slots running ``template``; (done, why not)."""
+        sup = provider.supervisor
+        batches = [old] if strategy == "blue-green" else [[s] for s in old]
+        for batch in batches:
+            fresh = []
+            try:
+                for _ in batch:
+                    fresh.append(self._surge_slot(provider, template, exclude=fresh))
+            except Exception as exc:  # the new version cannot even be launched here
+                return False, f"cannot start the new version: {exc}"
+            results = await asyncio.gather(*(self._until_serving(provider, s, within) for s in fresh))
+            failed = [why for ok, why in results if not ok]
+            if failed:
+                await asyncio.gather(*(sup.stop_slot(s.name) for s in fresh), return_exceptions=True)
+                return False, failed[0]
+            await asyncio.gather(*(sup.stop_slot(s.name) for s in batch))
+            for s in batch:
+                sup.retarget(s.name, template)
+            replaced.extend(s.name for s in fresh)
+        return True, ""
+
+    def _surge_slot(self, provider: LocalProvider, template: LocalReplicaConfig, exclude: list[Any]) -> Any:
+        sup = provider.supervisor
+        free = [
+            s
+            for s in provider.slots
+            if s.state in (ProcState.STOPPED, ProcState.FAILED)
+            and s not in exclude
+            and s.name not in provider.starting
+        ]
+        if free:
+            slot = free[0]
+        else:  # every slot is busy: one more, beyond max_replicas, for the roll's surge
+            slot = sup.add_slot(self.router.next_name(self.pool), self.pool, template)
+        sup.retarget(slot.name, template)
+        provider.start_now(slot)
+        return slot
+
+    async def _until_serving(self, provider: LocalProvider, slot: Any, within: float) -> tuple[bool, str]:
+        """A started slot's replica is healthy (True), or it crashed, failed or took too long."""
+        deadline = self.clock() + within
+        restarts = slot.restarts
+        while self.clock() < deadline:
+            r = self.router.replica_named(slot.name)
+            if r is not None and r.state is State.HEALTHY and r.incarnation == slot.incarnation:
+                return True, ""
+            if slot.name not in provider.starting and (
+                slot.state in (ProcState.FAILED, ProcState.BACKOFF) or slot.restarts > restarts
+            ):
+                return False, f"{slot.name} on the new version did not come up: {slot.detail}"
+            await asyncio.sleep(0.1)
+        return False, f"{slot.name} on the new version was not healthy within {within:g}s ({slot.detail})"
+
+    @staticmethod
+    def _retarget_idle(provider: LocalProvider, template: LocalReplicaConfig) -> None:
+        for s in provider.slots:
+            if s.state in (ProcState.STOPPED, ProcState.FAILED) and s.name not in provider.starting:
+                with contextlib.suppress(Exception):
+                    provider.supervisor.retarget(s.name, template)
+
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -387,6 +519,8 @@ class PoolController:
             "next_scheduled": {"at": nxt[0].isoformat(timespec="minutes"), "schedule": nxt[1]}
             if nxt
             else None,
+            "rolling": self.rolling,
+            "rolls": list(self.rolls)[-5:],
             "wakes": len(self.wakes),
             "last_wake_seconds": round(self.wakes[-1], 3) if self.wakes else None,
         }
@@ -441,8 +575,12 @@ class Fleet:
         clock: Callable[[], float] = time.monotonic,
         wall: Wall = lambda: datetime.now(UTC),
         aws_session: Any = None,
+        templates: Callable[[str], LocalReplicaConfig | None] | None = None,
     ) -> None:
         self.router = router
+        # Reads the config file again for a roll: the pool's replica template now (blocking:
+        # called in a thread). None: rolls replace replicas with what they run (--force).
+        self.templates = templates
         self.controllers: dict[str, PoolController] = {}
         for pool in router.pools:
             fc = pool.config.fleet
@@ -515,7 +653,7 @@ class Fleet:
         if not path.startswith("/admin/fleet/"):
             return None
         parts = path[len("/admin/fleet/") :].split("/")
-        if len(parts) != 2 or parts[1] not in ("scale", "stop", "start", "interruption"):
+        if len(parts) != 2 or parts[1] not in ("scale", "stop", "start", "interruption", "roll"):
             return 404, errors.not_found(method, path).as_dict()
         if method != "POST":
             return 405, errors.method_not_allowed(f"Use POST for {path}.").as_dict()
@@ -533,6 +671,8 @@ class Fleet:
         except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
             return 400, _bad(f"Bad request: {exc}").as_dict()
         action = parts[1]
+        if action == "roll":
+            return await _roll_request(self, c, req, timeout)
         if action == "interruption":
             iid = req.get("instance_id")
             if not isinstance(iid, str) or not iid:
@@ -562,6 +702,30 @@ class Fleet:
             return (200 if done else 504), {**c.status(), "nothing_running": done}
         ok = await c.start(timeout)
         return (200 if ok else 504), {**c.status(), "healthy_replica": ok}
+
+
+async def _roll_request(
+    fleet: Fleet, c: PoolController, req: dict[str, Any], within: float
+) -> tuple[int, Any]:
+    strategy = req.get("strategy", "rolling")
+    if strategy not in ("rolling", "blue-green"):
+        return 400, _bad("'strategy' is rolling or blue-green.", "strategy").as_dict()
+    template = None
+    if fleet.templates is not None:
+        try:
+            template = await asyncio.to_thread(fleet.templates, c.name)
+        except Exception as exc:  # an invalid file changes nothing, as for a reload
+            return 400, _bad(f"The config file cannot be used: {exc}").as_dict()
+    if template is None:
+        current = getattr(c.provider, "slots", None)
+        if not current:
+            return 400, _bad(f"Pool {c.name} has no local replica to roll.").as_dict()
+        template = current[0].config
+    try:
+        result = await c.roll(template, strategy, bool(req.get("force")), within)
+    except ValueError as exc:
+        return 409, errors.GatewayError(409, str(exc), "invalid_request_error", "roll_refused").as_dict()
+    return (200 if not result["rolled_back"] else 502), {**c.status(), "roll": result}
 
 
 def _bad(message: str, param: str | None = None) -> errors.GatewayError:

@@ -354,6 +354,34 @@ class Supervisor:
             )
         return engine
 
+    def retarget(self, name: str, config: LocalReplicaConfig) -> None:
+        """Run ``config`` the next time the (stopped) slot ``name`` starts: a rolling update's
+        new version. Engine errors (a missing binary, a bad model path) surface here."""
+        slot = self.slot(name)
+        if slot.task is not None and not slot.task.done():
+            raise SupervisorError(f"{name} is running: stop it before changing what it runs")
+        engine = self._engine(PlannedSlot(name, slot.pool, config))
+        slot.config, slot.engine = config, engine
+        slot.policy = RestartPolicy.from_config(config.options, self.clock)
+
+    def add_slot(self, name: str, pool: Pool, config: LocalReplicaConfig) -> Slot:
+        """A new stopped slot (a rolling update's surge beyond the pool's slots)."""
+        if any(s.name == name for s in self.slots):
+            raise SupervisorError(f"a slot named {name!r} exists")
+        slot = Slot(
+            name=name,
+            pool=pool,
+            config=config,
+            engine=self._engine(PlannedSlot(name, pool, config)),
+            policy=RestartPolicy.from_config(config.options, self.clock),
+            log_path=self.log_dir / f"{name}.log",
+            state=ProcState.STOPPED,
+            detail="not started",
+            asleep=True,
+        )
+        self.slots.append(slot)
+        return slot
+
     def slot(self, name: str) -> Slot:
         for s in self.slots:
             if s.name == name:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
 
+from fortress.config import LocalReplicaConfig
 from fortress.fleet.providers.base import (
     DRAINING,
     FAILED,
@@ -53,11 +55,16 @@ class LocalProvider:
     ) -> None:
         self.supervisor = supervisor
         self.clock = clock
-        self.slots: list[Slot] = [s for s in supervisor.slots if s.pool.name == pool]
+        self.pool = pool
         self._starting: set[str] = set()  # asked to start, the supervisor's task not yet running
         self._stopping: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._cpu: dict[str, tuple[float, float]] = {}  # slot → (cpu seconds, monotonic time)
+
+    @property
+    def slots(self) -> list[Slot]:
+        """The pool's slots (a rolling update may have added one)."""
+        return [s for s in self.supervisor.slots if s.pool.name == self.pool]
 
     def _state(self, slot: Slot) -> str:
         if slot.name in self._stopping:
@@ -78,6 +85,7 @@ class LocalProvider:
                     detail=s.detail,
                     url=s.url if live else None,
                     extra={
+                        "version": version_of(s.config),
                         "pid": s.pid if live else None,
                         "incarnation": s.incarnation,
                         "restarts": s.restarts,
@@ -102,6 +110,19 @@ class LocalProvider:
             self._run(slot.name, self._start(slot))
             started.append(slot.name)
         return started
+
+    @property
+    def starting(self) -> set[str]:
+        return self._starting
+
+    @property
+    def stopping(self) -> set[str]:
+        return self._stopping
+
+    def start_now(self, slot: Slot) -> None:
+        """Start this slot (a roll's surge), whatever the count."""
+        self._starting.add(slot.name)
+        self._run(slot.name, self._start(slot))
 
     def terminate(self, ids: list[str]) -> None:
         for name in ids:
@@ -157,6 +178,13 @@ class LocalProvider:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def version_of(config: LocalReplicaConfig) -> str:
+    """What a slot runs, as a short fingerprint of its engine and options (the same config
+    gives the same version on every machine)."""
+    raw = config.model_dump_json(exclude={"name", "tier", "count"}).encode()
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 def _cpu_seconds(pid: int) -> float | None:
