@@ -103,3 +103,38 @@ shipper_offsets = Table(
     Column("gateway_id", Text, primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
+
+# The fleet's instances (written by fortress.fleet.instances): one row per instance, whatever
+# its provider, with the states it went through. Migration 0003 says why these keys.
+fleet_instances = Table(
+    "fleet_instances",
+    metadata,
+    Column("provider", Text, nullable=False),  # local | aws
+    Column("id", Text, nullable=False),  # an EC2 instance id; local: <gateway>/<slot>/<incarnation>
+    Column("pool", Text, nullable=False),
+    Column("gateway", Text, nullable=False),  # the gateway (host) that manages it
+    Column("capacity", Text, nullable=False),  # local | spot | on-demand
+    Column("state", Text, nullable=False),  # the current state (fortress.fleet.providers.base)
+    Column("version", Text, nullable=True),  # what it runs: model/engine/flags fingerprint
+    Column("url", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("history", JSON, nullable=False),  # [[ts, state, detail], ...], oldest first
+    PrimaryKeyConstraint("provider", "id"),
+    Index("ix_fleet_instances_pool_state", "pool", "state"),
+)
+
+# Every change of a pool's desired replica count, as the controller decided it.
+fleet_decisions = Table(
+    "fleet_decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # insertion order
+    Column("ts", Float, nullable=False),
+    Column("pool", Text, nullable=False),
+    Column("gateway", Text, nullable=False),
+    Column("before", Integer, nullable=False),  # desired count before the decision
+    Column("after", Integer, nullable=False),  # and after it
+    Column("kind", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Index("ix_fleet_decisions_pool_ts", "pool", "ts"),
+)
