@@ -201,7 +201,20 @@ class Runtime:
             self.supervisor = Supervisor(self.router.planned, self, state_dir=config.state_dir)
         # Pools with `fleet:`: their size follows load and schedules, and they sleep at zero.
         if any(p.config.fleet is not None for p in self.router.pools):
-            self.fleet = Fleet(config, self.router, self.supervisor, templates=self._template)
+            from fortress.audit.journal import load_gateway_id
+            from fortress.fleet.instances import FleetStore
+            from fortress.store.db import database_url
+
+            evaluator = self.observe.evaluator if self.observe is not None else None
+            self.fleet = Fleet(
+                config,
+                self.router,
+                self.supervisor,
+                templates=self._template,
+                alarms=evaluator.states if evaluator is not None else None,
+                # Instances and decisions persisted in the database (SQLite or PostgreSQL).
+                store=FleetStore(database_url(config), load_gateway_id(config.state_dir)),
+            )
         self.relay = Relay(
             config,
             self.router,

@@ -343,3 +343,18 @@ def test_a_fleet_pool_names_max_replicas_slots_and_has_one_local_template() -> N
             parse_config(text, "t", env={})
     with pytest.raises(Exception, match="kv_cache is a fraction"):
         fleet(target={"kv_cache": 70})
+
+
+def test_a_firing_alarm_action_asks_for_one_more_replica_through_the_out_window() -> None:
+    clock = Clock()
+    cfg = fleet(max_replicas=3, scale_out_delay=10, scale_out_on_alarms=["gpu_utilization"])
+    a = Autoscaler(cfg, clock.t, 1)
+    # Firing for less than the out window: nothing yet; then one more, and no further than max.
+    assert run(a, clock, 1, 9, alarms=("gpu_utilization",)) == 1
+    current = run(a, clock, 1, 2, alarms=("gpu_utilization",))
+    assert current == 2
+    d = a.decide(sig(clock, 2, 0, alarms=("gpu_utilization",)))
+    assert "alarm gpu_utilization firing" in d.reason
+    assert run(a, clock, 2, 60, alarms=("gpu_utilization",)) == 3
+    # Quiet again: back down after the in window (the default 300 s).
+    assert run(a, clock, 3, 301) == 3  # no targets: holds

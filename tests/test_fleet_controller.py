@@ -16,11 +16,16 @@ class Recorder:
     """A provider whose instances are set by the test; it records the calls."""
 
     kind = "test"
+    registers = False
+
+    async def start(self) -> None:
+        return None
 
     def __init__(self, names: list[str]) -> None:
         self.states = dict.fromkeys(names, TERMINATED)
         self.launched: list[str] = []
         self.terminated: list[str] = []
+        self.gpu: float | None = None
 
     def instances(self) -> list[Instance]:
         return [Instance(id=n, state=s, replica=n) for n, s in self.states.items()]
@@ -39,6 +44,9 @@ class Recorder:
 
     def cpu_percent(self) -> float | None:
         return None
+
+    def gpu_percent(self) -> float | None:
+        return self.gpu
 
     async def close(self) -> None:
         return None
@@ -143,3 +151,37 @@ def test_a_reload_that_changes_a_fleet_names_it_for_a_restart() -> None:
     assert same.local_changed == []
     changed = router.reconcile(parse_config(text.format(n=8), "t", env={}))
     assert changed.local_changed == ["m"]
+
+
+async def test_gpu_and_alarm_signals_reach_the_autoscaler() -> None:
+    now = [100.0]
+    cfg = parse_config(
+        "pools:\n- model: m\n  name: m\n  fleet: {max_replicas: 4, target: {gpu: 60}, scale_out_delay: 0,"
+        " scale_out_on_alarms: [gpu_hot]}\n  replicas: [{engine: sim}]\n",
+        "t",
+        env={},
+    )
+    router = Router(cfg)
+    provider = Recorder([s.name for s in router.planned])
+    provider.gpu = 90.0
+    firing = [("gpu_hot", "page", "ok")]
+    c = PoolController(
+        router.pools[0],
+        cfg.pools[0].fleet,
+        provider,
+        router,
+        lambda: now[0],
+        lambda: datetime(2026, 6, 1, tzinfo=UTC),
+        alarms=lambda: firing,
+    )
+    c.tick()
+    join(router, provider, "m-1", State.HEALTHY)
+    now[0] += 1
+    d = c.tick()
+    assert c.signals is not None and c.signals.metrics["gpu"] == 90.0
+    assert (d.recommended, c.desired) == (2, 2), d  # ceil(1 x 90 / 60)
+    firing[:] = [("gpu_hot", "page", "firing")]
+    join(router, provider, "m-2", State.HEALTHY)
+    now[0] += 1
+    d = c.tick()
+    assert c.signals.alarms == ("gpu_hot",) and d.desired == 3, d

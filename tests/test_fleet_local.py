@@ -241,6 +241,20 @@ def test_operators_stop_and_start_a_pool(gateway: Any) -> None:
     assert bad.returncode == 1 and "0..3" in bad.stderr, bad.stderr
     out = cli("scale", "m", "auto", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["pinned"] is None
+    # The store keeps what happened: every decision, each process with its states in order.
+    from fortress.fleet.instances import FleetStore
+
+    db = FleetStore(f"sqlite:///{gw.config.parent / 'state' / 'fortress.db'}", "reader")
+    wait_for(lambda: len(db.decisions("m")) >= 4, timeout=30, what="the decisions in the store")
+    kinds = [(d["from"], d["to"], d["kind"]) for d in db.decisions("m")]
+    assert kinds[:2] == [(1, 0, "manual"), (0, 1, "wake")], kinds
+    rows = {r["id"].split("/", 1)[1]: r for r in db.history("m")}
+    # The first process was ready when the fleet first looked (it starts with the gateway);
+    # the second was started by `fleet start`.
+    assert [h[1] for h in rows["m-1/1"]["history"]] == ["ready", "draining", "terminated"]
+    second = [h[1] for h in rows["m-1/2"]["history"]]
+    assert second[0] == "starting" and "ready" in second, second
+    assert rows["m-1/1"]["provider"] == "local" and rows["m-1/1"]["version"]
     status, body = gw.admin("/admin/fleet/nope/scale", {"replicas": 1})
     assert status == 404 and "managed pools: m" in body["error"]["message"], body
     status, body = gw.admin("/admin/fleet/m/scale", {"replicas": "two"})

@@ -215,7 +215,7 @@ def test_cloud_instances_keep_their_ids_and_a_restart_appends_to_their_history(
             cloud("i-0abc", "starting", url),
             cloud("i-0abc", "ready", url),
             cloud("i-0abc", "ready", url),  # unchanged
-            cloud("i-0abc", "ready", url, version="v2"),  # what it runs changed
+            cloud("i-0abc", "ready", url, version="v2"),  # what it runs changed: the row only
         ],
         start=1,
     ):
@@ -227,7 +227,6 @@ def test_cloud_instances_keep_their_ids_and_a_restart_appends_to_their_history(
         [1.0, "provisioning"],
         [2.0, "starting"],
         [3.0, "ready"],
-        [5.0, "ready"],
     ]
     assert [r["id"] for r in first.adopt(POOL, "aws")] == ["i-0abc"]
     first.stop()
@@ -239,7 +238,8 @@ def test_cloud_instances_keep_their_ids_and_a_restart_appends_to_their_history(
     second.observe(POOL, "aws", [cloud("i-0abc", "preempted", url, version="v2")], now=21.0)
     flushed(second)
     row = rows(second)["i-0abc"]
-    assert states(row) == ["provisioning", "starting", "ready", "ready", "ready", "preempted"]
+    # The new run's first sight is an entry of its own (the gateway restarted in between).
+    assert states(row) == ["provisioning", "starting", "ready", "ready", "preempted"]
     assert (row["state"], row["created_at"], row["updated_at"]) == ("preempted", 1.0, 21.0)
     assert second.adopt(POOL, "aws") == []
 

@@ -134,6 +134,9 @@ class FleetConfig(ConfigModel):
     # pool with min 0 keeps one replica while it is not scheduled off.
     idle_to_zero: float | None = Field(None, gt=0)
     wake_timeout: float = Field(120.0, gt=0, description="seconds a request waits for a wake")
+    # Alarm actions (the seed's "GPU > 95 % for 5 min -> scale up"): while one of these alarms
+    # fires, the pool asks for at least one replica more than it has (out window and max apply).
+    scale_out_on_alarms: list[str] = Field(default_factory=list)
     interval: float = Field(2.0, gt=0, description="seconds between decisions")
     provider: Literal["local", "aws"] = "local"
     # aws: which capacity types to use, in order of preference (spot first: on-demand takes

@@ -49,6 +49,7 @@ class Signals:
     metrics: Mapping[str, float] = field(default_factory=dict)
     waiting: int = 0  # requests waiting for a replica of this pool (a wake)
     last_request: float | None = None  # monotonic time the pool last had a request in flight
+    alarms: tuple[str, ...] = ()  # of the pool's scale_out_on_alarms, those firing now
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class Autoscaler:
                 words = f"{t.metric} {value:g} on {s.ready} ready, target {t.value:g}"
             if best is None or count > best[0]:
                 best = (count, words)
+        if s.alarms and s.current > 0:  # an alarm action: one more than the pool has
+            more = (s.current + 1, f"alarm {', '.join(s.alarms)} firing")
+            best = more if best is None or more[0] > best[0] else best
         if best is None:  # no target: hold, but wake for a waiting request
             return max(s.current, 1 if s.waiting else 0), "no target"
         count, words = best

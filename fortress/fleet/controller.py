@@ -35,8 +35,9 @@ import orjson
 from fortress.config import FleetConfig, FortressConfig, LocalReplicaConfig, Tier
 from fortress.core import errors
 from fortress.fleet.autoscaler import Autoscaler, Decision, Signals
+from fortress.fleet.instances import FleetStore
 from fortress.fleet.providers.aws import AwsProvider
-from fortress.fleet.providers.base import ACTIVE, FAILED, READY, TERMINATED, Instance, Provider
+from fortress.fleet.providers.base import ACTIVE, DRAINING, FAILED, READY, TERMINATED, Instance, Provider
 from fortress.fleet.providers.local import LocalProvider, version_of
 from fortress.fleet.schedule import bounds_at, next_change
 from fortress.fleet.supervisor import ProcState, Supervisor
@@ -62,8 +63,11 @@ class PoolController:
         router: Router,
         clock: Callable[[], float],
         wall: Wall,
+        alarms: Callable[[], list[tuple[str, str, str]]] | None = None,
+        store: FleetStore | None = None,
     ) -> None:
         self.pool = pool
+        self.store = store  # persisted instances and decisions (written in the background)
         self.config = fleet
         self.provider = provider
         self.router = router
@@ -86,6 +90,8 @@ class PoolController:
         self.wake_counts = [0] * (len(WAKE_BUCKETS) + 1)
         self.wake_sum = 0.0
         self.poked = asyncio.Event()
+        # (name, severity, state) of every alarm, for scale_out_on_alarms.
+        self.alarms = alarms
         self.rolling: str | None = None  # the version a roll in progress moves to
         self.rolls: deque[dict[str, Any]] = deque(maxlen=20)  # finished rolls, newest last
         self.signals: Signals | None = None
@@ -125,6 +131,16 @@ class PoolController:
         cpu = self.provider.cpu_percent()
         if cpu is not None:
             metrics["cpu"] = cpu
+        if any(t.metric == "gpu" for t in self.config.target):
+            gpu = self.provider.gpu_percent()
+            if gpu is not None:
+                metrics["gpu"] = gpu
+        firing: tuple[str, ...] = ()
+        if self.config.scale_out_on_alarms and self.alarms is not None:
+            wanted = set(self.config.scale_out_on_alarms)
+            firing = tuple(
+                sorted(name for name, _, state in self.alarms() if name in wanted and state == "firing")
+            )
         return Signals(
             now=now,
             wall=self.wall(),
@@ -133,6 +149,7 @@ class PoolController:
             metrics=metrics,
             waiting=self.waiting,
             last_request=self.last_request,
+            alarms=firing,
         )
 
     def _token_rate(self, replicas: list[Replica]) -> float | None:
@@ -160,8 +177,11 @@ class PoolController:
             self._record(self.desired, d.desired, d.kind, d.reason)
             self.desired = d.desired
         self.apply(self.desired)
+        instances = self.provider.instances()
         if self.provider.registers:
-            self._sync_replicas(self.provider.instances())
+            self._sync_replicas(instances)
+        if self.store is not None:  # an in-memory diff; changed rows are written by its thread
+            self.store.observe(self.name, self.provider.kind, instances)
         self._set_dormant()
         return d
 
@@ -207,6 +227,8 @@ class PoolController:
         }
         self.decisions.append(entry)
         self.decision_counts[kind] += 1
+        if self.store is not None:
+            self.store.decision(self.name, entry)
         log.info("fleet %s: %d -> %d (%s: %s)", self.name, before, after, kind, reason)
 
     def apply(self, desired: int) -> None:
@@ -255,7 +277,10 @@ class PoolController:
         elif self._wake is not None and not self._wake.done():
             state = "waking"
         elif self.desired == 0:
-            state = "scheduled off" if self.autoscaler.bounds(self.wall()).max == 0 else "asleep"
+            if any(i.state in (DRAINING, *ACTIVE) for i in self.provider.instances()):
+                state = "going to sleep"  # draining the last replicas: asleep once they stopped
+            else:
+                state = "scheduled off" if self.autoscaler.bounds(self.wall()).max == 0 else "asleep"
         else:
             state = None  # replicas are wanted and not healthy: that is not sleep
         self.pool.dormant = state
@@ -576,8 +601,11 @@ class Fleet:
         wall: Wall = lambda: datetime.now(UTC),
         aws_session: Any = None,
         templates: Callable[[str], LocalReplicaConfig | None] | None = None,
+        alarms: Callable[[], list[tuple[str, str, str]]] | None = None,
+        store: FleetStore | None = None,
     ) -> None:
         self.router = router
+        self.store = store
         # Reads the config file again for a roll: the pool's replica template now (blocking:
         # called in a thread). None: rolls replace replicas with what they run (--force).
         self.templates = templates
@@ -592,7 +620,9 @@ class Fleet:
             else:
                 assert supervisor is not None  # a local fleet's template is a local replica
                 provider = LocalProvider(supervisor, pool.name, clock)
-            self.controllers[pool.name] = PoolController(pool, fc, provider, router, clock, wall)
+            self.controllers[pool.name] = PoolController(
+                pool, fc, provider, router, clock, wall, alarms=alarms, store=store
+            )
         self._tasks: list[asyncio.Task[None]] = []
 
     def _drainer(self, pool: str) -> Callable[[str, float | None], Any]:
@@ -612,6 +642,19 @@ class Fleet:
         return frozenset(out)
 
     async def start(self) -> None:
+        if self.store is not None:
+            self.store.start()
+            for c in self.controllers.values():
+                if c.provider.kind != "local":
+                    continue
+                try:  # the processes of a previous run died with it: say so in their rows
+                    closed = await asyncio.to_thread(self.store.close_orphans, c.name, "local")
+                    if closed:
+                        log.info(
+                            "fleet %s: %d instance(s) of a previous run marked terminated", c.name, closed
+                        )
+                except Exception as exc:  # the store is down: the next start that reaches it does this
+                    log.warning("fleet %s: previous instances not checked (store: %s)", c.name, exc)
         for c in self.controllers.values():
             await c.provider.start()
             c.tick()
@@ -624,6 +667,8 @@ class Fleet:
         self._tasks.clear()
         for c in self.controllers.values():
             await c.close()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.stop)  # writes what is queued, bounded
 
     # -- the gateway's Capacity ------------------------------------------------------------------
 
@@ -635,11 +680,17 @@ class Fleet:
     # -- status and the admin API -------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"pools": [c.status() for c in self.controllers.values()]}
+        out: dict[str, Any] = {"pools": [c.status() for c in self.controllers.values()]}
+        if self.store is not None:
+            out["store"] = self.store.stats()
+        return out
 
     def stats(self) -> dict[str, Any]:
         """For observe: per pool, desired and current counts, decisions by kind, wake times."""
-        return {"fleet": [c.stats() for c in self.controllers.values()]}
+        out: dict[str, Any] = {"fleet": [c.stats() for c in self.controllers.values()]}
+        if self.store is not None:
+            out.update(self.store.stats())
+        return out
 
     async def handle_admin(self, method: str, path: str, body: bytes) -> tuple[int, Any] | None:
         """``GET /admin/fleet``; ``POST /admin/fleet/{pool}/scale`` ``{"replicas": N}`` or

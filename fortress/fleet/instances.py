@@ -242,14 +242,24 @@ class FleetStore:
             if seen == now_seen:
                 continue
             known[inst.id] = now_seen
-            self._queue(self._change(pool, provider, inst.id, now_seen, state, inst.detail, at))
+            # The history tells states; a new url (or version) alone only updates the row.
+            moved = seen is None or seen.state != state
+            self._queue(self._change(pool, provider, inst.id, now_seen, state, inst.detail, at, moved))
         # Forget instances the provider no longer lists once they are gone for good.
         if len(known) > len(listed):
             for name in [n for n, s in known.items() if n not in listed and s.state in FINAL]:
                 del known[name]
 
     def _change(
-        self, pool: str, provider: str, name: str, seen: _Seen, state: str, detail: str, at: float
+        self,
+        pool: str,
+        provider: str,
+        name: str,
+        seen: _Seen,
+        state: str,
+        detail: str,
+        at: float,
+        history: bool = True,
     ) -> _Change:
         return _Change(
             pool=pool,
@@ -262,7 +272,7 @@ class FleetStore:
             url=seen.url,
             first=at,
             at=at,
-            entries=[[at, state, detail]],
+            entries=[[at, state, detail]] if history else [],
         )
 
     def decision(self, pool: str, entry: dict[str, Any]) -> None:

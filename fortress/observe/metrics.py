@@ -495,6 +495,18 @@ class GatewayMetrics:
 # (no Redis limiter, no access layer) leaves its series out.
 _GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
     (
+        "fleet_store_pending",
+        "fortress_fleet_store_pending_writes",
+        "Fleet state writes (instances, decisions) not yet in the store.",
+        "gauge",
+    ),
+    (
+        "fleet_store_dropped",
+        "fortress_fleet_store_dropped_writes",
+        "Fleet state writes dropped because the queue was full while the store was down.",
+        "counter",
+    ),
+    (
         "journal_disk_free_bytes",
         "fortress_audit_journal_disk_free_bytes",
         "Free bytes on the journal's filesystem.",

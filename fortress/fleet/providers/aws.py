@@ -258,6 +258,9 @@ class AwsProvider:
     def cpu_percent(self) -> float | None:
         return None  # CloudWatch's CPUUtilization is a minute late: not read on the control loop
 
+    def gpu_percent(self) -> float | None:
+        return None  # no NVML across machines: the engines' own load (queue, KV cache) serves
+
     # -- jobs --------------------------------------------------------------------------------------
 
     def _job(self, coro: Awaitable[None]) -> None:

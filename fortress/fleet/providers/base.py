@@ -66,5 +66,8 @@ class Provider(Protocol):
     def cpu_percent(self) -> float | None:
         """Average CPU use of the ready instances (percent of their machine), None if unknown."""
 
+    def gpu_percent(self) -> float | None:
+        """Average GPU utilisation of the instances (percent), None if unknown."""
+
     async def close(self) -> None:
         """Wait for launches and terminations in progress (the fleet is stopping)."""

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fortress.config import LocalReplicaConfig
 from fortress.fleet.providers.base import (
@@ -60,6 +61,7 @@ class LocalProvider:
         self._stopping: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._cpu: dict[str, tuple[float, float]] = {}  # slot → (cpu seconds, monotonic time)
+        self._gpu: Any = None  # an NVML probe, made on first use
 
     @property
     def slots(self) -> list[Slot]:
@@ -172,6 +174,15 @@ class LocalProvider:
             if prev is not None and now > prev[1] and used >= prev[0]:
                 values.append(100.0 * (used - prev[0]) / ((now - prev[1]) * _CPUS))
         return sum(values) / len(values) if values else None
+
+    def gpu_percent(self) -> float | None:
+        """Average utilisation of this machine's GPUs (NVML), None without any."""
+        if self._gpu is None:
+            from fortress.observe.system import GpuProbe
+
+            self._gpu = GpuProbe()
+        samples = self._gpu.sample() if self._gpu.available else []
+        return sum(g.utilization for g in samples) / len(samples) if samples else None
 
     async def close(self) -> None:
         for task in list(self._tasks):
