@@ -343,9 +343,12 @@ class Journal:
         except OSError as exc:  # keep the last reading; the write itself reports real trouble
             log.warning("audit journal: cannot read the free space of %s: %s", self.dir, exc)
             return
-        self.disk_free, self.disk_total = free, total
         low = free < self.min_free_bytes
-        if low != self.low_space:
+        changed = low != self.low_space
+        # The flag before the reading: whoever sees the new reading sees its verdict too.
+        self.low_space = low
+        self.disk_free, self.disk_total = free, total
+        if changed:
             if low:
                 log.error(
                     "audit journal %s: %d bytes free, below audit.min_free_bytes (%d): new requests "
@@ -356,7 +359,6 @@ class Journal:
                 )
             else:
                 log.warning("audit journal %s: %d bytes free again: accepting requests", self.dir, free)
-            self.low_space = low
 
     def _commit(self, batch: list[_Pending]) -> None:
         self._check_space()
