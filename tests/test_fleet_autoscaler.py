@@ -358,3 +358,14 @@ def test_a_firing_alarm_action_asks_for_one_more_replica_through_the_out_window(
     assert run(a, clock, 2, 60, alarms=("gpu_utilization",)) == 3
     # Quiet again: back down after the in window (the default 300 s).
     assert run(a, clock, 3, 301) == 3  # no targets: holds
+
+
+def test_alarm_actions_must_name_an_alarm() -> None:
+    pool = (
+        "pools:\n- model: m\n  fleet: {max_replicas: 2, scale_out_on_alarms: [%s]}\n"
+        "  replicas: [{engine: sim}]\n"
+    )
+    cfg = parse_config(pool % "latency_page", "t", env={})
+    assert cfg.pools[0].fleet is not None and cfg.pools[0].fleet.scale_out_on_alarms == ["latency_page"]
+    with pytest.raises(Exception, match="names no alarm: gpu_hot"):
+        parse_config(pool % "gpu_hot", "t", env={})

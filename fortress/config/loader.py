@@ -11,10 +11,10 @@ import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fortress.config.access import OPERATOR_PLAN, Auth, Limits, UsagePlan, default_plans, operator_plan
 from fortress.config.audit import Audit, Database
@@ -81,6 +81,24 @@ class FortressConfig(ConfigModel):
                         raise ValueError(f"replica name {rc.name!r} is used by {first} and {where}")
                     replicas[rc.name] = where
         return pools
+
+    @model_validator(mode="after")
+    def _alarm_actions_name_alarms(self) -> Self:
+        # A fleet's scale_out_on_alarms must name alarms that exist (and are evaluated).
+        names = {r.name for r in self.observe.alarms.rules}
+        for i, pool in enumerate(self.pools):
+            wanted = pool.fleet.scale_out_on_alarms if pool.fleet is not None else []
+            if not wanted:
+                continue
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"pools.{i}.fleet.scale_out_on_alarms names no alarm: {', '.join(unknown)} "
+                    f"(alarms: {', '.join(sorted(names)) or 'none'})"
+                )
+            if not (self.observe.enabled and self.observe.alarms.enabled):
+                raise ValueError(f"pools.{i}.fleet.scale_out_on_alarms needs observe.alarms enabled")
+        return self
 
 
 class ConfigError(Exception):
