@@ -157,14 +157,14 @@ async def test_gpu_and_alarm_signals_reach_the_autoscaler() -> None:
     now = [100.0]
     cfg = parse_config(
         "pools:\n- model: m\n  name: m\n  fleet: {max_replicas: 4, target: {gpu: 60}, scale_out_delay: 0,"
-        " scale_out_on_alarms: [gpu_hot]}\n  replicas: [{engine: sim}]\n",
+        " scale_out_on_alarms: [gpu_scale_up]}\n  replicas: [{engine: sim}]\n",
         "t",
         env={},
     )
     router = Router(cfg)
     provider = Recorder([s.name for s in router.planned])
     provider.gpu = 90.0
-    firing = [("gpu_hot", "page", "ok")]
+    firing = [("gpu_scale_up", "info", "ok")]
     c = PoolController(
         router.pools[0],
         cfg.pools[0].fleet,
@@ -173,6 +173,7 @@ async def test_gpu_and_alarm_signals_reach_the_autoscaler() -> None:
         lambda: now[0],
         lambda: datetime(2026, 6, 1, tzinfo=UTC),
         alarms=lambda: firing,
+        alarm_actions=frozenset(cfg.pools[0].fleet.scale_out_on_alarms or ()),
     )
     c.tick()
     join(router, provider, "m-1", State.HEALTHY)
@@ -180,8 +181,8 @@ async def test_gpu_and_alarm_signals_reach_the_autoscaler() -> None:
     d = c.tick()
     assert c.signals is not None and c.signals.metrics["gpu"] == 90.0
     assert (d.recommended, c.desired) == (2, 2), d  # ceil(1 x 90 / 60)
-    firing[:] = [("gpu_hot", "page", "firing")]
+    firing[:] = [("gpu_scale_up", "info", "firing")]
     join(router, provider, "m-2", State.HEALTHY)
     now[0] += 1
     d = c.tick()
-    assert c.signals.alarms == ("gpu_hot",) and d.desired == 3, d
+    assert c.signals.alarms == ("gpu_scale_up",) and d.desired == 3, d

@@ -136,7 +136,8 @@ class FleetConfig(ConfigModel):
     wake_timeout: float = Field(120.0, gt=0, description="seconds a request waits for a wake")
     # Alarm actions (the seed's "GPU > 95 % for 5 min -> scale up"): while one of these alarms
     # fires, the pool asks for at least one replica more than it has (out window and max apply).
-    scale_out_on_alarms: list[str] = Field(default_factory=list)
+    # None: every alarm whose action is scale_up; [] : none.
+    scale_out_on_alarms: list[str] | None = None
     interval: float = Field(2.0, gt=0, description="seconds between decisions")
     provider: Literal["local", "aws"] = "local"
     # aws: which capacity types to use, in order of preference (spot first: on-demand takes

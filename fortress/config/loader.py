@@ -87,9 +87,9 @@ class FortressConfig(ConfigModel):
         # A fleet's scale_out_on_alarms must name alarms that exist (and are evaluated).
         names = {r.name for r in self.observe.alarms.rules}
         for i, pool in enumerate(self.pools):
-            wanted = pool.fleet.scale_out_on_alarms if pool.fleet is not None else []
+            wanted = pool.fleet.scale_out_on_alarms if pool.fleet is not None else None
             if not wanted:
-                continue
+                continue  # None: the scale_up alarms, whichever exist
             unknown = [n for n in wanted if n not in names]
             if unknown:
                 raise ValueError(

@@ -65,8 +65,10 @@ class PoolController:
         wall: Wall,
         alarms: Callable[[], list[tuple[str, str, str]]] | None = None,
         store: FleetStore | None = None,
+        alarm_actions: frozenset[str] = frozenset(),
     ) -> None:
         self.pool = pool
+        self.alarm_actions = alarm_actions  # alarms that ask for one more replica while firing
         self.store = store  # persisted instances and decisions (written in the background)
         self.config = fleet
         self.provider = provider
@@ -136,10 +138,9 @@ class PoolController:
             if gpu is not None:
                 metrics["gpu"] = gpu
         firing: tuple[str, ...] = ()
-        if self.config.scale_out_on_alarms and self.alarms is not None:
-            wanted = set(self.config.scale_out_on_alarms)
+        if self.alarm_actions and self.alarms is not None:
             firing = tuple(
-                sorted(name for name, _, state in self.alarms() if name in wanted and state == "firing")
+                sorted(n for n, _, state in self.alarms() if n in self.alarm_actions and state == "firing")
             )
         return Signals(
             now=now,
@@ -621,7 +622,19 @@ class Fleet:
                 assert supervisor is not None  # a local fleet's template is a local replica
                 provider = LocalProvider(supervisor, pool.name, clock)
             self.controllers[pool.name] = PoolController(
-                pool, fc, provider, router, clock, wall, alarms=alarms, store=store
+                pool,
+                fc,
+                provider,
+                router,
+                clock,
+                wall,
+                alarms=alarms,
+                store=store,
+                alarm_actions=frozenset(
+                    fc.scale_out_on_alarms
+                    if fc.scale_out_on_alarms is not None
+                    else [r.name for r in config.observe.alarms.rules if r.action == "scale_up"]
+                ),
             )
         self._tasks: list[asyncio.Task[None]] = []
 
