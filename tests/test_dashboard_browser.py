@@ -186,3 +186,34 @@ async def _check_time_axis(page, chart: str) -> None:  # type: ignore[no-untyped
     assert plot is not None
     area = await plot.bounding_box()
     assert area is not None and all(y >= area["y"] + area["height"] for _, _, y, _ in spans)  # below the plot
+
+
+async def test_the_dashboard_shows_a_fleets_replicas_over_time_and_its_decisions(tmp_path: Path) -> None:
+    from test_fleet_local import Gateway, sim_pool
+
+    if not await asyncio.to_thread(Path(CHROMIUM).exists):
+        pytest.fail("chromium is missing: `make test` installs it (scripts/system-deps.sh chromium:chromium)")
+    pool = sim_pool(min_replicas=1, max_replicas=2, idle_to_zero=None)
+    gw = await asyncio.to_thread(Gateway, tmp_path, pool)
+    errors: list[str] = []
+    try:
+        await asyncio.to_thread(wait_for, lambda: gw.fleet()["healthy"] == 1, 60, 0.1, "one replica")
+        status, _ = await asyncio.to_thread(gw.admin, "/admin/fleet/m/scale", {"replicas": 2})
+        assert status == 200
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = await browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(gw.url + "/dashboard")
+            await page.wait_for_selector("#conn.pill-ok", timeout=10_000)
+            # The decision is in the table; the chart draws both replicas once the history has a
+            # point with them (a point every 5 s).
+            await page.wait_for_selector('#fleet-decisions tr[data-kind="manual"]', timeout=10_000)
+            row = await page.text_content('#fleet-decisions tr[data-kind="manual"]') or ""
+            assert "1 → 2" in row and "held at 2 by the operator" in row, row
+            await page.wait_for_selector('#chart-fleet[data-max-current="2"]', timeout=30_000)
+            assert await page.is_visible("#fleet-chart-box")
+            await browser.close()
+    finally:
+        await asyncio.to_thread(gw.stop)
+    assert errors == []

@@ -183,6 +183,12 @@ def test_a_pool_at_zero_wakes_on_request_scales_with_load_and_returns_to_zero(ga
     # Nothing failed in the whole run.
     assert set(statuses) == {200} and statuses[200] > 40, statuses
 
+    # The dashboard's history kept the pool's replicas over time; its data has the decisions.
+    status, raw = http_get(gw.url + "/dashboard/data")
+    data = json.loads(raw)
+    assert max(p["fleet"]["m"][1] for p in data["history"] if "m" in p.get("fleet", {})) == 3
+    assert {d["kind"] for d in data["fleet"][0]["recent_decisions"]} >= {"wake", "target", "idle"}
+
     status, metrics = http_get(gw.url + "/metrics")
     text = metrics.decode()
     assert 'fortress_fleet_desired_replicas{pool="m"} 0.0' in text

@@ -562,6 +562,7 @@ class PoolController:
             "wake_count": sum(self.wake_counts),
             "wake_sum": self.wake_sum,
             "spot_interruptions": getattr(self.provider, "interruptions", 0),
+            "recent_decisions": list(self.decisions)[-10:],
         }
 
     async def run(self) -> None:

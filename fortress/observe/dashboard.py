@@ -5,8 +5,9 @@ Everything the page needs ships in the package (``static/``, with uPlot vendored
 says so. ``/dashboard/data`` is one JSON document: the last 10 s and 60 s of traffic, a
 five-minute series, the last hour's history (``History``: traffic and replica health every
 5 s, kept by the gateway so a reload loses nothing; ``?since=<t>`` returns only newer points),
-replicas per tier, the replica table with the engines' own numbers, the alarms and the machine
-(GPUs, or the gateway's CPU and memory).
+replicas per tier, the replica table with the engines' own numbers, the alarms, the fleet's
+pools (desired and current replicas over time, recent decisions) and the machine (GPUs, or the
+gateway's CPU and memory).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Dashboard:
         alarms: Callable[[], dict[str, Any]] | None = None,
         history: History | None = None,
         slots: Callable[[], list[dict[str, Any]]] | None = None,
+        fleet: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.router = router
         self.recent = recent
@@ -117,6 +119,8 @@ class Dashboard:
         self.history = history if history is not None else History()
         # The supervisor's slots (status rows), for local replicas that are down.
         self.slots = slots
+        # The fleet's pools: desired and current replicas, recent decisions.
+        self.fleet = fleet
         self.cpu = CpuMeter()
         self.static = _load_static()
         self.started = time.time()
@@ -196,6 +200,10 @@ class Dashboard:
             "history_step": self.history.step,
             **self._replicas(),
             "alarms": self.alarms()["alarms"] if self.alarms is not None else [],
+            "fleet": [
+                {k: p[k] for k in ("pool", "desired", "current", "recent_decisions")}
+                for p in (self.fleet() if self.fleet is not None else [])
+            ],
             "machine": self._machine(),
         }
 

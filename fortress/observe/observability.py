@@ -107,6 +107,7 @@ class Observability:
             self.evaluator.snapshot if self.evaluator is not None else None,
             self.history,
             self._slots,
+            lambda: self.stats().get("fleet") or [],
         )
         self._router = router
         self._sampler: asyncio.Task[None] | None = None
@@ -176,7 +177,9 @@ class Observability:
         stats = self.stats()
         self.sample_health(stats)
         restarts = stats.get("replica_restarts_total")
-        return self.history.close(time.time(), now, self.recent, restarts=restarts)
+        # Each managed pool's desired and current replicas (the dashboard's fleet chart).
+        fleet = {p["pool"]: [p["desired"], p["current"]] for p in stats.get("fleet") or ()}
+        return self.history.close(time.time(), now, self.recent, restarts=restarts, fleet=fleet)
 
     async def _sample_loop(self) -> None:
         start = self.clock()

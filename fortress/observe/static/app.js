@@ -149,6 +149,55 @@ function drawCharts() {
   el.dataset.maxHealthy = h.length ? Math.max(...healthy) : "";
   el.dataset.lastHealthy = h.length ? healthy[healthy.length - 1] : "";
   el.dataset.maxUnhealthy = h.length ? Math.max(...unhealthy) : "";
+  drawFleet(h, xs);
+}
+
+const FLEET_COLOURS = ["#3fb950", "#58a6ff", "#bc8cff", "#d29922", "#f85149"];
+let fleetPools = [];
+
+// Replicas over time per managed pool: current (solid) and desired (dashed), stepped.
+function drawFleet(h, xs) {
+  const pools = [...new Set(h.flatMap((p) => Object.keys(p.fleet || {})))].sort();
+  if (!pools.length) return;
+  $("fleet-chart-box").hidden = false;
+  if (pools.join() !== fleetPools.join()) {
+    fleetPools = pools;
+    if (charts["chart-fleet"]) { charts["chart-fleet"].destroy(); delete charts["chart-fleet"]; }
+    const stepped = () => ({ paths: uPlot.paths.stepped({ align: 1 }) });
+    const series = [];
+    pools.forEach((pool, i) => {
+      const c = FLEET_COLOURS[i % FLEET_COLOURS.length];
+      series.push(line(pool, c, stepped()), line(pool + " desired", c, Object.assign(stepped(), { dash: [4, 3] })));
+    });
+    chart("chart-fleet", series, { scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(2, max + 1)] } } });
+  }
+  const at = (p, pool, k) => (p.fleet && p.fleet[pool] ? p.fleet[pool][k] : null);
+  const data = [xs];
+  for (const pool of pools) data.push(h.map((p) => at(p, pool, 1)), h.map((p) => at(p, pool, 0)));
+  charts["chart-fleet"].setData(data);
+  const current = h.map((p) => pools.reduce((a, pool) => a + (at(p, pool, 1) || 0), 0));
+  const el = $("chart-fleet");
+  el.dataset.maxCurrent = Math.max(...current);
+  el.dataset.lastCurrent = current[current.length - 1];
+}
+
+function renderFleet(d) {
+  if (!d.fleet || !d.fleet.length) return;
+  $("fleet-section").hidden = false;
+  const rows = d.fleet.flatMap((p) => p.recent_decisions.map((x) => Object.assign({ pool: p.pool }, x)));
+  rows.sort((a, b) => (a.at < b.at ? 1 : -1));
+  const body = $("fleet-decisions").tBodies[0];
+  body.replaceChildren();
+  for (const x of rows.slice(0, 15)) {
+    const row = document.createElement("tr");
+    row.dataset.kind = x.kind;
+    cell(row, x.at.replace("T", " ").replace("+00:00", " UTC"));
+    cell(row, x.pool);
+    cell(row, x.from + " → " + x.to);
+    cell(row, x.kind);
+    cell(row, x.reason, "muted");
+    body.appendChild(row);
+  }
 }
 
 function render(d) {
@@ -260,6 +309,7 @@ function render(d) {
     cell(row, a.since ? ago(a.since, d.now) : "–");
     ab.appendChild(row);
   }
+  renderFleet(d);
   text("updated", "updated " + new Date(d.now * 1000).toLocaleTimeString());
 }
 
