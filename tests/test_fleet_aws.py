@@ -131,6 +131,7 @@ async def test_scale_out_and_in_sets_desired_capacity_and_instances_become_repli
     assert w.replicas() == {iid: f"http://{ip}:8000" for iid, ip in ips.items()}
     status = w.c.status()
     assert status["current"] == 2 and {i["capacity"] for i in status["instances"]} == {"spot"}
+    assert {i["version"] for i in status["instances"]} == {"vllm:1"}  # its launch template and version
     # In: the controller picks one, it is drained, then terminated with the group decremented.
     w.c.scale(1)
     await w.round()

@@ -229,6 +229,9 @@ def status(
                 check,
             )
     console.print(table)
+    for model, why in (data.get("dormant") or {}).items():
+        hint = {"asleep": "a request wakes it", "stopped": "fortress fleet start wakes it"}.get(why, "")
+        console.print(f"{escape(model)}: {why}" + (f" ({hint})" if hint else ""))
     procs = data.get("processes")
     if procs:  # replicas `fortress up` started and supervises
         pt = Table(title="Local processes")

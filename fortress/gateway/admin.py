@@ -37,6 +37,9 @@ class ReplicaAdmin:
         ]
         ready, missing = self.router.ready()
         out: dict[str, Any] = {"ready": ready, "models_without_healthy_replica": missing, "pools": pools}
+        dormant = self.router.dormant()
+        if dormant:  # pools the fleet keeps at zero on purpose
+            out["dormant"] = dormant
         if self.processes is not None:
             out["processes"] = self.processes()
         return out

@@ -68,6 +68,7 @@ class _Seen:
     capacity: str  # spot | on-demand
     lifecycle: str
     address: str | None
+    version: str | None = None  # its launch template and version (what it runs)
 
 
 @dataclass
@@ -170,7 +171,9 @@ class AwsProvider:
                 g.short_since = None
             for i in raw.get("Instances", []):
                 iid = i["InstanceId"]
-                seen[iid] = _Seen(iid, cap, i["LifecycleState"], self._address(addresses.get(iid)))
+                seen[iid] = _Seen(
+                    iid, cap, i["LifecycleState"], self._address(addresses.get(iid)), _version(i)
+                )
         for iid, p in self.preempted.items():
             if iid in addresses and addresses[iid].get("State", {}).get("Name") in (
                 "terminated",
@@ -207,7 +210,17 @@ class AwsProvider:
             else:
                 state = PROVISIONING  # Standby and the warm-pool states: not serving
             url = f"http://{s.address}:{self.cfg.port}" if s.address and state == READY else None
-            out.append(Instance(s.id, state, s.id, capacity=s.capacity, detail=s.lifecycle, url=url))
+            out.append(
+                Instance(
+                    s.id,
+                    state,
+                    s.id,
+                    capacity=s.capacity,
+                    detail=s.lifecycle,
+                    url=url,
+                    extra={"version": s.version},
+                )
+            )
         for p in self.preempted.values():
             out.append(Instance(p.id, PREEMPTED, p.id, capacity=p.capacity, detail="spot interruption"))
         # Capacity asked of a group and not yet visible as instances: on its way.
@@ -480,3 +493,11 @@ class AwsProvider:
             },
             "last_error": self.last_error,
         }
+
+
+def _version(instance: dict[str, Any]) -> str | None:
+    """What an Auto Scaling instance runs: its launch template (name or id) and version."""
+    lt = instance.get("LaunchTemplate")
+    if not lt:
+        return instance.get("LaunchConfigurationName")
+    return f"{lt.get('LaunchTemplateName') or lt.get('LaunchTemplateId')}:{lt.get('Version')}"
