@@ -189,7 +189,7 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[str]]:
         "CPU 1 with the same config (defaults, keys and audit off), upstreams and load on CPU 0, "
         f"{r['rounds']} rounds per figure in rotating order. A figure is worse when the after "
         "median exceeds the before median by more than the before rounds' range and the paired "
-        "after/before ratio exceeds every control/before ratio.\n\n```\n{command}\n```\n\n"
+        f"after/before ratio exceeds every control/before ratio.\n\n```\n{command}\n```\n\n"
         + "\n".join(rows)
         + "\n\n"
     )

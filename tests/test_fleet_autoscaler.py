@@ -31,7 +31,8 @@ class Clock:
 
 
 def fleet(**kw: Any) -> FleetConfig:
-    return FleetConfig.model_validate({"min_replicas": 1, "max_replicas": 10, **kw})
+    # No metric averaging unless a test is about it: the windows' rules read plainly.
+    return FleetConfig.model_validate({"min_replicas": 1, "max_replicas": 10, "metric_window": 0, **kw})
 
 
 def sig(clock: Clock, current: int, in_flight: float = 0, **kw: Any) -> Signals:
@@ -369,3 +370,24 @@ def test_alarm_actions_must_name_an_alarm() -> None:
     assert cfg.pools[0].fleet is not None and cfg.pools[0].fleet.scale_out_on_alarms == ["latency_page"]
     with pytest.raises(Exception, match="names no alarm: gpu_hot"):
         parse_config(pool % "gpu_hot", "t", env={})
+
+
+def test_scale_in_reads_metrics_averaged_over_the_metric_window() -> None:
+    clock = Clock()
+    cfg = fleet(target={"in_flight": 2}, scale_out_delay=5, scale_in_delay=10, metric_window=60)
+    a = Autoscaler(cfg, clock.t, 1)
+    # Noisy load around a mean of 4 (2 replicas' worth): short readings of 1 and 7 alternate.
+    current = run(a, clock, 1, 7, in_flight=8)
+    assert current == 4  # a burst shows after the out window (scale-out reads the latest interval)
+    for i in range(120):
+        clock.advance(1)
+        current = a.decide(sig(clock, current, 7 if i % 2 else 1)).desired
+    # Without averaging, the in window's largest reading (7 -> 4 replicas) would hold 4; the
+    # mean over 60 s (4 -> 2 replicas) brings it down once the burst left the window.
+    assert current == 2, current
+    b = Autoscaler(cfg.replace(metric_window=0), clock.t, 4)
+    current = 4
+    for i in range(120):
+        clock.advance(1)
+        current = b.decide(sig(clock, current, 7 if i % 2 else 1)).desired
+    assert current == 4

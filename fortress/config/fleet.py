@@ -129,6 +129,14 @@ class FleetConfig(ConfigModel):
     scale_out_delay: float = Field(30.0, ge=0, description="seconds")
     scale_in_delay: float = Field(300.0, ge=0, description="seconds")
     max_step: int | None = Field(None, ge=1, description="replicas added or removed per decision")
+    # Scale-in reads the metrics averaged over this many seconds (scale-out the latest interval):
+    # the in window keeps the largest count it saw, and the largest of noisy short readings of
+    # Poisson traffic sits far above their mean. 0: no averaging.
+    metric_window: float = Field(60.0, ge=0, description="seconds")
+    # Instance warm-up (AWS target tracking's): after a scale-out, while the new replicas are
+    # still starting, at most this long, no further scale-out: the requests queued during a
+    # cold start would otherwise ask for replicas the starting ones are about to absorb.
+    warmup: float = Field(120.0, ge=0, description="seconds")
     schedules: list[FleetSchedule] = Field(default_factory=list)
     # Seconds without a request before the pool goes to 0 (min_replicas 0 only). Without it a
     # pool with min 0 keeps one replica while it is not scheduled off.

@@ -11,8 +11,11 @@ wall-clock time for schedules), so every rule is unit-tested on a fake clock. Ea
    cache, CPU, GPU). The largest wins. Without targets (or signals) the count holds. A pool with
    traffic is never recommended 0.
 3. **Stabilisation** (HPA's windows). Out: to the smallest count recommended during the last
-   ``scale_out_delay``; in: to the largest recommended during the last ``scale_in_delay``. A
-   request waiting for a pool at 0 skips the out window: waking is never delayed.
+   ``scale_out_delay``; in: to the largest recommended during the last ``scale_in_delay``, from
+   metrics averaged over ``metric_window`` (a burst shows at once; a lull only once it lasts). A
+   request waiting for a pool at 0 skips the out window: waking is never delayed. After a
+   scale-out, while replicas are still starting (at most ``warmup`` seconds), no further
+   scale-out: requests queued during a cold start are for the replicas about to be ready.
 4. **Step**: at most ``max_step`` replicas added or removed per decision.
 5. **Zero.** Only when the bounds allow it (min 0) and either the bounds force it (max 0) or
    nothing was asked of the pool for ``idle_to_zero`` seconds; otherwise at least one.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from fortress.config import FleetConfig
@@ -74,6 +77,10 @@ class Autoscaler:
         # (time, recommendation): the windows are read from here. It starts with the count the
         # pool started with, so nothing scales out before a whole scale_out_delay of load.
         self.history: deque[tuple[float, int]] = deque([(now, current)])
+        self.last_out: float | None = None  # when the count last went up (warm-up)
+        # Scale-in's own recommendations, from metrics averaged over metric_window.
+        self.in_history: deque[tuple[float, int]] = deque([(now, current)])
+        self.samples: deque[tuple[float, Mapping[str, float], int]] = deque()  # (t, metrics, waiting)
 
     def pin(self, count: int | None) -> None:
         """Hold the pool at ``count`` (None: back to the autoscaler)."""
@@ -121,15 +128,21 @@ class Autoscaler:
                 self.pinned, "manual", f"held at {self.pinned} by the operator", bounds, self.pinned
             )
         rec, words = self.recommend(s)
+        rec_in, words_in = self.recommend(self._smoothed(s))
         self.history.append((s.now, rec))
+        self.in_history.append((s.now, rec_in))
         horizon = s.now - max(cfg.scale_out_delay, cfg.scale_in_delay)
-        while len(self.history) > 1 and self.history[1][0] <= horizon:
-            self.history.popleft()  # keep one entry at or before the horizon: the window's start
+        for h in (self.history, self.in_history):
+            while len(h) > 1 and h[1][0] <= horizon:
+                h.popleft()  # keep one entry at or before the horizon: the window's start
 
         kind, reason = "hold", f"{words}: hold at {s.current}"
         desired = s.current
+        warming = s.ready < s.current and self.last_out is not None and s.now - self.last_out < cfg.warmup
         if rec > s.current:
-            if s.current == 0 and s.waiting:
+            if warming and s.current > 0:
+                reason = f"{words}: wants {rec}, {s.current - s.ready} replica(s) still starting (warmup)"
+            elif s.current == 0 and s.waiting:
                 desired, kind = rec, "wake"
                 reason = f"{s.waiting} request(s) waiting for a wake ({words})"
             else:
@@ -139,13 +152,16 @@ class Autoscaler:
                     reason = f"{words}: scale out to {out}"
                 else:
                     reason = f"{words}: wants {rec}, waiting out scale_out_delay {cfg.scale_out_delay:g}s"
-        elif rec < s.current:
-            keep = max(r for t, r in self._window(s.now, cfg.scale_in_delay))
+        elif rec_in < s.current and rec <= s.current:
+            keep = max(r for t, r in self._window(s.now, cfg.scale_in_delay, self.in_history))
+            # Never below what scale-out would ask for again at once: no flapping between the
+            # averaged scale-in signal and the latest interval's.
+            keep = max(keep, min(r for t, r in self._window(s.now, cfg.scale_out_delay)))
             if keep < s.current:
                 desired, kind = keep, "target"
-                reason = f"{words}: scale in to {keep}"
+                reason = f"{words_in}: scale in to {keep}"
             else:
-                reason = f"{words}: wants {rec}, waiting out scale_in_delay {cfg.scale_in_delay:g}s"
+                reason = f"{words_in}: wants {rec_in}, waiting out scale_in_delay {cfg.scale_in_delay:g}s"
 
         if cfg.max_step is not None and abs(desired - s.current) > cfg.max_step:
             desired = s.current + (cfg.max_step if desired > s.current else -cfg.max_step)
@@ -174,6 +190,8 @@ class Autoscaler:
             )
             if (wanted - s.current) * (desired - s.current) <= 0:
                 kind = "schedule" if bounds.schedule else "bounds"
+        if desired > s.current:
+            self.last_out = s.now
         return Decision(desired, kind if desired != s.current else "hold", reason, bounds, rec)
 
     def _idle(self, s: Signals, busy: bool) -> bool:
@@ -183,10 +201,30 @@ class Autoscaler:
         since = s.last_request if s.last_request is not None else self.started
         return s.now - since >= self.config.idle_to_zero
 
-    def _window(self, now: float, delay: float) -> list[tuple[float, int]]:
+    def _window(
+        self, now: float, delay: float, history: deque[tuple[float, int]] | None = None
+    ) -> list[tuple[float, int]]:
         """The recommendations in force during the last ``delay`` seconds: those made within it,
         and the one made just before it (it held at the window's start)."""
         start = now - delay
-        inside = [(t, r) for t, r in self.history if t > start]
-        before = [(t, r) for t, r in self.history if t <= start]
+        history = self.history if history is None else history
+        inside = [(t, r) for t, r in history if t > start]
+        before = [(t, r) for t, r in history if t <= start]
         return ([before[-1]] if before else []) + inside
+
+    def _smoothed(self, s: Signals) -> Signals:
+        """``s`` with its metrics (and waiting requests) averaged over ``metric_window``."""
+        window = self.config.metric_window
+        if window <= 0:
+            return s
+        self.samples.append((s.now, s.metrics, s.waiting))
+        while self.samples and self.samples[0][0] <= s.now - window:
+            self.samples.popleft()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for _, metrics, _ in self.samples:
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+        waiting = sum(w for _, _, w in self.samples) / len(self.samples)
+        return replace(s, metrics={k: sums[k] / counts[k] for k in sums}, waiting=math.ceil(waiting - 1e-9))

@@ -49,6 +49,7 @@ log = logging.getLogger("fortress.fleet")
 Wall = Callable[[], datetime]
 # Histogram buckets of wake times (seconds): a simulator wakes in a few, a GPU model in minutes.
 _RUNNING = (ProcState.STARTING, ProcState.RUNNING, ProcState.BACKOFF)
+SAMPLE_EVERY = 0.25  # seconds between readings of the requests in flight
 WAKE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -92,6 +93,7 @@ class PoolController:
         self.wake_counts = [0] * (len(WAKE_BUCKETS) + 1)
         self.wake_sum = 0.0
         self.poked = asyncio.Event()
+        self._in_flight_samples = (0.0, 0)  # (sum, count) since the last evaluation
         # (name, severity, state) of every alarm, for scale_out_on_alarms.
         self.alarms = alarms
         self.rolling: str | None = None  # the version a roll in progress moves to
@@ -119,7 +121,12 @@ class PoolController:
         if in_flight or served != self._served or self.waiting:
             self.last_request = now
         self._served = served
-        metrics: dict[str, float] = {"in_flight": float(in_flight)}
+        # The mean over the interval (sampled every SAMPLE_EVERY), not one instant: the
+        # scale-in window keeps the largest value it saw, and the largest of many instants of
+        # Poisson traffic sits far above its mean.
+        total, count = self._in_flight_samples
+        self._in_flight_samples = (0.0, 0)
+        metrics: dict[str, float] = {"in_flight": (total + in_flight) / (count + 1)}
         samples = [r.load for r in replicas if r.load is not None and r.load.ok]
         queue = [s.waiting for s in samples if s.waiting is not None]
         if queue:
@@ -565,16 +572,25 @@ class PoolController:
             "recent_decisions": list(self.decisions)[-10:],
         }
 
+    def sample(self) -> None:
+        """Add one reading of the pool's requests in flight to the interval's mean."""
+        total, count = self._in_flight_samples
+        self._in_flight_samples = (total + sum(r.in_flight for r in self.pool.replicas), count + 1)
+
     async def run(self) -> None:
-        """Tick every ``interval`` seconds, or at once when poked (a wake, an operator)."""
+        """Tick every ``interval`` seconds, or at once when poked (a wake, an operator); read
+        the requests in flight every SAMPLE_EVERY in between."""
         while True:
             try:
                 self.tick()
             except Exception:  # one bad tick must not end the fleet's control of the pool
                 log.exception("fleet %s: evaluation failed", self.name)
             self.poked.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.poked.wait(), self.config.interval)
+            deadline = self.clock() + self.config.interval
+            while (left := deadline - self.clock()) > 0 and not self.poked.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.poked.wait(), min(SAMPLE_EVERY, left))
+                self.sample()
 
     async def close(self) -> None:
         if self._wake is not None:
