@@ -21,6 +21,7 @@ import stat
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import psycopg
 import pytest
 from audit_support import SECRET, fill, sqlite_url
 from conftest import Cluster
-from helpers import fortress_argv, free_port, wait_for
+from helpers import assert_schema, fortress_argv, free_port, http_get, wait_for
 from services import _stop, _wait_port, postgres_bin
 
 from fortress.access.keys import KeyCache, KeyStore, digest
@@ -660,3 +661,80 @@ def test_a_gateway_starts_and_serves_with_its_store_down(
     wait_for(lambda: store.count() == answered, timeout=60, what="every record in the store")
     gw.stop()
     assert store.count() == answered
+
+
+def test_a_journal_that_cannot_write_answers_nothing_it_cannot_record(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The journal's disk "fills" for real (a file size limit on the gateway process, so its
+    writes fail with EFBIG): every request answered 200 has its record, every other one gets a
+    503 audit_journal_unavailable, or a stream that had started ends with that error event and
+    no [DONE]; none is told it is recorded."""
+    import resource
+    import signal as sig
+
+    sim_url, _ = cluster.sim("m")
+    config = tmp_path / "fortress.yaml"
+    config.write_text(gateway_yaml(tmp_path, sim_url, "{group_commit_ms: 2}"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    limit = 150_000
+
+    def small_files() -> None:  # in the child: writes past `limit` bytes fail (EFBIG), no signal
+        sig.signal(sig.SIGXFSZ, sig.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    log = open(tmp_path / "gw.log", "wb")
+    gw = subprocess.Popen(
+        fortress_argv("serve", "-c", str(config), "--port", str(port)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=small_files,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _ready(url), timeout=60, what="the gateway")
+        answered: list[int] = []
+        while len(answered) < 2000 and (not answered or answered[-1] == 200):
+            status, headers, body = post(
+                url, AUDIT, {**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}
+            )
+            answered.append(status)
+        assert answered[-1] == 503, f"the journal never filled: {len(answered)} requests"
+        assert set(answered) == {200, 503}
+        assert_schema(body, "ErrorResponse")
+        assert body["error"]["code"] == "audit_journal_unavailable" and "recorded as" not in json.dumps(body)
+        assert headers["retry-after"] == "10"
+        # More of them: each refused, none half-answered.
+        for _ in range(5):
+            status, _, body = post(url, AUDIT)
+            assert status == 503 and body["error"]["code"] == "audit_journal_unavailable"
+        # A stream that has started ends with the error event, without [DONE].
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({**CHAT, "stream": True}),
+            {"content-type": "application/json", **AUDIT},
+        )
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        assert resp.status == 200 and "audit_journal_unavailable" in text and "[DONE]" not in text, text
+        # Every 200 has its record in the journal, and nothing else does.
+        lines = sum(p.read_bytes().count(b"\n") for p in (tmp_path / "state" / "journal").glob("seg-*.log"))
+        assert lines == answered.count(200)
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        failures = re.search(r"^fortress_audit_journal_write_failures_total (\S+)$", metrics, re.M)
+        assert failures and float(failures.group(1)) == answered.count(503) + 5 + 1, metrics[-500:]
+    finally:
+        os.killpg(gw.pid, sig.SIGTERM)
+        gw.wait(20)
+        log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return http_get(url + "/ready")[0] == 200
+    except OSError:
+        return False

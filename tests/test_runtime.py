@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import fortress_argv, free_port
 
-from fortress.audit.journal import JournalError
 from fortress.config import parse_config
 from fortress.core.context import RequestContext
+from fortress.core.errors import GatewayError
 from fortress.runtime import Runtime
 
 
@@ -65,6 +65,7 @@ async def test_start_failure_stops_the_parts_already_started(tmp_path: Path) -> 
     # a request can no longer be recorded (no request could get in anyway: nothing serves).
     assert runtime.audit is not None and runtime.access is not None
     ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, None)
-    with pytest.raises(JournalError, match="closed"):
+    with pytest.raises(GatewayError, match="closed") as failed:
         await runtime.audit.record(ctx)
+    assert (failed.value.status, failed.value.code) == (503, "audit_journal_unavailable")
     assert runtime._running == []

@@ -104,6 +104,8 @@ class AuditTrail:
         self.shipper: Shipper | None = None
         self.refused = 0  # requests answered 503 because the journal's disk was low
         self.unrecorded = 0  # gateway-refused requests left without a record for the same reason
+        self.write_failures = 0  # requests that failed because the journal could not write
+        self._failure_logged = float("-inf")  # loop time of the last ERROR about it
 
     async def start(self) -> None:
         """Recover the journal, start its writer thread and the shipper."""
@@ -168,7 +170,24 @@ class AuditTrail:
         if journal.low_space and ctx.attempts == 0 and ctx.status >= 400:
             self.unrecorded += 1
             return
-        await journal.append(self.builder.build(ctx))
+        try:
+            await journal.append(self.builder.build(ctx))
+        except JournalError as exc:
+            # Nothing is answered that is not recorded: the request ends with this 503 instead
+            # of its answer (or with an error event, a stream that has started), unrecorded.
+            self.write_failures += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._failure_logged >= 60.0:
+                self._failure_logged = now
+                log.error("audit journal cannot write: %s; requests fail until it can", exc)
+            raise GatewayError(
+                503,
+                f"The gateway cannot record requests right now: its audit journal failed to write "
+                f"({exc}). The answer was withheld; please try again later.",
+                "service_unavailable",
+                "audit_journal_unavailable",
+                headers=[(b"retry-after", b"10")],
+            ) from None
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics: journal head, fsyncs and disk, what the store has, shipper state.
@@ -189,6 +208,7 @@ class AuditTrail:
             "journal_low_space": j.low_space if j else False,
             "journal_refused_total": self.refused,
             "journal_unrecorded_total": self.unrecorded,
+            "journal_write_failures_total": self.write_failures,
             "store_seq": s.store_pos if s else 0,
             "backlog": (j.durable_seq - s.store_pos) if j and s else 0,
             "shipper_error": s.last_error if s else None,

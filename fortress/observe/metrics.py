@@ -495,6 +495,12 @@ class GatewayMetrics:
 # (no Redis limiter, no access layer) leaves its series out.
 _GUARD_SERIES: tuple[tuple[str, str, str, str], ...] = (
     (
+        "journal_write_failures_total",
+        "fortress_audit_journal_write_failures",
+        "Requests that failed (503 audit_journal_unavailable) because the journal could not write.",
+        "counter",
+    ),
+    (
         "fleet_store_pending",
         "fortress_fleet_store_pending_writes",
         "Fleet state writes (instances, decisions) not yet in the store.",
