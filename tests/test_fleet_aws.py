@@ -291,3 +291,45 @@ def test_an_aws_fleet_is_configured_by_its_groups() -> None:
     }
     with pytest.raises(Exception, match="no `replicas:`"):
         parse_config(json.dumps(doc), "t", env={})
+
+
+async def test_a_roll_of_an_aws_pool_is_an_instance_refresh_rolled_back_by_the_group_when_it_fails(
+    asg: Any,
+) -> None:
+    # moto has no instance refreshes: its client answers everything else, a stub these two calls.
+    w = World(config())
+    await w.start()
+    w.c.scale(2)
+    await w.round()
+    calls: list[dict[str, Any]] = []
+    outcomes = iter(["InProgress", "Successful", "InProgress", "RollbackSuccessful"])
+    real = w.p._call
+
+    def call(op: str, **kw: Any) -> Any:
+        if op == "start_instance_refresh":
+            calls.append(kw)
+            return {"InstanceRefreshId": f"r-{len(calls)}"}
+        if op == "describe_instance_refreshes":
+            status = next(outcomes)
+            reason = "new instances failed their health checks" if status.startswith("Rollback") else ""
+            return {"InstanceRefreshes": [{"Status": status, "StatusReason": reason}]}
+        return real(op, **kw)
+
+    w.p._call = call  # type: ignore[method-assign]
+    w.p.cfg = w.p.cfg.replace(poll_interval=0.01)
+    status, body = await w.fleet.handle_admin("POST", "/admin/fleet/m/roll", b"{}") or (0, None)
+    assert status == 200 and not body["roll"]["rolled_back"], body
+    assert calls[0]["AutoScalingGroupName"] == "llm-spot"  # only the group with instances
+    prefs = calls[0]["Preferences"]
+    assert (prefs["MinHealthyPercentage"], prefs["MaxHealthyPercentage"], prefs["AutoRollback"]) == (
+        100,
+        200,
+        True,
+    )
+    assert prefs["SkipMatching"] is True
+    status, body = await w.fleet.handle_admin("POST", "/admin/fleet/m/roll", b'{"force": true}') or (0, None)
+    assert status == 502 and body["roll"]["rolled_back"], body
+    assert "RollbackSuccessful (new instances failed their health checks)" in body["roll"]["detail"]
+    assert calls[1]["Preferences"]["SkipMatching"] is False
+    assert [r["rolled_back"] for r in w.c.status()["rolls"]] == [False, True]
+    await w.stop()

@@ -791,6 +791,23 @@ async def _roll_request(
     strategy = req.get("strategy", "rolling")
     if strategy not in ("rolling", "blue-green"):
         return 400, _bad("'strategy' is rolling or blue-green.", "strategy").as_dict()
+    if isinstance(c.provider, AwsProvider):  # the groups roll themselves: an instance refresh
+        if c.rolling is not None:
+            return 409, errors.GatewayError(
+                409, f"pool {c.name} is already rolling", "invalid_request_error", "roll_refused"
+            ).as_dict()
+        c.rolling = "instance-refresh"
+        try:
+            result = await c.provider.roll(bool(req.get("force")), within)
+        except Exception as exc:  # the API refused (a refresh already running, no permission)
+            return 409, errors.GatewayError(
+                409, f"The instance refresh did not start: {exc}", "invalid_request_error", "roll_refused"
+            ).as_dict()
+        finally:
+            c.rolling = None
+        c.rolls.append({"at": c.wall().isoformat(timespec="seconds"), **result})
+        code = 504 if result.get("timed_out") else 502 if result["rolled_back"] else 200
+        return code, {**c.status(), "roll": result}
     template = None
     if fleet.templates is not None:
         try:

@@ -438,6 +438,81 @@ class AwsProvider:
 
             self._job(finish())
 
+    # -- rolling updates ---------------------------------------------------------------------------
+
+    async def roll(self, force: bool, within: float) -> dict[str, Any]:
+        """A rolling update of every group with instances: an instance refresh to the group's
+        launch template as it is now (``SkipMatching`` unless ``force``), surging above the
+        count (MinHealthyPercentage 100, MaxHealthyPercentage 200) and rolled back by the group
+        when it fails (``AutoRollback``). Old instances are drained through the lifecycle hook
+        when one is configured. Returns when every refresh ended, or ``within`` seconds."""
+        started: list[tuple[str, str]] = []
+        for cap in self.order:
+            g = self.groups[cap]
+            if g.instances == 0:
+                continue
+            out = await asyncio.to_thread(
+                self._call,
+                "start_instance_refresh",
+                AutoScalingGroupName=g.name,
+                Strategy="Rolling",
+                Preferences={
+                    "MinHealthyPercentage": 100,
+                    "MaxHealthyPercentage": 200,
+                    "SkipMatching": not force,
+                    "AutoRollback": True,
+                },
+            )
+            started.append((g.name, out["InstanceRefreshId"]))
+        if not started:
+            return {
+                "strategy": "instance-refresh",
+                "replaced": [],
+                "rolled_back": False,
+                "detail": "no instance to roll",
+            }
+        deadline = self.clock() + within
+        ended: dict[str, dict[str, Any]] = {}
+        while len(ended) < len(started):
+            for name, rid in started:
+                if name in ended:
+                    continue
+                out = await asyncio.to_thread(
+                    self._call,
+                    "describe_instance_refreshes",
+                    AutoScalingGroupName=name,
+                    InstanceRefreshIds=[rid],
+                )
+                r = out["InstanceRefreshes"][0]
+                if r["Status"] not in ("Pending", "InProgress", "Cancelling", "RollbackInProgress", "Baking"):
+                    ended[name] = r
+            if len(ended) < len(started):
+                if self.clock() >= deadline:
+                    break
+                await asyncio.sleep(min(5.0, self.cfg.poll_interval))
+        failed = {n: r for n, r in ended.items() if r["Status"] != "Successful"}
+        pending = [n for n, _ in started if n not in ended]
+        self._poke.set()
+        if failed or pending:
+            why = "; ".join(f"{n}: {r['Status']} ({r.get('StatusReason', '')})" for n, r in failed.items())
+            if pending:
+                why = "; ".join(
+                    [*([why] if why else []), f"{', '.join(pending)}: not done within {within:g}s"]
+                )
+            return {
+                "strategy": "instance-refresh",
+                "replaced": [],
+                "rolled_back": bool(failed),
+                "timed_out": bool(pending),
+                "detail": why,
+            }
+        return {
+            "strategy": "instance-refresh",
+            "replaced": [n for n, _ in started],
+            "rolled_back": False,
+            "detail": f"instance refresh done in {', '.join(n for n, _ in started)}",
+        }
+
     # -- life ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
