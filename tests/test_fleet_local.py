@@ -361,6 +361,24 @@ def test_a_rolling_update_under_load_fails_nothing_and_a_bad_version_rolls_back(
     pool_now = gw.fleet()
     assert pool_now["healthy"] == 2 and pool_now["current"] == 2, pool_now
 
+    # Blue-green with a shift: both new replicas first, then the old ones drain one at a time
+    # over 2 s; no request fails either.
+    doc["pools"][0]["replicas"][0]["options"]["tokens"] = 14
+    gw.config.write_text(yaml.safe_dump(doc))
+    stop, threads, statuses = _load(gw, 8)
+    try:
+        out = roll("--strategy", "blue-green", "--shift", "2", "--json")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert out.returncode == 0, out.stderr + out.stdout
+    result = json.loads(out.stdout)["roll"]
+    assert result["strategy"] == "blue-green" and len(result["replaced"]) == 2, result
+    new = result["version"]
+    assert running_versions() == {new} and set(statuses) == {200}, statuses
+    wait_for(lambda: gw.fleet()["current"] == 2, timeout=30, what="two replicas after the shift")
+
     # A version that never becomes healthy (its model takes longer to load than it may): the
     # roll stops, the old replicas never stopped serving, every replica still runs `new`.
     doc["pools"][0]["replicas"][0]["options"].update(startup_delay=600, ready_timeout=3, max_crashes=1)

@@ -123,6 +123,9 @@ def roll(
     strategy: str = typer.Option("rolling", "--strategy", help="rolling (one at a time) or blue-green."),
     force: bool = typer.Option(False, "--force", help="Replace replicas that run the new version already."),
     timeout: float = typer.Option(300, "--timeout", help="Seconds each new replica has to become healthy."),
+    shift: float = typer.Option(
+        0, "--shift", help="blue-green: seconds over which the old replicas drain one at a time."
+    ),
     url: str | None = URL_OPTION,
     admin_token: str | None = TOKEN_OPTION,
     config: Path | None = CONFIG_OPTION,
@@ -136,8 +139,8 @@ def roll(
     """
     if strategy not in ("rolling", "blue-green"):
         fail(f"--strategy is rolling or blue-green, not {strategy!r}", ExitCode.USAGE)
-    body = {"strategy": strategy, "force": force, "timeout": timeout}
-    _post(pool, "roll", body, url, admin_token, config, as_json, timeout=timeout * 4 + 60)
+    body = {"strategy": strategy, "force": force, "timeout": timeout, "shift": shift}
+    _post(pool, "roll", body, url, admin_token, config, as_json, timeout=timeout * 4 + shift + 60)
 
 
 def _post(

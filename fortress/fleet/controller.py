@@ -400,15 +400,18 @@ class PoolController:
         strategy: str = "rolling",
         force: bool = False,
         within: float = 300.0,
+        shift: float = 0.0,
     ) -> dict[str, Any]:
         """Move every running replica to ``template`` (a new version: model, engine, flags).
 
         ``rolling``: one at a time, surge one on the new version, wait until it is healthy,
         then drain and stop an old one. ``blue-green``: start as many new ones as there are
-        old, wait until all are healthy, then drain the old ones together (traffic moves as
-        they drain). A new replica that does not become healthy within ``within`` seconds (or
-        crashes) stops the roll, and what was replaced is rolled back to the old version: the
-        old replicas keep serving throughout. Stopped slots take the new version for later
+        old, wait until all are healthy, then drain the old ones: together, or with ``shift``
+        seconds one at a time over that long, so traffic moves to the new version in steps
+        (and a new replica that turns unhealthy meanwhile stops the shift). A new replica that
+        does not become healthy within ``within`` seconds (or crashes) stops the roll, and what
+        was replaced is rolled back to the old version: the old replicas keep serving
+        throughout. Stopped slots take the new version for later
         scale-outs. The autoscaler holds its count during a roll.
         """
         provider = self.provider
@@ -429,7 +432,9 @@ class PoolController:
         self.rolling = new
         log.info("fleet %s: rolling %d replica(s) to %s (%s)", self.name, len(old), new, strategy)
         try:
-            done, why = await self._replace(provider, old, template, strategy, within, result["replaced"])
+            done, why = await self._replace(
+                provider, old, template, strategy, within, result["replaced"], shift
+            )
             if not done:
                 result["rolled_back"] = True
                 result["detail"] = why
@@ -458,6 +463,7 @@ class PoolController:
         strategy: str,
         within: float,
         replaced: list[str],
+        shift: float = 0.0,
     ) -> tuple[bool, str]:
         """Replace ``old`` slots by slots running ``template``; (done, why not)."""
         sup = provider.supervisor
@@ -474,11 +480,27 @@ class PoolController:
             if failed:
                 await asyncio.gather(*(sup.stop_slot(s.name) for s in fresh), return_exceptions=True)
                 return False, failed[0]
+            if shift > 0 and len(batch) > 1:  # blue-green in steps: one old replica at a time
+                replaced.extend(s.name for s in fresh)  # a failure now rolls these back
+                for i, s in enumerate(batch):
+                    await sup.stop_slot(s.name)
+                    sup.retarget(s.name, template)
+                    if i == len(batch) - 1:
+                        break
+                    await asyncio.sleep(shift / len(batch))
+                    sick = [f.name for f in fresh if not self._serving(f)]
+                    if sick:
+                        return False, f"{', '.join(sick)} on the new version stopped serving during the shift"
+                continue
             await asyncio.gather(*(sup.stop_slot(s.name) for s in batch))
             for s in batch:
                 sup.retarget(s.name, template)
             replaced.extend(s.name for s in fresh)
         return True, ""
+
+    def _serving(self, slot: Any) -> bool:
+        r = self.router.replica_named(slot.name)
+        return r is not None and r.state is State.HEALTHY and r.incarnation == slot.incarnation
 
     def _surge_slot(self, provider: LocalProvider, template: LocalReplicaConfig, exclude: list[Any]) -> Any:
         sup = provider.supervisor
@@ -502,8 +524,7 @@ class PoolController:
         deadline = self.clock() + within
         restarts = slot.restarts
         while self.clock() < deadline:
-            r = self.router.replica_named(slot.name)
-            if r is not None and r.state is State.HEALTHY and r.incarnation == slot.incarnation:
+            if self._serving(slot):
                 return True, ""
             if slot.name not in provider.starting and (
                 slot.state in (ProcState.FAILED, ProcState.BACKOFF) or slot.restarts > restarts
@@ -820,7 +841,10 @@ async def _roll_request(
             return 400, _bad(f"Pool {c.name} has no local replica to roll.").as_dict()
         template = current[0].config
     try:
-        result = await c.roll(template, strategy, bool(req.get("force")), within)
+        shift = float(req.get("shift", 0))
+        if not 0 <= shift <= 3600:
+            return 400, _bad("'shift' must be between 0 and 3600 seconds.", "shift").as_dict()
+        result = await c.roll(template, strategy, bool(req.get("force")), within, shift)
     except ValueError as exc:
         return 409, errors.GatewayError(409, str(exc), "invalid_request_error", "roll_refused").as_dict()
     return (200 if not result["rolled_back"] else 502), {**c.status(), "roll": result}
