@@ -37,6 +37,7 @@ import orjson
 from fortress.audit.archive import ArchiveSink
 from fortress.audit.journal import Journal, JournalReader
 from fortress.audit.sql import SqlSink
+from fortress.core.backoff import pause_after_failure
 from fortress.store.db import describe_error
 
 log = logging.getLogger("fortress.audit.shipper")
@@ -137,13 +138,10 @@ class Shipper:
                 self._housekeeping()
             except Exception as exc:  # the store is down, the disk is full: retry, never die
                 self._failed(exc, backoff)
-                if self._stopping:
-                    left = self._deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    time.sleep(min(backoff, left))  # the last tries before stopping, still spaced
-                else:
-                    self._stop_event.wait(backoff)  # only stop() ends the wait early
+                if not pause_after_failure(
+                    backoff, self._stop_event, self._deadline if self._stopping else None
+                ):
+                    return
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
             if not self.healthy:

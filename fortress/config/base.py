@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 # Names of pools and replicas: they appear in metric labels, log file names and URLs.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -37,6 +37,16 @@ def seconds(v: Any) -> Any:
             if s.endswith(suffix) and s[: -len(suffix)].replace(".", "", 1).isdigit():
                 return float(s[: -len(suffix)]) * mult
     return v
+
+
+def _http(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v.rstrip("/")
+
+
+# A URL Fortress calls (a replica, an AWS endpoint): http or https, without a trailing slash.
+HttpUrl = Annotated[str, AfterValidator(_http)]
 
 
 class Tier(StrEnum):

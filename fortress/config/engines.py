@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from fortress.config.base import NAME_PATTERN, ConfigModel, Tier, seconds
+from fortress.config.base import NAME_PATTERN, ConfigModel, HttpUrl, Tier, seconds
 
 __all__ = [
     "ENGINE_NAMES",
@@ -178,7 +178,7 @@ class BedrockOptions(LocalOptions):
 
     model_id: str = Field(..., min_length=1, description="a Bedrock model id or inference profile")
     region: str | None = Field(None, min_length=1, description="default: the AWS chain's region")
-    endpoint_url: str | None = Field(None, description="a VPC endpoint or a test server")
+    endpoint_url: HttpUrl | None = Field(None, description="a VPC endpoint or a test server")
     served_model_name: str | None = Field(None, min_length=1, description="default: the pool's model")
     max_concurrency: int = Field(32, ge=1, description="Bedrock calls in flight; more wait their turn")
     max_attempts: int = Field(3, ge=1, description="botocore attempts per call (throttling retries)")
@@ -192,13 +192,6 @@ class BedrockOptions(LocalOptions):
                 "a bedrock replica needs options.model_id: a Bedrock model id "
                 "(e.g. anthropic.claude-3-haiku-20240307-v1:0) or an inference profile id"
             )
-        return v
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint_is_http(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
         return v
 
     @field_validator("read_timeout", mode="before")
@@ -222,14 +215,7 @@ class ExternalReplicaConfig(ReplicaConfigBase):
     """A running OpenAI-compatible server that Fortress routes to but does not start."""
 
     engine: Literal["external"] = "external"
-    url: str
-
-    @field_validator("url")
-    @classmethod
-    def _url_is_http(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+    url: HttpUrl
 
 
 class LocalReplicaConfig(ReplicaConfigBase):

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
-from fortress.config.base import NAME_PATTERN, ConfigModel, seconds
+from fortress.config.base import NAME_PATTERN, ConfigModel, HttpUrl, seconds
 
 __all__ = ["METRICS", "AwsFleet", "FleetConfig", "FleetSchedule", "FleetTarget"]
 
@@ -90,7 +90,7 @@ class AwsFleet(ConfigModel):
     to (``http://<address>:<port>``). One group per capacity type; ``capacity`` orders them."""
 
     region: str | None = Field(None, min_length=1, description="default: the AWS chain's region")
-    endpoint_url: str | None = Field(None, description="a VPC endpoint or a test server")
+    endpoint_url: HttpUrl | None = Field(None, description="a VPC endpoint or a test server")
     groups: dict[Literal["spot", "on-demand"], str] = Field(..., min_length=1)
     port: int = Field(8000, ge=1, le=65535, description="the engine's port on each instance")
     address: Literal["private_ip", "public_ip"] = "private_ip"
@@ -107,13 +107,6 @@ class AwsFleet(ConfigModel):
     @classmethod
     def _aws_durations(cls, v: Any) -> Any:
         return seconds(v)
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint_is_http(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v
 
 
 class FleetConfig(ConfigModel):

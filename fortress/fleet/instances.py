@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, select, update
 
+from fortress.core.backoff import pause_after_failure
 from fortress.fleet.providers.base import FAILED, PREEMPTED, READY, STARTING, TERMINATED
 from fortress.store import tables
 from fortress.store.db import describe_error, get_engine, migrate
@@ -339,13 +340,10 @@ class FleetStore:
                 self._flush()
             except Exception as exc:  # the store is down or refuses: keep the batch, retry
                 self._failed(exc, backoff)
-                if self._stopping:
-                    left = self._deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    time.sleep(min(backoff, left))  # the last tries before stopping, still spaced
-                else:
-                    self._stop_event.wait(backoff)  # only stop() ends the wait early
+                if not pause_after_failure(
+                    backoff, self._stop_event, self._deadline if self._stopping else None
+                ):
+                    return
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
             if not self.healthy:
