@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 import uvicorn
 
+from fortress.audit.journal import load_gateway_id
 from fortress.config import ConfigError, FortressConfig, LocalReplicaConfig, load_config
 from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.controller import Fleet
+from fortress.fleet.instances import FleetStore
 from fortress.fleet.supervisor import Slot, Supervisor, kill_all_now
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.app import Gateway
@@ -48,6 +50,7 @@ from fortress.routing.load import EngineLoad
 from fortress.routing.outlier import OutlierDetector
 from fortress.routing.pool import NamingError, Router, layout
 from fortress.routing.replica import Origin, OriginKind
+from fortress.store.db import database_url
 
 if TYPE_CHECKING:
     from fortress.access.layer import AccessControl
@@ -201,10 +204,6 @@ class Runtime:
             self.supervisor = Supervisor(self.router.planned, self, state_dir=config.state_dir)
         # Pools with `fleet:`: their size follows load and schedules, and they sleep at zero.
         if any(p.config.fleet is not None for p in self.router.pools):
-            from fortress.audit.journal import load_gateway_id
-            from fortress.fleet.instances import FleetStore
-            from fortress.store.db import database_url
-
             evaluator = self.observe.evaluator if self.observe is not None else None
             self.fleet = Fleet(
                 config,

@@ -148,20 +148,8 @@ def test_a_pool_at_zero_wakes_on_request_scales_with_load_and_returns_to_zero(ga
 
     # 40 clients: in flight 40 at 4 per replica wants 10, capped at max 3; within the out delay
     # (3 s) plus the model load (2 s), with room for a loaded machine.
-    stop = threading.Event()
-    statuses: Counter[int] = Counter()
-    lock = threading.Lock()
-
-    def client() -> None:
-        while not stop.is_set():
-            status, _, _ = gw.chat()
-            with lock:
-                statuses[status] += 1
-
-    clients = [threading.Thread(target=client) for _ in range(40)]
     t0 = time.monotonic()
-    for t in clients:
-        t.start()
+    stop, clients, statuses = _load(gw, 40)
     try:
         wait_for(lambda: gw.fleet()["healthy"] == 3, timeout=60, interval=0.25, what="3 healthy replicas")
         took = time.monotonic() - t0

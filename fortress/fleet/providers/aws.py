@@ -384,9 +384,9 @@ class AwsProvider:
                     self._error(f"{g.name} refused desired capacity {desired}: {exc}")
                     if cap != self.order[-1]:
                         self._refuse(g, cap, str(exc).splitlines()[0][:200])
-        elif target < mine:
-            # Requested and not yet there: lower the desired capacity to what exists (nothing
-            # is terminated by that); then drain and terminate real instances we picked.
+        else:
+            # Requested and not yet there: lower the desired capacity to what exists (nothing is
+            # terminated by that); below that, drain and terminate instances we pick ourselves.
             if g.desired > mine + draining:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(
@@ -401,20 +401,10 @@ class AwsProvider:
                 s.id
                 for s in sorted(self.seen.values(), key=lambda s: (s.lifecycle == "InService", s.id))
                 if s.capacity == cap and s.lifecycle not in _LEAVING and s.id not in self.draining
-            ][: mine - target]
+            ][: max(0, mine - target)]
             for iid in victims:
                 self.draining.add(iid)
                 self._job(self._drain_and_terminate(iid))
-        elif g.desired > mine + draining:
-            with contextlib.suppress(Exception):  # placeholders given back
-                await asyncio.to_thread(
-                    self._call,
-                    "set_desired_capacity",
-                    AutoScalingGroupName=g.name,
-                    DesiredCapacity=mine + draining,
-                    HonorCooldown=False,
-                )
-                g.desired = mine + draining
 
     async def _hooks(self) -> None:
         """Drain instances the group terminates on its own, then let the group go on."""
