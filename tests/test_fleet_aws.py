@@ -333,3 +333,65 @@ async def test_a_roll_of_an_aws_pool_is_an_instance_refresh_rolled_back_by_the_g
     assert calls[1]["Preferences"]["SkipMatching"] is False
     assert [r["rolled_back"] for r in w.c.status()["rolls"]] == [False, True]
     await w.stop()
+
+
+async def test_bad_fleet_requests_are_refused_with_the_reason(asg: Any) -> None:
+    w = World(config())
+    await w.start()
+    cases = [
+        ("/admin/fleet/m/interruption", b"{}", 400, "instance_id"),
+        ("/admin/fleet/m/roll", b'{"strategy": "sideways"}', 400, "rolling or blue-green"),
+        ("/admin/fleet/m/scale", b'{"timeout": "soon"}', 400, "Bad request"),
+        ("/admin/fleet/m/scale", b"[1, 2]", 400, "JSON object"),
+        ("/admin/fleet/m/explode", b"{}", 404, "Unknown path"),
+    ]
+    for path, body, status, words in cases:
+        answer = await w.fleet.handle_admin("POST", path, body)
+        assert answer is not None and answer[0] == status, (path, answer)
+        assert words in answer[1]["error"]["message"] + str(answer[1]["error"]["param"]), answer
+    wrong = await w.fleet.handle_admin("GET", "/admin/fleet/m/scale", b"")
+    assert wrong is not None and wrong[0] == 405
+    await w.stop()
+
+
+async def test_a_spot_group_whose_api_refuses_the_capacity_falls_back_at_once() -> None:
+    class Refusing:
+        def __init__(self) -> None:
+            self.desired = {"s": 0, "o": 0}
+
+        def describe_auto_scaling_groups(self, AutoScalingGroupNames: list[str]) -> Any:
+            groups = []
+            for name in AutoScalingGroupNames:
+                n = self.desired[name]
+                inst = [{"InstanceId": f"i-{name}{k}", "LifecycleState": "InService"} for k in range(n)]
+                groups.append(
+                    {"AutoScalingGroupName": name, "DesiredCapacity": n, "MaxSize": 9, "Instances": inst}
+                )
+            return {"AutoScalingGroups": groups}
+
+        def describe_instances(self, InstanceIds: list[str]) -> Any:
+            return {"Reservations": [{"Instances": [{"InstanceId": i} for i in InstanceIds]}]}
+
+        def set_desired_capacity(self, AutoScalingGroupName: str, DesiredCapacity: int, **_: Any) -> None:
+            if AutoScalingGroupName == "s":
+                raise RuntimeError("InsufficientInstanceCapacity: no spot capacity in this zone")
+            self.desired[AutoScalingGroupName] = DesiredCapacity
+
+    stub = Refusing()
+
+    class Session:
+        def client(self, *_: Any, **__: Any) -> Refusing:
+            return stub
+
+    async def drain(name: str, limit: float | None) -> None:
+        return None
+
+    cfg = config(groups={"spot": "s", "on-demand": "o"})
+    p = AwsProvider("m", cfg.pools[0].fleet, drain, session=Session())
+    await p.refresh()
+    p.launch(2)
+    await p.step()
+    await p.step()
+    assert stub.desired == {"s": 0, "o": 2} and p.fallbacks == 1
+    assert p.last_error is not None and "InsufficientInstanceCapacity" in p.last_error
+    await p.close()
