@@ -31,8 +31,11 @@ class Clock:
 
 
 def fleet(**kw: Any) -> FleetConfig:
-    # No metric averaging unless a test is about it: the windows' rules read plainly.
-    return FleetConfig.model_validate({"min_replicas": 1, "max_replicas": 10, "metric_window": 0, **kw})
+    # No metric averaging and no tolerance unless a test is about them: the windows' rules
+    # read plainly.
+    return FleetConfig.model_validate(
+        {"min_replicas": 1, "max_replicas": 10, "metric_window": 0, "tolerance": 0, **kw}
+    )
 
 
 def sig(clock: Clock, current: int, in_flight: float = 0, **kw: Any) -> Signals:
@@ -54,7 +57,7 @@ def run(scaler: Autoscaler, clock: Clock, current: int, seconds: float, step: fl
 # -- target tracking ---------------------------------------------------------------------------
 
 
-def test_target_tracking_scales_out_only_after_the_out_delay_and_to_the_window_minimum() -> None:
+def test_target_tracking_scales_out_only_after_the_out_delay() -> None:
     clock = Clock()
     a = Autoscaler(fleet(target={"in_flight": 4}, scale_out_delay=30, scale_in_delay=300), clock.t, 1)
     # 17 in flight at 4 per replica: 5 wanted, but not before the load held for 30 s.
@@ -78,14 +81,50 @@ def test_a_short_burst_inside_the_out_window_does_not_scale_out() -> None:
     assert current == 2
 
 
-def test_scale_out_goes_to_the_smallest_count_seen_during_the_window() -> None:
+def test_scale_out_waits_for_the_window_then_sizes_on_the_latest_reading() -> None:
     clock = Clock()
     a = Autoscaler(fleet(target={"in_flight": 1}, scale_out_delay=10), clock.t, 1)
-    run(a, clock, 1, 5, in_flight=3)  # 3 wanted for 5 s
-    current = run(a, clock, 1, 7, in_flight=8)  # then 8: the window still holds the 3s
-    assert current == 3
-    current = run(a, clock, current, 11, in_flight=8)
+    current = run(a, clock, 1, 5, in_flight=3)  # 3 wanted for 5 s: not yet
+    assert current == 1
+    # The load keeps rising: once the whole window asked for more, the latest reading (8) sizes
+    # the step, not the window's smallest (3): a burst is met in one step, not two.
+    current = run(a, clock, 1, 5, in_flight=8)
+    assert current == 1
+    current = run(a, clock, current, 1, in_flight=8)
     assert current == 8
+
+
+def test_one_low_reading_in_the_out_window_restarts_it() -> None:
+    clock = Clock()
+    a = Autoscaler(fleet(target={"in_flight": 1}, scale_out_delay=10), clock.t, 1)
+    run(a, clock, 1, 8, in_flight=6)
+    assert run(a, clock, 1, 1, in_flight=1) == 1  # one reading at the count the pool has
+    assert run(a, clock, 1, 9, in_flight=6) == 1  # a new window from here
+    assert run(a, clock, 1, 2, in_flight=6) == 6
+
+
+def test_tolerance_ignores_readings_near_the_target_and_not_beyond_it() -> None:
+    clock = Clock()
+    cfg = fleet(target={"in_flight": 2}, scale_out_delay=0, scale_in_delay=0, tolerance=0.1)
+    a = Autoscaler(cfg, clock.t, 5)
+    # 5 replicas at 2 per replica: 10 is the target; 10.9 and 9.1 are within 10 %.
+    assert run(a, clock, 5, 3, in_flight=10.9) == 5
+    d = a.decide(sig(clock, 5, 10.9))
+    assert d.recommended == 5 and d.kind == "hold", d
+    assert run(a, clock, 5, 3, in_flight=9.1) == 5
+    # Beyond it, the count that meets the target: ceil(11.2 / 2) = 6, ceil(8.8 / 2) = 5 on 6 replicas.
+    assert run(a, clock, 5, 1, in_flight=11.2) == 6
+    assert run(a, clock, 6, 1, in_flight=8.8) == 5
+    # Utilisations: the average against the target, 70 % +- 10 % of it.
+    u = Autoscaler(fleet(target={"cpu": 70}, scale_out_delay=0, tolerance=0.1), clock.t, 4)
+    assert u.decide(sig(clock, 4, metrics={"cpu": 76.0})).recommended == 4
+    assert u.decide(sig(clock, 4, metrics={"cpu": 80.0})).recommended == 5  # ceil(4 * 80 / 70)
+
+
+def test_tolerance_defaults_to_hpa_s_ten_percent() -> None:
+    assert FleetConfig.model_validate({"max_replicas": 2}).tolerance == 0.1
+    with pytest.raises(ValueError, match="tolerance"):
+        FleetConfig.model_validate({"max_replicas": 2, "tolerance": 1})
 
 
 def test_scale_in_waits_the_in_delay_and_keeps_the_window_maximum() -> None:

@@ -116,12 +116,15 @@ class FleetConfig(ConfigModel):
     max_replicas: int = Field(1, ge=1)
     # Several targets may be given: each gives a replica count, the largest wins.
     target: list[FleetTarget] = Field(default_factory=list)
-    # Stabilisation windows (HPA's): scale out to the smallest count recommended during the last
-    # scale_out_delay, in to the largest recommended during the last scale_in_delay, so a
-    # short burst or lull does not start or stop a replica.
+    # Stabilisation windows (HPA's): scale out once every recommendation during the last
+    # scale_out_delay asked for more (to the latest one), in to the largest recommended during
+    # the last scale_in_delay, so a short burst or lull does not start or stop a replica.
     scale_out_delay: float = Field(30.0, ge=0, description="seconds")
     scale_in_delay: float = Field(300.0, ge=0, description="seconds")
     max_step: int | None = Field(None, ge=1, description="replicas added or removed per decision")
+    # HPA's tolerance: a metric within this fraction of its target (per replica) changes
+    # nothing, so Poisson noise around the target does not add and remove replicas.
+    tolerance: float = Field(0.1, ge=0, lt=1)
     # Scale-in reads the metrics averaged over this many seconds (scale-out the latest interval):
     # the in window keeps the largest count it saw, and the largest of noisy short readings of
     # Poisson traffic sits far above their mean. 0: no averaging.

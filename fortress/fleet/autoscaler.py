@@ -8,14 +8,16 @@ wall-clock time for schedules), so every rule is unit-tested on a fake clock. Ea
 2. **Recommendation.** Per target, the count that brings the metric to its target value:
    ``ceil(total / value)`` for per-replica amounts (in-flight requests, counting those waiting
    for a wake; engine queue; tokens/s), ``ceil(ready * average / value)`` for utilisations (KV
-   cache, CPU, GPU). The largest wins. Without targets (or signals) the count holds. A pool with
-   traffic is never recommended 0.
-3. **Stabilisation** (HPA's windows). Out: to the smallest count recommended during the last
-   ``scale_out_delay``; in: to the largest recommended during the last ``scale_in_delay``, from
-   metrics averaged over ``metric_window`` (a burst shows at once; a lull only once it lasts). A
-   request waiting for a pool at 0 skips the out window: waking is never delayed. After a
-   scale-out, while replicas are still starting (at most ``warmup`` seconds), no further
-   scale-out: requests queued during a cold start are for the replicas about to be ready.
+   cache, CPU, GPU); within ``tolerance`` of the target, the count the pool has. The largest
+   wins. Without targets (or signals) the count holds. A pool with traffic is never
+   recommended 0.
+3. **Stabilisation** (HPA's windows). Out: once every recommendation during the last
+   ``scale_out_delay`` asked for more, to the latest one; in: to the largest recommended during
+   the last ``scale_in_delay``, from metrics averaged over ``metric_window`` (a burst shows at
+   once; a lull only once it lasts). A request waiting for a pool at 0 skips the out window:
+   waking is never delayed. After a scale-out, while replicas are still starting (at most
+   ``warmup`` seconds), no further scale-out: requests queued during a cold start are for the
+   replicas about to be ready.
 4. **Step**: at most ``max_step`` replicas added or removed per decision.
 5. **Zero.** Only when the bounds allow it (min 0) and either the bounds force it (max 0) or
    nothing was asked of the pool for ``idle_to_zero`` seconds; otherwise at least one.
@@ -104,10 +106,14 @@ class Autoscaler:
                 continue  # no signal: this target has no say
             if t.metric in TOTALS:
                 count = math.ceil(value / t.value - 1e-9)
+                ratio = value / (t.value * s.current) if s.current else None
                 words = f"{t.metric} {value:g} at {t.value:g} per replica"
             else:
                 count = math.ceil(s.ready * value / t.value - 1e-9) if s.ready else 0
+                ratio = value / t.value if s.ready else None
                 words = f"{t.metric} {value:g} on {s.ready} ready, target {t.value:g}"
+            if ratio is not None and abs(ratio - 1) <= self.config.tolerance:
+                count = s.current  # near enough the target (HPA's tolerance): no change
             if best is None or count > best[0]:
                 best = (count, words)
         if s.alarms and s.current > 0:  # an alarm action: one more than the pool has
@@ -146,10 +152,12 @@ class Autoscaler:
                 desired, kind = rec, "wake"
                 reason = f"{s.waiting} request(s) waiting for a wake ({words})"
             else:
-                out = min(r for t, r in self._window(s.now, cfg.scale_out_delay))
-                if out > s.current:
-                    desired, kind = out, "target"
-                    reason = f"{words}: scale out to {out}"
+                # The window confirms that the pool needs more (every recommendation in it
+                # asks for more); the latest reading says how many. Sizing on the window's
+                # smallest would answer a burst in two steps, a cold start apart.
+                if min(r for t, r in self._window(s.now, cfg.scale_out_delay)) > s.current:
+                    desired, kind = rec, "target"
+                    reason = f"{words}: scale out to {rec}"
                 else:
                     reason = f"{words}: wants {rec}, waiting out scale_out_delay {cfg.scale_out_delay:g}s"
         elif rec_in < s.current and rec <= s.current:
