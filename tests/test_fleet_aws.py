@@ -5,12 +5,14 @@ on-demand taking the rest and giving it back, and a restarted gateway adopting w
 What moto cannot show (docs/fleet.md says so too): real launch failures for lack of spot
 capacity (here the spot group's max size refuses the capacity), the two-minute notice itself
 (delivered here as the admin call an EventBridge rule would make), lifecycle hooks holding an
-instance in Terminating:Wait, and instances that take minutes to boot.
+instance in Terminating:Wait, instances that take minutes to boot, and the metrics EC2 and the
+CloudWatch agent publish (the tests publish them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -52,8 +54,9 @@ def asg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield client
 
 
-def config(**aws: Any) -> Any:
+def config(target: dict[str, float] | None = None, **aws: Any) -> Any:
     fleet = {
+        "target": target or {},
         "provider": "aws",
         "min_replicas": 0,
         "max_replicas": 4,
@@ -395,3 +398,68 @@ async def test_a_spot_group_whose_api_refuses_the_capacity_falls_back_at_once() 
     assert stub.desired == {"s": 0, "o": 2} and p.fallbacks == 1
     assert p.last_error is not None and "InsufficientInstanceCapacity" in p.last_error
     await p.close()
+
+
+def _put(name: str, namespace: str, metric: str, value: float) -> None:
+    from datetime import UTC, datetime
+
+    boto3.client("cloudwatch", region_name=REGION).put_metric_data(
+        Namespace=namespace,
+        MetricData=[
+            {
+                "MetricName": metric,
+                "Dimensions": [{"Name": "AutoScalingGroupName", "Value": name}],
+                "Timestamp": datetime.now(UTC),
+                "Value": value,
+                "Unit": "Percent",
+            }
+        ],
+    )
+
+
+async def test_cpu_and_gpu_targets_read_cloudwatch_per_group_weighted_by_instances(asg: Any) -> None:
+    w = World(config(target={"cpu": 70, "gpu": 60}, metrics_interval=60))
+    await w.start()
+    w.c.scale(3)
+    await w.round()
+    assert w.p.cpu_percent() is None and w.p.gpu_percent() is None  # nothing published yet
+    _put("llm-spot", "AWS/EC2", "CPUUtilization", 90.0)
+    _put("llm-od", "AWS/EC2", "CPUUtilization", 10.0)  # no instance in service: no say
+    _put("llm-spot", "CWAgent", "nvidia_smi_utilization_gpu", 97.0)
+    w.now += 61  # one metrics_interval later
+    await w.round()
+    assert w.p.cpu_percent() == 90.0 and w.p.gpu_percent() == 97.0
+    # The controller's signals carry them, and the targets ask for more:
+    # cpu ceil(3 * 90 / 70) = 4, gpu ceil(3 * 97 / 60) = 5.
+    signals = w.c.read_signals()
+    assert signals.metrics["cpu"] == 90.0 and signals.metrics["gpu"] == 97.0, signals
+    # (No health checks run here: as if the three had passed theirs.)
+    rec, words = w.c.autoscaler.recommend(dataclasses.replace(signals, ready=3))
+    assert rec == 5 and "gpu 97" in words, (rec, words)
+    # Weighted by instances in service: 3 spot at 90, 1 on-demand at 10 -> 70.
+    w.p.groups["on-demand"].in_service = 1
+    w.p.groups["spot"].in_service = 3
+    assert w.p._read_utilisation()["cpu"] == (3 * 90.0 + 10.0) / 4
+    # A reading older than five intervals is no signal: the target has no say.
+    w.now += 5 * 60 + 1
+    assert w.p.cpu_percent() is None and w.p.gpu_percent() is None
+    await w.stop()
+
+
+async def test_cloudwatch_down_is_no_signal_and_an_error_not_a_crash() -> None:
+    class Broken:
+        def get_metric_data(self, **_: Any) -> Any:
+            raise RuntimeError("Throttling: Rate exceeded")
+
+    async def drain(name: str, limit: float | None) -> None:
+        return None
+
+    cfg = config()
+    fleet = cfg.pools[0].fleet
+    p = AwsProvider("m", fleet, drain)
+    p.read_cpu = True
+    p.groups["spot"].in_service = 2
+    p._cw = Broken()
+    await p._utilisation()
+    assert p.cpu_percent() is None
+    assert p.last_error is not None and "cannot read CloudWatch: Throttling" in p.last_error

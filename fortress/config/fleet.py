@@ -102,8 +102,16 @@ class AwsFleet(ConfigModel):
     # A terminating lifecycle hook on the groups: Fortress drains an instance the group is
     # terminating on its own (health replacement, rebalancing), then completes the action.
     lifecycle_hook: str | None = Field(None, min_length=1)
+    # cpu and gpu targets read CloudWatch, per group, every metrics_interval: EC2's
+    # CPUUtilization, and the CloudWatch agent's GPU metric aggregated by AutoScalingGroupName
+    # (its nvidia_gpu plugin; the deploy's launch template configures it).
+    metrics_interval: float = Field(60.0, gt=0, description="seconds between CloudWatch reads")
+    gpu_namespace: str = Field("CWAgent", min_length=1)
+    gpu_metric: str = Field("nvidia_smi_utilization_gpu", min_length=1)
 
-    @field_validator("poll_interval", "spot_fallback_after", "return_to_spot_after", mode="before")
+    @field_validator(
+        "poll_interval", "spot_fallback_after", "return_to_spot_after", "metrics_interval", mode="before"
+    )
     @classmethod
     def _aws_durations(cls, v: Any) -> Any:
         return seconds(v)

@@ -26,6 +26,11 @@ on-demand), used in the pool's ``capacity`` order:
   and completes the action.
 * **Adoption.** At start the groups are read: their instances become replicas and their desired
   capacities are the starting count, so a restarted gateway launches nothing new.
+* **CPU and GPU** (for ``cpu``/``gpu`` targets only): CloudWatch, every ``metrics_interval``,
+  per group: ``AWS/EC2 CPUUtilization`` and the CloudWatch agent's GPU utilisation, both by
+  ``AutoScalingGroupName``; the pool's figure is the groups' latest one-minute averages
+  weighted by their instances in service. A minute or more late (what AWS target tracking
+  reads too); a reading older than five intervals is no signal.
 
 Every AWS call runs in a worker thread (boto3 blocks); the controller reads ``instances()``,
 a view refreshed every ``poll_interval`` and after each change.
@@ -39,6 +44,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fortress.config import FleetConfig
@@ -119,6 +125,11 @@ class AwsProvider:
         self._jobs: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one change of the groups at a time
         self._step_lock = asyncio.Lock()
+        wanted = {t.metric for t in fleet.target}
+        self.read_cpu, self.read_gpu = "cpu" in wanted, "gpu" in wanted
+        self._cw: Any = None
+        self.utilisation: dict[str, tuple[float, float]] = {}  # metric -> (percent, read at)
+        self._metrics_read: float | None = None
 
     # -- boto3, in threads ---------------------------------------------------------------------
 
@@ -269,10 +280,85 @@ class AwsProvider:
         return True
 
     def cpu_percent(self) -> float | None:
-        return None  # CloudWatch's CPUUtilization is a minute late: not read on the control loop
+        return self._fresh("cpu")
 
     def gpu_percent(self) -> float | None:
-        return None  # no NVML across machines: the engines' own load (queue, KV cache) serves
+        return self._fresh("gpu")
+
+    def _fresh(self, metric: str) -> float | None:
+        got = self.utilisation.get(metric)
+        if got is None or self.clock() - got[1] > 5 * self.cfg.metrics_interval:
+            return None
+        return got[0]
+
+    def _read_utilisation(self) -> dict[str, float]:
+        """The pool's CPU and GPU from CloudWatch (in a thread): per group the latest one-minute
+        average, weighted by the group's instances in service."""
+        if self._cw is None:
+            import boto3
+
+            session = self._session or boto3.session.Session()
+            self._cw = session.client(
+                "cloudwatch", region_name=self.cfg.region, endpoint_url=self.cfg.endpoint_url
+            )
+        sources = {"cpu": ("AWS/EC2", "CPUUtilization"), "gpu": (self.cfg.gpu_namespace, self.cfg.gpu_metric)}
+        wanted = [m for m, on in (("cpu", self.read_cpu), ("gpu", self.read_gpu)) if on]
+        queries, weights = [], {}
+        for metric in wanted:
+            namespace, name = sources[metric]
+            for n, g in enumerate(self.groups.values()):
+                if not g.in_service:
+                    continue
+                qid = f"{metric}{n}"
+                weights[qid] = (metric, g.in_service)
+                queries.append(
+                    {
+                        "Id": qid,
+                        "MetricStat": {
+                            "Metric": {
+                                "Namespace": namespace,
+                                "MetricName": name,
+                                "Dimensions": [{"Name": "AutoScalingGroupName", "Value": g.name}],
+                            },
+                            "Period": 60,
+                            "Stat": "Average",
+                        },
+                    }
+                )
+        if not queries:
+            return {}
+        now = datetime.now(UTC)
+        got = self._cw.get_metric_data(  # the minute under way included: EndTime is exclusive
+            MetricDataQueries=queries,
+            StartTime=now - timedelta(minutes=10),
+            EndTime=now + timedelta(minutes=1),
+            ScanBy="TimestampDescending",
+        )
+        sums: dict[str, list[float]] = {}
+        for r in got["MetricDataResults"]:
+            if not r.get("Values"):
+                continue  # no datapoint in ten minutes: this group has no say
+            metric, weight = weights[r["Id"]]
+            latest = max(zip(r["Timestamps"], r["Values"], strict=True))[1]
+            acc = sums.setdefault(metric, [0.0, 0.0])
+            acc[0] += latest * weight
+            acc[1] += weight
+        return {m: total / weight for m, (total, weight) in sums.items() if weight}
+
+    async def _utilisation(self) -> None:
+        now = self.clock()
+        if not (self.read_cpu or self.read_gpu):
+            return
+        if self._metrics_read is not None and now - self._metrics_read < self.cfg.metrics_interval:
+            return
+        self._metrics_read = now
+        try:
+            read = await asyncio.to_thread(self._read_utilisation)
+        except Exception as exc:  # no signal this round; the targets without one have no say
+            self._error(f"cannot read CloudWatch: {exc}")
+            return
+        for metric, value in read.items():
+            self.utilisation[metric] = (value, now)
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -523,6 +609,7 @@ class AwsProvider:
             if self.cfg.lifecycle_hook:
                 await self._hooks()
             await self.refresh()
+            await self._utilisation()
 
     async def _loop(self) -> None:
         while True:
