@@ -32,8 +32,9 @@ LAYERS: dict[str, int] = {
     "access": 4,  # API keys and usage plans
     "audit": 4,  # journal, shipper, chain, queries
     "observe": 5,  # metrics, alarms, dashboard, access log
-    "fleet": 6,  # supervisor of local processes (later: autoscaler, providers)
+    "fleet": 6,  # the control plane: autoscaler, controllers, providers, supervisor
     "gateway": 6,  # the ASGI app and the relay
+    "deploy": 7,  # the CDK app and the cost model generated from the config (beside the runtime)
     "runtime": 7,  # the one composition root
     "cli": 8,  # the fortress command
 }

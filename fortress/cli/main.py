@@ -25,6 +25,8 @@ from fortress.cli.common import (
     print_json,
     resolve_gateway,
 )
+from fortress.cli.cost import cost_app
+from fortress.cli.deploy import deploy_app
 from fortress.cli.fleet import fleet_app
 from fortress.cli.keys import keys_app
 from fortress.cli.up import hold_state_dir, up
@@ -69,6 +71,8 @@ app.add_typer(alarms_app, name="alarms")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(cost_app, name="cost")
+app.add_typer(deploy_app, name="deploy")
 
 
 def _flags(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from fortress.config.access import OPERATOR_PLAN, Auth, Limits, UsagePlan, default_plans, operator_plan
 from fortress.config.audit import Audit, Database
 from fortress.config.base import ConfigModel
+from fortress.config.deploy import Deploy
 from fortress.config.engines import ENGINE_NAMES
 from fortress.config.observe import Observe
 from fortress.config.routing import PoolConfig, Routing
@@ -46,6 +47,7 @@ class FortressConfig(ConfigModel):
     audit: Audit = Field(default_factory=Audit)
     database: Database = Field(default_factory=Database)
     observe: Observe = Field(default_factory=Observe)
+    deploy: Deploy = Field(default_factory=Deploy)
 
     @field_validator("plans")
     @classmethod
@@ -98,6 +100,36 @@ class FortressConfig(ConfigModel):
                 )
             if not (self.observe.enabled and self.observe.alarms.enabled):
                 raise ValueError(f"pools.{i}.fleet.scale_out_on_alarms needs observe.alarms enabled")
+        return self
+
+    @model_validator(mode="after")
+    def _deployed_pools_exist(self) -> Self:
+        # deploy.aws.pools names pools of this config, each with model servers to deploy.
+        aws = self.deploy.aws
+        if aws is None:
+            return self
+        by_name = {p.name or p.model or "default": p for p in self.pools}
+        for name, dp in aws.pools.items():
+            pool = by_name.get(name)
+            if pool is None:
+                raise ValueError(
+                    f"deploy.aws.pools.{name}: no pool is named {name!r} "
+                    f"(pools: {', '.join(sorted(by_name)) or 'none'})"
+                )
+            vllm = [r for r in pool.replicas if r.engine == "vllm"]
+            fleet = pool.fleet is not None and pool.fleet.provider == "aws"
+            if fleet and dp.vllm is None:
+                raise ValueError(
+                    f"deploy.aws.pools.{name}: a pool with an aws fleet has no replicas: give `vllm:` "
+                    "(its model and flags)"
+                )
+            if not fleet and not vllm:
+                raise ValueError(
+                    f"deploy.aws.pools.{name}: the pool has neither engine: vllm replicas nor an "
+                    "aws fleet: nothing to run on EC2"
+                )
+            if vllm and dp.vllm is not None:
+                raise ValueError(f"deploy.aws.pools.{name}: `vllm:` is taken from the pool's replicas here")
         return self
 
 
