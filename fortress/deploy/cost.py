@@ -245,7 +245,7 @@ def _priced(
                     counts[tier] = counts.get(tier, 0) + int(getattr(rc, "count", 1))
             for tier, n in counts.items():
                 if tier == "standby":
-                    groups.append((f"{name} {tier} (cold)", n, 0.0, "cold"))
+                    groups.append((f"{name} {tier}", n, 0.0, "cold"))
                 else:
                     cap: Capacity = "spot" if tier in sc.spot_tiers else "on_demand"
                     groups.append((f"{name} {tier}", n, on_share, cap))
