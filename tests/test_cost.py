@@ -414,3 +414,15 @@ def test_a_refreshed_table_is_usable_with_prices(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["instances_usd"] == pytest.approx(7300.0)
+
+
+def test_the_other_aws_examples_price_their_fleets() -> None:
+    od = TABLE["ec2_hour"]["g4dn.xlarge"]
+    chat = estimate(load_config(EXAMPLES / "aws-spot-scheduled.yaml"), PRICES)
+    (ec2,) = _lines(chat, "EC2 g4dn.xlarge")
+    assert ec2.quantity == pytest.approx(730 * 15 / 24)  # down 06:00-15:00 UTC every day
+    assert ec2.unit_usd == pytest.approx(min(0.25, od * 0.30))
+    platform = estimate(load_config(EXAMPLES / "aws-platform.yaml"), PRICES)
+    assert platform.usd_per_request == pytest.approx(platform.total_usd / 1_000_000)
+    assert platform.utilisation == pytest.approx(1_000_000 * 200 / (730 * 3600 * 250))
+    assert {"RDS PostgreSQL", "ElastiCache Redis"} <= {i.resource for i in platform.items}

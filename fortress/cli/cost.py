@@ -92,7 +92,10 @@ def _show(est: Any) -> None:
             line += f", ${p.usd_per_million_tokens:,.2f} per 1M output tokens at full use"
         console.print(line)
     if est.usd_per_request is not None:
-        console.print(f"{est.requests_per_month:,} requests/month: ${est.usd_per_request:.5f} per request")
+        line = f"{est.requests_per_month:,} requests/month: ${est.usd_per_request:.5f} per request"
+        if est.utilisation is not None:
+            line += f"; they use {est.utilisation:.0%} of what the running instances generate"
+        console.print(line)
     if est.savings:
         s = Table(title="What it could save", title_justify="left")
         s.add_column("option")
