@@ -1,0 +1,298 @@
+"""Fortress itself: an ECS Fargate service behind an internet-facing ALB, its secrets and its config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aws_cdk import Duration, IgnoreMode, Stack
+from aws_cdk import aws_certificatemanager as acm
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from fortress.config import FortressConfig
+from fortress.deploy.aws.model_pools import ModelPools, pool_name
+from fortress.deploy.aws.state import Postgres, Redis
+
+GATEWAY_PORT = 8080
+CONFIG_PATH = "/var/lib/fortress/fortress.yaml"
+# Only what the Dockerfile copies goes into the image asset (the rest of a checkout can be large).
+ASSET_EXCLUDE = [
+    "*", "!Dockerfile", "!pyproject.toml", "!README.md", "!fortress", "**/__pycache__", "**/*.pyc",
+]  # fmt: skip
+# The container writes the config from its SSM parameter, and database and Redis URLs from
+# their secrets, then execs the gateway (PID 1 keeps SIGTERM and SIGHUP).
+START = (
+    'printf "%s" "$FORTRESS_CONFIG_YAML" > ' + CONFIG_PATH + "; "
+    'if [ -n "${DB_HOST:-}" ]; then export FORTRESS__DATABASE__URL='
+    '"postgresql+psycopg://$DB_USER:$DB_PASSWORD@$DB_HOST:$DB_PORT/fortress"; fi; '
+    'if [ -n "${REDIS_HOST:-}" ]; then export FORTRESS__LIMITS__BACKEND=redis '
+    'FORTRESS__LIMITS__REDIS_URL="rediss://:$REDIS_TOKEN@$REDIS_HOST:$REDIS_PORT/0"; fi; '
+    "exec fortress serve -c " + CONFIG_PATH
+)
+
+
+def repo_root() -> Path | None:
+    """The checkout with the Dockerfile the gateway image is built from, if this is one."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "Dockerfile").is_file() and (root / "fortress").is_dir() else None
+
+
+def gateway_config(config: FortressConfig, pools: ModelPools, archive_bucket: str | None) -> str:
+    """The config the deployed gateway serves: the same one, with each deployed pool's vLLM replicas
+    replaced by the internal ALB's port for their tier, and without secrets or the deploy section."""
+    data: dict[str, Any] = config.model_dump(mode="json", exclude_unset=True)
+    data.pop("deploy", None)
+    data.pop("state_dir", None)
+    data.get("server", {}).pop("admin_token", None)  # from Secrets Manager, never in the parameter
+    data.get("auth", {}).pop("secret", None)
+    data.setdefault("server", {})["host"] = "0.0.0.0"
+    data["server"]["port"] = GATEWAY_PORT
+    if archive_bucket is not None:
+        data.setdefault("audit", {})["archive_dir"] = f"s3://{archive_bucket}/audit"
+    endpoints = {p.name: p for p in pools.pools}
+    for i, pool in enumerate(config.pools):
+        deployed = endpoints.get(pool_name(pool))
+        if deployed is None or not deployed.endpoints:
+            continue
+        assert pools.lb is not None
+        dns = pools.lb.load_balancer_dns_name
+        data["pools"][i]["replicas"] = [
+            {"engine": "external", "tier": ep.tier.value, "url": f"http://{dns}:{ep.port}"}
+            for ep in deployed.endpoints
+        ]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+class Gateway(Construct):
+    """The gateway service, its public ALB, secrets, config parameter and permissions."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        cid: str,
+        config: FortressConfig,
+        vpc: ec2.IVpc,
+        pools: ModelPools,
+        archive: s3.IBucket,
+        logs_bucket: s3.IBucket,
+        postgres: Postgres | None,
+        redis: Redis | None,
+    ) -> None:
+        super().__init__(scope, cid)
+        aws = config.deploy.aws
+        assert aws is not None
+        g = aws.gateway
+        stack = Stack.of(self)
+
+        self.server_secret = secretsmanager.Secret(
+            self,
+            "ServerSecret",
+            description="Fortress server secret (API key hashing, audit chain)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                exclude_punctuation=True, password_length=64
+            ),
+        )
+        self.admin_token = secretsmanager.Secret(
+            self,
+            "AdminToken",
+            description="Fortress admin token (Authorization: Bearer on /admin)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                exclude_punctuation=True, password_length=48
+            ),
+        )
+        text = gateway_config(config, pools, archive.bucket_name)
+        self.config_parameter = ssm.StringParameter(
+            self,
+            "Config",
+            description="fortress.yaml of the gateway service",
+            string_value=text,
+            # Standard parameters hold 4 KB; larger configs need the advanced tier (8 KB).
+            tier=ssm.ParameterTier.ADVANCED if len(text) > 3500 else ssm.ParameterTier.STANDARD,
+        )
+
+        insights = ecs.ContainerInsights.ENABLED
+        self.cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=insights)
+        task = ecs.FargateTaskDefinition(self, "Task", cpu=g.cpu, memory_limit_mib=g.memory)
+        if g.image is not None:
+            image = ecs.ContainerImage.from_registry(g.image)
+        else:
+            root = repo_root()
+            if root is None:
+                from fortress.deploy.aws.errors import DeployError
+
+                raise DeployError(
+                    "deploy.aws.gateway.image is unset and there is no Dockerfile to build the gateway "
+                    "from: set an image, or run from a Fortress checkout"
+                )
+            # Hashed at synth, built and pushed by `cdk deploy` (Docker is needed there, not here).
+            image = ecs.ContainerImage.from_asset(
+                str(root), exclude=ASSET_EXCLUDE, ignore_mode=IgnoreMode.DOCKER, build_args={"EMBEDDED": "0"}
+            )
+        log_group = logs.LogGroup(self, "Logs", retention=logs.RetentionDays.THREE_MONTHS)
+        secrets = {
+            "FORTRESS_CONFIG_YAML": ecs.Secret.from_ssm_parameter(self.config_parameter),
+            "FORTRESS__AUTH__SECRET": ecs.Secret.from_secrets_manager(self.server_secret),
+            "FORTRESS__SERVER__ADMIN_TOKEN": ecs.Secret.from_secrets_manager(self.admin_token),
+        }
+        env = {"AWS_REGION": stack.region}
+        if postgres is not None:
+            secrets["DB_USER"] = ecs.Secret.from_secrets_manager(postgres.secret, "username")
+            secrets["DB_PASSWORD"] = ecs.Secret.from_secrets_manager(postgres.secret, "password")
+            env["DB_HOST"] = postgres.instance.db_instance_endpoint_address
+            env["DB_PORT"] = postgres.instance.db_instance_endpoint_port
+        if redis is not None:
+            secrets["REDIS_TOKEN"] = ecs.Secret.from_secrets_manager(redis.auth)
+            env["REDIS_HOST"] = redis.group.attr_primary_end_point_address
+            env["REDIS_PORT"] = redis.group.attr_primary_end_point_port
+        task.add_container(
+            "fortress",
+            image=image,
+            entry_point=["/bin/sh", "-c"],
+            command=[START],
+            port_mappings=[ecs.PortMapping(container_port=GATEWAY_PORT)],
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="fortress", log_group=log_group),
+            environment=env,
+            secrets=secrets,
+            stop_timeout=Duration.seconds(60),
+        )
+        archive.grant_read_write(task.task_role)
+        self._fleet_permissions(task.task_role, pools)
+
+        self.security_group = ec2.SecurityGroup(self, "ServiceSg", vpc=vpc, description="Fortress tasks")
+        self.service = ecs.FargateService(
+            self,
+            "Service",
+            cluster=self.cluster,
+            task_definition=task,
+            desired_count=g.min_tasks,
+            min_healthy_percent=100,
+            max_healthy_percent=200,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            security_groups=[self.security_group],
+            vpc_subnets=ec2.SubnetSelection(subnet_group_name="private"),
+            enable_execute_command=False,
+        )
+        scaling = self.service.auto_scale_task_count(min_capacity=g.min_tasks, max_capacity=g.max_tasks)
+        scaling.scale_on_cpu_utilization("Cpu", target_utilization_percent=g.cpu_target)
+        scaling.scale_on_memory_utilization("Memory", target_utilization_percent=g.memory_target)
+
+        # Who reaches whom: the ALB the tasks, the tasks the model servers and the state.
+        if pools.lb_sg is not None:
+            pools.lb_sg.add_ingress_rule(
+                self.security_group, ec2.Port.tcp_range(8001, 8999), "the gateway to the model tiers"
+            )
+        pools.security_group.add_ingress_rule(
+            self.security_group, ec2.Port.tcp(8000), "the gateway to fleet instances"
+        )
+        if postgres is not None:
+            postgres.security_group.add_ingress_rule(
+                self.security_group, ec2.Port.tcp(postgres.instance.instance_endpoint.port), "the gateway"
+            )
+        if redis is not None:
+            redis.security_group.add_ingress_rule(self.security_group, ec2.Port.tcp(6379), "the gateway")
+
+        self.lb = self._public_load_balancer(config, vpc, logs_bucket)
+
+    def _fleet_permissions(self, role: iam.IRole, pools: ModelPools) -> None:
+        names = [n for p in pools.pools for n in p.fleet_groups]
+        if not names:
+            return
+        stack = Stack.of(self)
+        arns = [
+            f"arn:{stack.partition}:autoscaling:{stack.region}:{stack.account}:autoScalingGroup:*:"
+            f"autoScalingGroupName/{n}"
+            for n in names
+        ]
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=[
+                    "autoscaling:SetDesiredCapacity",
+                    "autoscaling:TerminateInstanceInAutoScalingGroup",
+                    "autoscaling:CompleteLifecycleAction",
+                ],
+                resources=arns,
+            )
+        )
+        # Describe and metric reads have no resource-level permissions in IAM.
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=[
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "autoscaling:DescribeScalingActivities",
+                    "ec2:DescribeInstances",
+                    "cloudwatch:GetMetricData",
+                ],
+                resources=["*"],
+            )
+        )
+
+    def _public_load_balancer(
+        self, config: FortressConfig, vpc: ec2.IVpc, logs_bucket: s3.IBucket
+    ) -> elbv2.ApplicationLoadBalancer:
+        aws = config.deploy.aws
+        assert aws is not None
+        sg = ec2.SecurityGroup(self, "LbSg", vpc=vpc, description="Fortress public ALB")
+        lb = elbv2.ApplicationLoadBalancer(
+            self,
+            "Lb",
+            vpc=vpc,
+            internet_facing=True,
+            security_group=sg,
+            drop_invalid_header_fields=True,
+            # The ALB must outwait the gateway's own wait for a replica's first byte or next chunk.
+            idle_timeout=Duration.seconds(
+                min(4000, round(max(config.timeouts.first_byte, config.timeouts.idle)) + 5)
+            ),
+        )
+        lb.log_access_logs(logs_bucket, prefix="gateway-lb")
+        health = elbv2.HealthCheck(
+            path="/health",
+            interval=Duration.seconds(10),
+            timeout=Duration.seconds(5),
+            healthy_threshold_count=2,
+            unhealthy_threshold_count=2,
+            healthy_http_codes="200",
+        )
+        if aws.domain is not None:
+            sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS from clients")
+            sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(80), "HTTP, answered 301 to HTTPS")
+            cert = acm.Certificate.from_certificate_arn(self, "Cert", aws.domain.certificate_arn)
+            https = lb.add_listener(
+                "Https",
+                port=443,
+                protocol=elbv2.ApplicationProtocol.HTTPS,
+                certificates=[elbv2.ListenerCertificate.from_certificate_manager(cert)],
+                ssl_policy=elbv2.SslPolicy.RECOMMENDED_TLS,  # TLS 1.3 and 1.2 only
+                open=False,
+            )
+            https.add_targets(
+                "Gateway",
+                port=GATEWAY_PORT,
+                protocol=elbv2.ApplicationProtocol.HTTP,
+                targets=[self.service],
+                health_check=health,
+                deregistration_delay=Duration.seconds(30),
+            )
+            lb.add_redirect(source_port=80, target_port=443)
+        else:
+            # No domain, no certificate: HTTP only (docs/deploy-cdk.md says to add a domain).
+            sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(80), "HTTP from clients")
+            http = lb.add_listener("Http", port=80, protocol=elbv2.ApplicationProtocol.HTTP, open=False)
+            http.add_targets(
+                "Gateway",
+                port=GATEWAY_PORT,
+                protocol=elbv2.ApplicationProtocol.HTTP,
+                targets=[self.service],
+                health_check=health,
+                deregistration_delay=Duration.seconds(30),
+            )
+        return lb
