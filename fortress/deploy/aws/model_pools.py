@@ -347,12 +347,10 @@ class ModelPools(Construct):
                 name=group_name,
             )
             for j, sched in enumerate(fleet.schedules):
-                minute, hour, day, month, week_day = sched.cron.split()
                 group.scale_on_schedule(
                     f"Schedule{j}",
-                    schedule=autoscaling.Schedule.cron(
-                        minute=minute, hour=hour, day=day, month=month, week_day=week_day
-                    ),
+                    # Auto Scaling's recurrence is the same five-field Unix cron as the config's.
+                    schedule=autoscaling.Schedule.expression(sched.cron),
                     time_zone=sched.timezone,
                     min_capacity=sched.min_replicas,
                     max_capacity=sched.max_replicas,

@@ -1,0 +1,350 @@
+"""``fortress deploy aws``: the CDK app synthesized from the example configs and a built one.
+
+Each config is synthesized once per module (a synth takes seconds). Checked: what the template
+must say (health checks, stickiness, schedules, spot price, encryption, TLS, vLLM flags), cfn-lint
+with no errors, cdk-nag's AWS Solutions checks with no unsuppressed error. Under ``CI=true`` a
+missing tool fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fortress.cli.main import app as cli
+from fortress.config import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _need(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        if CI:
+            pytest.fail(f"{module} is not installed (pip install 'fortress[test]')")
+        pytest.skip(f"{module} is not installed")
+
+
+BUILT = """
+pools:
+  - model: llama
+    health_check: {path: /health, interval: 10s, timeout: 5s, healthy_threshold: 2, unhealthy_threshold: 2}
+    replicas:
+      - engine: vllm
+        tier: primary
+        options: {model: meta-llama/Llama-3.1-8B-Instruct, max_model_len: 8192}
+  - model: burst
+    fleet:
+      provider: aws
+      min_replicas: 0
+      max_replicas: 4
+      aws: {groups: {spot: burst-spot, on-demand: burst-od}}
+      schedules:
+        - {cron: "0 8 * * 1-5", timezone: Europe/Paris, min_replicas: 2}
+        - {cron: "0 20 * * 1-5", timezone: Europe/Paris, min_replicas: 0}
+deploy:
+  aws:
+    region: eu-west-3
+    stack_name: fortress-built
+    domain:
+      name: llm.example.com
+      certificate_arn: arn:aws:acm:eu-west-3:123456789012:certificate/abc
+    redis: {replicas: 1}
+    archive: {glacier_after_days: 30, object_lock_days: 365}
+    pools:
+      llama: {instance_type: g5.2xlarge, stickiness: 900s}
+      burst:
+        instance_type: g5.xlarge
+        spot_max_price: 0.25
+        vllm: {model: Qwen/Qwen2.5-7B-Instruct, served_model_name: burst}
+"""
+
+
+def _synth(config: Any, tmp: Path) -> tuple[Any, Path, list[str]]:
+    _need("aws_cdk")
+    _need("cdk_nag")
+    from aws_cdk.assertions import Template
+
+    from fortress.deploy.aws import synth
+
+    result = synth(config, tmp)
+    template = Template.from_json(json.loads(result.template.read_text()))
+    return template, result.template, result.nag_errors
+
+
+@pytest.fixture(scope="module")
+def always_on(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(load_config(ROOT / "examples/aws-always-on.yaml"), tmp_path_factory.mktemp("one"))
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(load_config(ROOT / "examples/aws-always-on-ha.yaml"), tmp_path_factory.mktemp("ha"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(parse_config(BUILT), tmp_path_factory.mktemp("built"))
+
+
+ALL = ["always_on", "ha", "built"]
+
+
+def _resources(t: Any, kind: str) -> dict[str, Any]:
+    return t.find_resources(kind)
+
+
+def test_target_group_health_check_and_deregistration(always_on: Any) -> None:
+    from aws_cdk.assertions import Match
+
+    t, _, _ = always_on
+    t.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        {
+            "Port": 8000,
+            "HealthCheckPath": "/health",
+            "HealthCheckIntervalSeconds": 10,
+            "HealthCheckTimeoutSeconds": 5,
+            "HealthyThresholdCount": 2,
+            "UnhealthyThresholdCount": 2,
+            "Matcher": {"HttpCode": "200"},
+            "TargetGroupAttributes": Match.array_with(
+                [{"Key": "deregistration_delay.timeout_seconds", "Value": "30"}]
+            ),
+        },
+    )
+    # The gateway's own target group: /health every 10 s, 5 s timeout, 2/2, 200.
+    t.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        {
+            "Port": 8080,
+            "HealthCheckIntervalSeconds": 10,
+            "HealthCheckTimeoutSeconds": 5,
+            "Matcher": {"HttpCode": "200"},
+        },
+    )
+
+
+def test_vllm_group_user_data_volume_imds(always_on: Any) -> None:
+    t, _, _ = always_on
+    (lt,) = _resources(t, "AWS::EC2::LaunchTemplate").values()
+    data = lt["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    volumes = {b["DeviceName"]: b["Ebs"] for b in data["BlockDeviceMappings"]}
+    assert volumes["/dev/sdf"] == {
+        "DeleteOnTermination": True,
+        "Encrypted": True,
+        "Iops": 16000,
+        "Throughput": 1000,
+        "VolumeSize": 500,
+        "VolumeType": "gp3",
+    }
+    assert all(v["Encrypted"] for v in volumes.values())
+    script = json.dumps(data["UserData"])
+    for flag in (
+        "--tensor-parallel-size 8",
+        "--max-model-len 32768",
+        "--gpu-memory-utilization 0.95",
+        "--enable-chunked-prefill",
+        "--max-num-batched-tokens 32768",
+        "--served-model-name qwen2.5-72b",
+        "--port 8000",
+        "Restart=always",
+        "RestartSec=10",
+        "/opt/models",
+    ):
+        assert flag in script, flag
+    (group,) = _resources(t, "AWS::AutoScaling::AutoScalingGroup").values()
+    p = group["Properties"]
+    assert (p["HealthCheckType"], p["HealthCheckGracePeriod"]) == ("ELB", 600)
+    assert (p["MinSize"], p["MaxSize"], p["DesiredCapacity"]) == ("1", "1", "1")
+
+
+def test_ha_tiers_in_zones_a_b_c_and_standby_cold(ha: Any) -> None:
+    t, _, _ = ha
+    groups = _resources(t, "AWS::AutoScaling::AutoScalingGroup")
+    subnets = _resources(t, "AWS::EC2::Subnet")
+    zones = []
+    for g in groups.values():
+        (ref,) = g["Properties"]["VPCZoneIdentifier"]
+        zones.append(
+            (subnets[ref["Ref"]]["Properties"]["AvailabilityZone"], g["Properties"]["DesiredCapacity"])
+        )
+    assert sorted(zones) == [("us-east-1a", "1"), ("us-east-1b", "1"), ("us-east-1c", "0")]
+    t.resource_count_is("AWS::ElasticLoadBalancingV2::TargetGroup", 4)  # three tiers and the gateway
+    t.has_resource_properties(
+        "AWS::RDS::DBInstance", {"StorageEncrypted": True, "MultiAZ": True, "DeletionProtection": True}
+    )
+    t.resource_count_is("AWS::Budgets::Budget", 1)
+
+
+def test_stickiness_when_the_pool_asks(built: Any, always_on: Any) -> None:
+    from aws_cdk.assertions import Match
+
+    t, _, _ = built
+    t.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::TargetGroup",
+        {
+            "TargetGroupAttributes": Match.array_with(
+                [
+                    {"Key": "stickiness.enabled", "Value": "true"},
+                    {"Key": "stickiness.type", "Value": "app_cookie"},
+                    {"Key": "stickiness.app_cookie.cookie_name", "Value": "LlmServiceStickiness"},
+                    {"Key": "stickiness.app_cookie.duration_seconds", "Value": "900"},
+                ]
+            )
+        },
+    )
+    assert "app_cookie" not in json.dumps(
+        _resources(always_on[0], "AWS::ElasticLoadBalancingV2::TargetGroup")
+    )
+
+
+def test_fleet_groups_schedules_and_spot_price(built: Any) -> None:
+    t, _, _ = built
+    t.has_resource_properties(
+        "AWS::AutoScaling::ScheduledAction",
+        {"Recurrence": "0 8 * * 1-5", "TimeZone": "Europe/Paris", "MinSize": 2},
+    )
+    t.has_resource_properties(
+        "AWS::AutoScaling::ScheduledAction", {"Recurrence": "0 20 * * 1-5", "TimeZone": "Europe/Paris"}
+    )
+    t.has_resource_properties(
+        "AWS::AutoScaling::AutoScalingGroup",
+        {"AutoScalingGroupName": "burst-spot", "MinSize": "0", "MaxSize": "4"},
+    )
+    t.has_resource_properties("AWS::AutoScaling::AutoScalingGroup", {"AutoScalingGroupName": "burst-od"})
+    spot = [
+        lt
+        for lt in _resources(t, "AWS::EC2::LaunchTemplate").values()
+        if "InstanceMarketOptions" in lt["Properties"]["LaunchTemplateData"]
+    ]
+    assert len(spot) == 1
+    options = spot[0]["Properties"]["LaunchTemplateData"]["InstanceMarketOptions"]
+    assert options["MarketType"] == "spot" and options["SpotOptions"]["MaxPrice"] == "0.25"
+
+
+def test_tls_listener_and_redirect(built: Any, always_on: Any) -> None:
+    t, _, _ = built
+    t.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::Listener",
+        {"Port": 443, "Protocol": "HTTPS", "SslPolicy": "ELBSecurityPolicy-TLS13-1-2-2021-06"},
+    )
+    t.has_resource_properties(
+        "AWS::ElasticLoadBalancingV2::Listener",
+        {
+            "Port": 80,
+            "DefaultActions": [
+                {
+                    "Type": "redirect",
+                    "RedirectConfig": {"Port": "443", "Protocol": "HTTPS", "StatusCode": "HTTP_301"},
+                }
+            ],
+        },
+    )
+    t.has_resource_properties(
+        "AWS::ElastiCache::ReplicationGroup",
+        {"AtRestEncryptionEnabled": True, "TransitEncryptionEnabled": True},
+    )
+    # Without a domain there is no certificate: HTTP only.
+    assert "HTTPS" not in json.dumps(_resources(always_on[0], "AWS::ElasticLoadBalancingV2::Listener"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_buckets_private_encrypted(name: str, request: pytest.FixtureRequest) -> None:
+    t, _, _ = request.getfixturevalue(name)
+    buckets = _resources(t, "AWS::S3::Bucket")
+    assert len(buckets) == 2
+    for b in buckets.values():
+        p = b["Properties"]
+        assert p["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }
+        assert p["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        assert p["VersioningConfiguration"] == {"Status": "Enabled"}
+
+
+def test_archive_lifecycle_and_object_lock(built: Any) -> None:
+    from aws_cdk.assertions import Match
+
+    t, _, _ = built
+    t.has_resource_properties(
+        "AWS::S3::Bucket",
+        {
+            "ObjectLockEnabled": True,
+            "ObjectLockConfiguration": {
+                "ObjectLockEnabled": "Enabled",
+                "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 365}},
+            },
+            "LifecycleConfiguration": {
+                "Rules": [
+                    Match.object_like({"Transitions": [{"StorageClass": "GLACIER", "TransitionInDays": 30}]})
+                ]
+            },
+        },
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cdk_nag_no_unsuppressed_error(name: str, request: pytest.FixtureRequest) -> None:
+    _, _, nag_errors = request.getfixturevalue(name)
+    assert nag_errors == []
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cfn_lint_no_errors(name: str, request: pytest.FixtureRequest) -> None:
+    _need("cfnlint")
+    _, path, _ = request.getfixturevalue(name)
+    from cfnlint.api import ManualArgs, lint_file
+
+    matches = lint_file(path, config=ManualArgs(regions=["us-east-1", "eu-west-3"]))
+    errors = [str(m) for m in matches if m.rule.id.startswith("E")]
+    assert not errors, "\n".join(errors)
+    # The linter ran: a broken template is reported.
+    broken = path.with_name("broken.template.json")
+    broken.write_text(
+        json.dumps({"Resources": {"B": {"Type": "AWS::S3::Bucket", "Properties": {"Nope": 1}}}})
+    )
+    assert any(m.rule.id.startswith("E") for m in lint_file(broken, config=ManualArgs(regions=["us-east-1"])))
+
+
+def test_cli_synth_and_dry_run(tmp_path: Path) -> None:
+    _need("aws_cdk")
+    runner = CliRunner()
+    cfg = ROOT / "examples/aws-always-on.yaml"
+    res = runner.invoke(
+        cli, ["deploy", "aws", "deploy", "-c", str(cfg), "-o", str(tmp_path / "cdk.out"), "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("npx --yes aws-cdk@2 deploy --app ")
+    assert f"--output {tmp_path / 'cdk.out'} fortress-qwen" in res.output
+    res = runner.invoke(
+        cli, ["deploy", "aws", "destroy", "-c", str(cfg), "-o", str(tmp_path / "x"), "--dry-run"]
+    )
+    assert res.output.rstrip().endswith("fortress-qwen --force")
+
+
+def test_cli_without_deploy_section_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "fortress.yaml"
+    cfg.write_text("server: {port: 8080}\n")
+    res = CliRunner().invoke(cli, ["deploy", "aws", "synth", "-c", str(cfg), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "no deploy.aws section" in res.output
+
+
+def test_gateway_config_routes_tiers_to_the_internal_alb(ha: Any) -> None:
+    t, _, _ = ha
+    (param,) = _resources(t, "AWS::SSM::Parameter").values()
+    text = json.dumps(param["Properties"]["Value"])
+    assert "engine: external" in text and "tier: standby" in text and ":8003" in text
+    assert "deploy:" not in text and "engine: vllm" not in text
