@@ -284,7 +284,7 @@ class Gateway(Construct):
             )
             lb.add_redirect(source_port=80, target_port=443)
         else:
-            # No domain, no certificate: HTTP only (docs/deploy-cdk.md says to add a domain).
+            # No domain, no certificate: HTTP only (docs/deploy.md says to add a domain).
             sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(80), "HTTP from clients")
             http = lb.add_listener("Http", port=80, protocol=elbv2.ApplicationProtocol.HTTP, open=False)
             http.add_targets(
