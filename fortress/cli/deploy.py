@@ -19,7 +19,8 @@ deploy_app = typer.Typer(
 )
 aws_app = typer.Typer(
     help="The AWS stack (CDK): synth writes CloudFormation here; diff, deploy and destroy run the CDK "
-    "CLI (npx aws-cdk@2) and need Node, Docker and AWS credentials.",
+    "CLI (npx aws-cdk@2) and need Node, Docker and AWS credentials.\n\n"
+    "Example: [bold]fortress deploy aws synth -c fortress.yaml -o cdk.out[/bold]",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -98,7 +99,10 @@ def diff_cmd(
     dry_run: bool = DRY_OPTION,
     extra: list[str] | None = typer.Argument(None, help="More arguments for the CDK CLI."),
 ) -> None:
-    """Compare the stack with what is deployed (npx aws-cdk@2 diff; needs AWS credentials)."""
+    """Compare the stack with what is deployed (npx aws-cdk@2 diff; needs AWS credentials).
+
+    Example: [bold]fortress deploy aws diff -c fortress.yaml[/bold]
+    """
     _cdk("diff", config, output, dry_run, extra)
 
 
@@ -109,7 +113,10 @@ def deploy_cmd(
     dry_run: bool = DRY_OPTION,
     extra: list[str] | None = typer.Argument(None, help="More arguments for the CDK CLI."),
 ) -> None:
-    """Deploy the stack (npx aws-cdk@2 deploy; needs AWS credentials, a bootstrapped account and Docker)."""
+    """Deploy the stack (npx aws-cdk@2 deploy; needs AWS credentials, a bootstrapped account and Docker).
+
+    Example: [bold]fortress deploy aws deploy -c fortress.yaml --dry-run[/bold]
+    """
     _cdk("deploy", config, output, dry_run, extra)
 
 
@@ -120,5 +127,8 @@ def destroy_cmd(
     dry_run: bool = DRY_OPTION,
     extra: list[str] | None = typer.Argument(None, help="More arguments for the CDK CLI."),
 ) -> None:
-    """Delete the stack (npx aws-cdk@2 destroy; the archive bucket and a database snapshot are kept)."""
+    """Delete the stack (npx aws-cdk@2 destroy; the archive bucket and a database snapshot are kept).
+
+    Example: [bold]fortress deploy aws destroy -c fortress.yaml --dry-run[/bold]
+    """
     _cdk("destroy", config, output, dry_run, extra)
