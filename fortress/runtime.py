@@ -262,13 +262,14 @@ class Runtime:
     async def start_replicas(self, watch: StartWatcher | None = None) -> list[Slot]:
         """Start the local replica processes (a fleet's pool: its minimum), then the fleet's
         control loops; returns the slots that failed."""
-        if self.supervisor is None:
-            return []
-        self._running.append(self.supervisor)
-        if self.fleet is not None:
-            self.supervisor.set_asleep(self.fleet.asleep_slots())
-        started = self.supervisor.start()
-        failed = await (watch(self.supervisor, started) if watch is not None else started)
+        failed: list[Slot] = []
+        if self.supervisor is not None:
+            self._running.append(self.supervisor)
+            if self.fleet is not None:
+                self.supervisor.set_asleep(self.fleet.asleep_slots())
+            started = self.supervisor.start()
+            failed = await (watch(self.supervisor, started) if watch is not None else started)
+        # A fleet without local replicas (provider aws under `fortress serve`) starts all the same.
         if self.fleet is not None:
             await self.fleet.start()
             self._running.append(self.fleet)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,6 +143,21 @@ async def test_scale_out_and_in_sets_desired_capacity_and_instances_become_repli
     left = w.in_service("llm-spot")
     assert len(left) == 1 and set(w.replicas()) == set(left)
     assert [(d["from"], d["to"]) for d in w.c.decisions] == [(0, 2), (2, 1)]
+    await w.stop()
+
+
+async def test_capacity_asked_but_not_yet_given_to_a_group_is_not_asked_again(asg: Any) -> None:
+    # The controller ticks faster than a round of AWS calls: what it asked for must count as on
+    # its way before any group has it, or each tick asks again.
+    w = World(config())
+    await w.start()
+    w.c.scale(2)
+    for _ in range(3):
+        w.c.tick()  # no provider round in between
+    assert w.p.want == 2
+    assert [i.state for i in w.p.instances()] == ["provisioning", "provisioning"]
+    await w.round()
+    assert w.group("llm-spot")["DesiredCapacity"] == 2 and w.p.want == 2
     await w.stop()
 
 
@@ -446,20 +462,119 @@ async def test_cpu_and_gpu_targets_read_cloudwatch_per_group_weighted_by_instanc
     await w.stop()
 
 
-async def test_cloudwatch_down_is_no_signal_and_an_error_not_a_crash() -> None:
-    class Broken:
+async def test_cloudwatch_down_is_no_signal_and_an_error_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky:
+        down = True
+
         def get_metric_data(self, **_: Any) -> Any:
-            raise RuntimeError("Throttling: Rate exceeded")
+            if self.down:
+                raise RuntimeError("Throttling: Rate exceeded")
+            return {"MetricDataResults": [{"Id": "cpu0", "Timestamps": [1], "Values": [42.0]}]}
 
     async def drain(name: str, limit: float | None) -> None:
         return None
 
-    cfg = config()
-    fleet = cfg.pools[0].fleet
-    p = AwsProvider("m", fleet, drain)
+    now = [0.0]
+    p = AwsProvider("m", config().pools[0].fleet, drain, clock=lambda: now[0])
     p.read_cpu = True
     p.groups["spot"].in_service = 2
-    p._cw = Broken()
-    await p._utilisation()
+    p._cw = cw = Flaky()
+    caplog.set_level("DEBUG", logger="fortress.fleet")
+    for _ in range(3):  # three intervals of an outage: one warning, not three
+        await p._utilisation()
+        now[0] += p.cfg.metrics_interval
     assert p.cpu_percent() is None
-    assert p.last_error is not None and "cannot read CloudWatch: Throttling" in p.last_error
+    assert p.metrics_error is not None and "cannot read CloudWatch: Throttling" in p.metrics_error
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Throttling" in warnings[0].getMessage(), warnings
+    cw.down = False
+    await p._utilisation()
+    assert p.cpu_percent() == 42.0 and p.metrics_error is None
+    assert any(r.levelname == "INFO" and "CloudWatch answers again" in r.getMessage() for r in caplog.records)
+
+
+def test_fortress_serve_runs_a_config_whose_only_pool_is_an_aws_fleet(tmp_path: Any) -> None:
+    """A deployed gateway's config may have no replicas at all, only an aws fleet: `fortress
+    serve` starts on it, and its fleet sizes the group (moto's server stands in for AWS)."""
+    import yaml
+    from moto.server import ThreadedMotoServer
+
+    from tests.helpers import Proc, fortress_argv, free_port, http_get, wait_http
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    kw = {"region_name": REGION, "endpoint_url": endpoint, "aws_access_key_id": "testing",
+          "aws_secret_access_key": "testing"}  # fmt: skip
+    gw: Proc | None = None
+    try:
+        ec2 = boto3.client("ec2", **kw)
+        ami = ec2.describe_images()["Images"][0]["ImageId"]
+        ec2.create_launch_template(LaunchTemplateName="vllm", LaunchTemplateData={"ImageId": ami})
+        client = boto3.client("autoscaling", **kw)
+        for name in ("g-spot", "g-od"):
+            client.create_auto_scaling_group(
+                AutoScalingGroupName=name,
+                LaunchTemplate={"LaunchTemplateName": "vllm"},
+                MinSize=0,
+                MaxSize=2,
+                DesiredCapacity=0,
+                AvailabilityZones=[f"{REGION}a"],
+            )
+        config = {
+            "state_dir": str(tmp_path / "state"),
+            "auth": {"enabled": False},
+            "audit": {"enabled": False},
+            "pools": [
+                {
+                    "model": "m",
+                    "fleet": {
+                        "provider": "aws",
+                        "min_replicas": 1,
+                        "max_replicas": 2,
+                        "interval": 0.5,
+                        "aws": {
+                            "region": REGION,
+                            "endpoint_url": endpoint,
+                            "groups": {"spot": "g-spot", "on-demand": "g-od"},
+                            "poll_interval": 0.5,
+                        },
+                    },
+                }
+            ],
+        }
+        path = tmp_path / "fortress.yaml"
+        path.write_text(yaml.safe_dump(config))
+        gw_port = free_port()
+        gw = Proc(fortress_argv("serve", "-c", str(path), "--port", str(gw_port)), tmp_path / "gw.log", creds)
+        url = f"http://127.0.0.1:{gw_port}"
+        wait_http(url + "/health", timeout=30)
+        # The fleet's minimum reaches the preferred group, and its instance becomes a replica.
+        pool: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, body = http_get(url + "/admin/fleet")
+            assert status == 200, body
+            (pool,) = json.loads(body)["pools"]
+            if pool["current"] == 1 and pool["instances"]:
+                break
+            time.sleep(0.25)
+        (group,) = client.describe_auto_scaling_groups(AutoScalingGroupNames=["g-spot"])["AutoScalingGroups"]
+        assert group["DesiredCapacity"] == 1, json.dumps(pool["decisions"])
+        (instance,) = pool["instances"]
+        assert instance["capacity"] == "spot" and instance["id"] == group["Instances"][0]["InstanceId"], pool
+        # AWS unreachable for a while (ten polls): one warning in the log, not one per poll.
+        server.stop()
+        time.sleep(5)
+        lines = [line for line in gw.output().splitlines() if "cannot read" in line]
+        assert len(lines) == 1 and "WARNING" in lines[0], lines
+        status, body = http_get(url + "/admin/fleet")
+        assert status == 200 and json.loads(body)["pools"][0]["provider_stats"]["last_error"], body
+    finally:
+        if gw is not None:
+            gw.stop()
+        server.stop()

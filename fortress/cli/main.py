@@ -121,7 +121,8 @@ def _load(
         cfg = _flags(cfg, replicas, secondary, standby, host, port)
     except ValueError as exc:  # a --replica URL that is not http(s), a port out of range
         fail(str(exc), ExitCode.USAGE)
-    if not any(p.replicas for p in cfg.pools):
+    # A pool with an aws fleet has no replicas listed: its instances are its replicas.
+    if not any(p.replicas or (p.fleet is not None and p.fleet.provider == "aws") for p in cfg.pools):
         fail("no replicas: give a config file (-c fortress.yaml) or --replica URL", ExitCode.USAGE)
     local = [
         f"pools[{i}] ({pool.model or 'any model'}) replicas[{j}]: engine {r.engine}"

@@ -577,6 +577,8 @@ class PoolController:
             "rolls": list(self.rolls)[-5:],
             "wakes": len(self.wakes),
             "last_wake_seconds": round(self.wakes[-1], 3) if self.wakes else None,
+            # The aws provider's groups, fallbacks and last errors (the local one has none).
+            "provider_stats": stats() if callable(stats := getattr(self.provider, "stats", None)) else None,
         }
 
     def stats(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from typing import Any
 
 from fortress.config import FleetConfig
 from fortress.fleet.providers.base import (
+    ACTIVE,
     DRAINING,
     PREEMPTED,
     PROVISIONING,
@@ -120,6 +121,8 @@ class AwsProvider:
         self.interruptions = 0
         self.fallbacks = 0
         self.last_error: str | None = None
+        self.metrics_error: str | None = None  # the last CloudWatch failure, until a read works
+        self._outages: dict[str, str] = {}  # repeating failures already logged, by kind
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
@@ -241,6 +244,11 @@ class AwsProvider:
                 out.append(
                     Instance(f"{g.name}/pending-{n + 1}", PROVISIONING, "", capacity=cap, detail="requested")
                 )
+        # Asked of this provider and not yet of a group (the next round sizes the groups): on its
+        # way too, or the controller's next tick would ask again and overshoot.
+        active = sum(1 for i in out if i.state in ACTIVE)
+        for n in range(max(0, (self.want or 0) - active)):
+            out.append(Instance(f"{self.pool}/asked-{n + 1}", PROVISIONING, "", detail="asked"))
         return out
 
     def _draining_in(self, cap: str) -> int:
@@ -355,8 +363,10 @@ class AwsProvider:
         try:
             read = await asyncio.to_thread(self._read_utilisation)
         except Exception as exc:  # no signal this round; the targets without one have no say
-            self._error(f"cannot read CloudWatch: {exc}")
+            self._error(f"cannot read CloudWatch: {exc}", outage="cloudwatch")
             return
+        self.metrics_error = None
+        self._recovered("cloudwatch")
         for metric, value in read.items():
             self.utilisation[metric] = (value, now)
 
@@ -405,9 +415,26 @@ class AwsProvider:
         finally:
             self.preempted.pop(s.id, None)
 
-    def _error(self, text: str) -> None:
-        self.last_error = text
+    def _error(self, text: str, outage: str | None = None) -> None:
+        """Record a failure. One that repeats every poll (``outage``: the groups, CloudWatch)
+        is logged once as a WARNING, again only if its text changes, and once at INFO when it
+        ends (``_recovered``): an unreachable API must not write a line per poll."""
+        if outage == "cloudwatch":
+            self.metrics_error = text
+        else:
+            self.last_error = text
+        if outage is not None and self._outages.get(outage) == text:
+            log.debug("fleet %s: still %s", self.pool, text)
+            return
+        if outage is not None:
+            self._outages[outage] = text
         log.warning("fleet %s: %s", self.pool, text)
+
+    def _recovered(self, outage: str) -> None:
+        if self._outages.pop(outage, None) is not None:
+            log.info(
+                "fleet %s: %s answers again", self.pool, "CloudWatch" if outage == "cloudwatch" else "AWS"
+            )
 
     # -- sizing the groups ----------------------------------------------------------------------------
 
@@ -597,7 +624,7 @@ class AwsProvider:
             async with self._step_lock:
                 await self.refresh()
         except Exception as exc:  # the loop retries; the pool starts with what it can see
-            self._error(f"cannot read the groups: {exc}")
+            self._error(f"cannot read the groups: {exc}", outage="groups")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"aws-{self.pool}")
 
     async def step(self) -> None:
@@ -616,8 +643,9 @@ class AwsProvider:
             try:
                 await self.step()
                 self.last_error = None
+                self._recovered("groups")
             except Exception as exc:
-                self._error(f"cannot read or size the groups: {exc}")
+                self._error(f"cannot read or size the groups: {exc}", outage="groups")
             self._poke.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.cfg.poll_interval)
@@ -644,6 +672,7 @@ class AwsProvider:
                 for cap, g in self.groups.items()
             },
             "last_error": self.last_error,
+            "metrics_error": self.metrics_error,
         }
 
 
