@@ -18,7 +18,14 @@ from typer.testing import CliRunner
 from fortress.cli.main import app
 from fortress.config import load_config, parse_config
 from fortress.config.deploy import DeployVolume
-from fortress.deploy.cost import COMMITMENT_DISCOUNT, Estimate, estimate, volume_month
+from fortress.deploy.cost import (
+    COMMITMENT_DISCOUNT,
+    Estimate,
+    Throughput,
+    estimate,
+    read_throughput,
+    volume_month,
+)
 from fortress.deploy.pricing import PriceError, PricingUnavailable, load_prices, refresh_prices
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -426,3 +433,197 @@ def test_the_other_aws_examples_price_their_fleets() -> None:
     assert platform.usd_per_request == pytest.approx(platform.total_usd / 1_000_000)
     assert platform.utilisation == pytest.approx(1_000_000 * 200 / (730 * 3600 * 250))
     assert {"RDS PostgreSQL", "ElastiCache Redis"} <= {i.resource for i in platform.items}
+
+
+# -- Bedrock: billed per token ---------------------------------------------------------------------------
+
+SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+
+
+def _bedrock_config(replicas: str = "", cost: str = "", deploy: str = "") -> Any:
+    """The seed's Bedrock system: a pool of two adapters for Claude 3 Sonnet, the gateway on
+    Fargate (2 tasks x 0.5 vCPU / 1 GB), no pool in ``deploy.aws.pools``."""
+    replicas = (
+        replicas or f"      - engine: bedrock\n        count: 2\n        options: {{model_id: {SONNET}}}"
+    )
+    return parse_config(
+        f"""
+pools:
+  - model: claude
+    replicas:
+{replicas}
+deploy:
+  aws:
+    pools: {{}}
+{deploy}
+    cost:
+      data_transfer_gb: 2
+      nat_gb: 2
+{cost}
+""",
+        env={},
+    )
+
+
+def _seed_traffic(tokens_in: int, tokens_out: int) -> str:
+    return (
+        f"      requests_per_month: 100000\n      input_tokens_per_request: {tokens_in}\n"
+        f"      output_tokens_per_request: {tokens_out}"
+    )
+
+
+def test_the_table_prices_bedrock_models_per_million_tokens() -> None:
+    table = TABLE["bedrock_1m_tokens"]
+    assert table[SONNET] == {"input": 3.0, "output": 15.0}
+    assert table["anthropic.claude-3-haiku-20240307-v1:0"] == {"input": 0.25, "output": 1.25}
+    for model in (
+        "anthropic.claude-3-5-sonnet-20240620-v1:0",
+        "anthropic.claude-3-5-haiku-20241022-v1:0",
+        "amazon.titan-text-express-v1",
+        "amazon.nova-lite-v1:0",
+        "amazon.nova-pro-v1:0",
+        "meta.llama3-70b-instruct-v1:0",
+    ):
+        assert 0 < table[model]["input"] <= table[model]["output"], model
+    # inference profiles and ARNs name the model they bill as
+    profile = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
+    assert PRICES.bedrock_1m_tokens(profile) == ("anthropic.claude-3-5-haiku-20241022-v1:0", 0.8, 4.0)
+    arn = f"arn:aws:bedrock:us-east-1:123456789012:inference-profile/{profile}"
+    assert PRICES.bedrock_1m_tokens(arn)[0] == "anthropic.claude-3-5-haiku-20241022-v1:0"
+    fm = f"arn:aws:bedrock:us-east-1::foundation-model/{SONNET}"
+    assert PRICES.bedrock_1m_tokens(fm) == (SONNET, 3.0, 15.0)
+
+
+@pytest.mark.parametrize(("tokens_in", "tokens_out"), [(100, 100), (150, 50), (500, 200)])
+def test_a_bedrock_pool_is_billed_per_token_for_its_requests(tokens_in: int, tokens_out: int) -> None:
+    est = estimate(_bedrock_config(cost=_seed_traffic(tokens_in, tokens_out)), PRICES)
+    p = TABLE["bedrock_1m_tokens"][SONNET]
+    lines = {i.what.rsplit(", ", 1)[1]: i for i in _lines(est, "Bedrock")}
+    assert lines["input"].quantity == pytest.approx(100_000 * tokens_in / 1e6)
+    assert lines["input"].monthly_usd == pytest.approx(100_000 * tokens_in / 1e6 * p["input"])
+    assert lines["output"].monthly_usd == pytest.approx(100_000 * tokens_out / 1e6 * p["output"])
+    per_request = (tokens_in * p["input"] + tokens_out * p["output"]) / 1e6
+    (pool,) = est.pools
+    assert pool.bedrock_model == SONNET and pool.requests_share == 1.0
+    assert pool.usd_per_request == pytest.approx(per_request)
+    assert pool.usd_per_million_tokens == pytest.approx(per_request / tokens_out * 1e6)
+    assert est.bedrock_usd == pytest.approx(100_000 * per_request)
+    assert est.instances_usd == 0 and not [i for i in est.items if i.resource.startswith("EC2")]
+    assert est.utilisation is None  # no instances to fill
+    assert est.usd_per_request == pytest.approx(est.total_usd / 100_000)
+
+
+def test_the_seeds_bedrock_system_against_its_137_a_month() -> None:
+    """The seed: ~$137 a month at 100k requests x 200 tokens (not split into input and output).
+    The figures here are what the docs report; they follow from the table."""
+    even = estimate(_bedrock_config(cost=_seed_traffic(100, 100)), PRICES)
+    infra = even.total_usd - even.bedrock_usd
+    f = TABLE["fargate"]
+    fargate = 2 * 730 * (0.5 * f["vcpu_hour"] + 1 * f["gb_hour"])
+    nat = 730 * TABLE["nat_gateway"]["hour"]
+    assert {i.resource for i in even.items} >= {"Fargate", "ALB", "NAT gateway", "Bedrock"}
+    assert even.bedrock_usd == pytest.approx(180.0)
+    assert infra == pytest.approx(99.58, abs=0.01)
+    assert even.total_usd == pytest.approx(279.58, abs=0.01)  # about twice the seed's figure
+    # Cheapest split: all 200 tokens billed as input ($60). With a NAT gateway, still above $137.
+    assert 100_000 * 200 / 1e6 * 3.0 + infra > 137
+    # Without the NAT gateway (a VPC endpoint for Bedrock instead, not priced here)
+    no_nat = estimate(
+        _bedrock_config(cost=_seed_traffic(100, 100), deploy="    vpc: {nat_gateways: 0}"), PRICES
+    )
+    assert not _lines(no_nat, "NAT gateway")
+    assert no_nat.total_usd == pytest.approx(even.total_usd - nat - 2 * TABLE["nat_gateway"]["gb"])
+    assert no_nat.total_usd - no_nat.bedrock_usd == pytest.approx(66.64, abs=0.01)
+    assert _lines(even, "Fargate")[0].monthly_usd == pytest.approx(fargate)
+
+
+def test_an_unknown_bedrock_model_exits_2_naming_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(PriceError, match=r"anthropic\.claude-9"):
+        PRICES.bedrock_1m_tokens("anthropic.claude-9")
+    path = tmp_path / "fortress.yaml"
+    text = _bedrock_config().model_dump(mode="json", exclude_none=True)
+    text["pools"][0]["replicas"][0]["options"]["model_id"] = "vendor.unknown-model-v1:0"
+    path.write_text(json.dumps(text))
+    result = CliRunner().invoke(app, ["cost", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "vendor.unknown-model-v1:0" in result.output and SONNET in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bedrock_takes_the_share_its_tier_and_count_give() -> None:
+    # beside two simulator replicas in the primary tier: half of the requests
+    beside = (
+        f"      - engine: bedrock\n        count: 2\n        options: {{model_id: {SONNET}}}\n"
+        "      - engine: sim\n        count: 2"
+    )
+    half = estimate(_bedrock_config(beside, _seed_traffic(100, 100)), PRICES)
+    assert half.bedrock_usd == pytest.approx(90.0)
+    assert half.pools[0].requests_share == 0.5
+    # a failover tier behind a self-hosted primary: nothing until it takes requests
+    behind = (
+        "      - engine: sim\n"
+        f"      - engine: bedrock\n        tier: secondary\n        options: {{model_id: us.{SONNET}}}"
+    )
+    spare = estimate(_bedrock_config(behind, _seed_traffic(100, 100)), PRICES)
+    assert spare.bedrock_usd == 0
+    assert any("failover tier" in n and "$0.00180 each" in n for n in spare.notes)
+    # no requests_per_month: per request still known, the month not
+    unknown = estimate(_bedrock_config(), PRICES)
+    assert unknown.bedrock_usd == 0 and unknown.pools[0].usd_per_request == pytest.approx(
+        (500 * 3 + 200 * 15) / 1e6
+    )
+    assert any("requests_per_month" in n for n in unknown.notes)
+
+
+def test_cost_prints_bedrock_per_request_and_json_carries_it(tmp_path: Path) -> None:
+    path = tmp_path / "fortress.yaml"
+    path.write_text(json.dumps(_bedrock_config(cost=_seed_traffic(100, 100)).model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["cost", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Bedrock" in result.stdout and "$0.00180 per request" in result.stdout
+    assert "$18.00 per 1M output tokens" in result.stdout
+    data = json.loads(CliRunner().invoke(app, ["cost", "-c", str(path), "--json"]).stdout)
+    assert data["bedrock_usd"] == pytest.approx(180.0)
+    assert data["pools"][0]["bedrock_model"] == SONNET
+
+
+# -- throughput given at estimate time --------------------------------------------------------------------
+
+
+def test_read_throughput_takes_a_number_or_a_bench_file(tmp_path: Path) -> None:
+    assert read_throughput("250").tokens_per_second == 250
+    bench = tmp_path / "tp.json"
+    bench.write_text(
+        json.dumps({"tokens_per_second": 12.5, "model": "m", "concurrency": 2, "measured_at": "2026-01-02"})
+    )
+    tp = read_throughput(str(bench))
+    assert tp.tokens_per_second == 12.5 and str(bench) in tp.source and "concurrency 2" in tp.source
+    for bad in ("0", "-3", str(tmp_path / "missing.json")):
+        with pytest.raises(ValueError):
+            read_throughput(bad)
+    bench.write_text('{"requests": 3}')
+    with pytest.raises(ValueError, match="tokens_per_second"):
+        read_throughput(str(bench))
+
+
+def test_a_given_throughput_replaces_the_configs_and_says_so() -> None:
+    cfg = load_config(EXAMPLES / "aws-always-on.yaml")
+    od = TABLE["ec2_hour"]["g5.48xlarge"]
+    given = estimate(cfg, PRICES, {None: Throughput(800.0, "given: 800 tokens/s")})
+    (pool,) = given.pools
+    assert pool.usd_per_million_tokens == pytest.approx(od / (800 * 3600) * 1e6)
+    assert pool.throughput_source == "given: 800 tokens/s"
+    (default,) = estimate(cfg, PRICES).pools
+    assert default.throughput_tokens_per_second == 400 and "config" in str(default.throughput_source)
+    with pytest.raises(ValueError, match="nope"):
+        estimate(cfg, PRICES, {"nope": Throughput(1.0, "x")})
+    result = CliRunner().invoke(
+        app, ["cost", "-c", str(EXAMPLES / "aws-always-on.yaml"), "--throughput", "qwen2.5-72b=800"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "800 tokens/s (given: 800 tokens/s)" in result.stdout
+    for bad in ("other=800", "fast"):
+        result = CliRunner().invoke(
+            app, ["cost", "-c", str(EXAMPLES / "aws-always-on.yaml"), "--throughput", bad]
+        )
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -25,6 +25,32 @@ cost_app = typer.Typer(
 PRICES_OPTION = typer.Option(
     None, "--prices", help="A price table `fortress cost refresh` wrote (default: the bundled one)."
 )
+THROUGHPUT_OPTION = typer.Option(
+    None,
+    "--throughput",
+    help="Output tokens/s of one instance, instead of the config's throughput_tokens_per_second: "
+    "a number or the JSON file `bench/throughput.py --json` wrote; FILE_OR_NUMBER for every "
+    "deployed pool, POOL=FILE_OR_NUMBER for one (repeatable).",
+)
+
+
+def _throughputs(specs: list[str] | None) -> dict[str | None, Any]:
+    """``--throughput`` values by pool (``None``: every deployed pool); exit 2 on a bad one."""
+    from fortress.deploy.cost import read_throughput
+
+    found: dict[str | None, Any] = {}
+    for spec in specs or []:
+        pool: str | None = None
+        value = spec
+        # POOL=...: a pool name never holds "/" or starts a number, so a path or figure is not one.
+        head, sep, tail = spec.partition("=")
+        if sep and head and not Path(spec).exists():
+            pool, value = head, tail
+        try:
+            found[pool] = read_throughput(value)
+        except ValueError as exc:
+            fail(f"--throughput {spec}: {exc}", ExitCode.USAGE)
+    return found
 
 
 def _prices(path: Path | None) -> Any:
@@ -41,12 +67,14 @@ def cost(
     ctx: typer.Context,
     config: Path | None = CONFIG_OPTION,
     prices: Path | None = PRICES_OPTION,
+    throughput: list[str] | None = THROUGHPUT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The monthly cost of the config's `deploy.aws`: instances, volumes, gateway, network,
-    state, archive, alarms; totals, per token and per request, and what it could save.
+    state, archive, alarms, Bedrock tokens; totals, per token and per request, and what it
+    could save.
 
-    Example: [bold]fortress cost -c examples/aws-always-on-ha.yaml[/bold]
+    Example: [bold]fortress cost -c examples/aws-always-on-ha.yaml --throughput bench.json[/bold]
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -57,9 +85,10 @@ def cost(
     if cfg.deploy.aws is None:
         fail("the config has no `deploy.aws` section: nothing to price (see docs/deploy.md)", ExitCode.USAGE)
     table = _prices(prices)
+    given = _throughputs(throughput)
     try:
-        est = estimate(cfg, table)
-    except PriceError as exc:
+        est = estimate(cfg, table, given)
+    except (PriceError, ValueError) as exc:
         fail(str(exc), ExitCode.USAGE)
     if as_json:
         print_json(est.to_dict())
@@ -83,13 +112,27 @@ def _show(est: Any) -> None:
     t.add_section()
     t.add_row("[bold]total[/bold]", "", "", f"[bold]{_usd(est.total_usd)}[/bold]")
     console.print(t)
-    console.print(f"model-server instances: {_usd(est.instances_usd)} of {_usd(est.total_usd)}")
+    if any(p.bedrock_model is None for p in est.pools):
+        console.print(f"model-server instances: {_usd(est.instances_usd)} of {_usd(est.total_usd)}")
+    if est.bedrock_usd:
+        console.print(f"Bedrock tokens: {_usd(est.bedrock_usd)} of {_usd(est.total_usd)}")
     for p in est.pools:
+        if p.bedrock_model is not None:
+            line = f"{escape(p.pool)}: Bedrock {escape(p.bedrock_model)}"
+            line += f", ${p.usd_per_request:.5f} per request"
+            line += f", ${p.usd_per_million_tokens:,.2f} per 1M output tokens (their input tokens included)"
+            if p.requests_share is not None and p.requests_share < 1:
+                line += f"; takes {p.requests_share:.0%} of the pool's requests"
+            console.print(line)
+            continue
         line = f"{escape(p.pool)}: {p.instances:.2f} x {p.instance_type} on average"
         if p.usd_per_instance_hour is not None:
             line += f", ${p.usd_per_instance_hour:,.4g}/instance-hour"
         if p.usd_per_million_tokens is not None:
-            line += f", ${p.usd_per_million_tokens:,.2f} per 1M output tokens at full use"
+            line += (
+                f", ${p.usd_per_million_tokens:,.2f} per 1M output tokens at full use "
+                f"of {p.throughput_tokens_per_second:,.4g} tokens/s ({escape(str(p.throughput_source))})"
+            )
         console.print(line)
     if est.usd_per_request is not None:
         line = f"{est.requests_per_month:,} requests/month: ${est.usd_per_request:.5f} per request"

@@ -157,7 +157,8 @@ class DeployBudget(ConfigModel):
 
 
 class DeployCost(ConfigModel):
-    """What the cost model assumes beyond the config: commitments and traffic."""
+    """What the cost model assumes beyond the config: commitments and traffic (requests a month
+    and their tokens, which also price a pool of ``engine: bedrock`` replicas)."""
 
     # How the instances are paid: on demand, or with a 1-year commitment (reserved instances,
     # or a compute savings plan).
@@ -166,6 +167,9 @@ class DeployCost(ConfigModel):
     data_transfer_gb: float = Field(2000.0, ge=0, description="out to the internet per month")
     nat_gb: float = Field(100.0, ge=0, description="through the NAT gateways per month")
     requests_per_month: int | None = Field(None, ge=0)
+    # Tokens of an average request: Bedrock bills both, at different prices; the output tokens
+    # also measure what self-hosted instances are asked to generate.
+    input_tokens_per_request: float = Field(500.0, ge=0)
     output_tokens_per_request: float = Field(200.0, gt=0)
     archive_gb: float = Field(50.0, ge=0, description="audit archive held")
     # Share of an hour a spot instance costs against on demand (AWS's historical ~70 % saving).

@@ -16,17 +16,29 @@ priced, and from which keys:
 * the gateway's Fargate tasks (``min_tasks`` x cpu/memory), the ALB (with ``ALB_LCUS`` LCUs),
   NAT gateways and ``nat_gb``, ``data_transfer_gb`` out, Postgres (twice for Multi-AZ), Redis
   (1 + replicas nodes), the archive bucket (``archive_gb``), a CloudWatch alarm per alarm rule,
-  and the stack's secrets.
+  and the stack's secrets;
+* Bedrock, per pool with ``engine: bedrock`` replicas (listed in ``deploy.aws.pools`` or not):
+  per token, ``requests_per_month`` x ``input_tokens_per_request`` / ``output_tokens_per_request``
+  at the model's on-demand prices, for the share of the pool's requests its Bedrock replicas
+  take (by ``count`` among the replicas of the first tier the pool has; a Bedrock tier behind
+  self-hosted ones takes none until they fail).
+
+Each deployed pool's ``throughput_tokens_per_second`` can be given at estimate time instead
+(``throughput``: a figure, or what ``bench/throughput.py`` measured), and says where it came from.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
-from fortress.config import FleetConfig
+from fortress.config import BedrockReplicaConfig, FleetConfig, Tier
+from fortress.config.base import TIER_ORDER
 from fortress.config.deploy import AwsDeploy, DeployPool, DeployVolume
 from fortress.config.loader import FortressConfig
 from fortress.deploy.pricing import PriceTable
@@ -39,8 +51,10 @@ __all__ = [
     "LineItem",
     "PoolCost",
     "Saving",
+    "Throughput",
     "estimate",
     "off_hours_share",
+    "read_throughput",
     "running_share",
     "volume_month",
 ]
@@ -78,12 +92,19 @@ class PoolCost:
     """A deployed pool's instances: how many run on average, their cost, and per token."""
 
     pool: str
-    instance_type: str
+    instance_type: str  # "bedrock" for a pool billed per token
     instances: float  # running on average over the month
     instance_hours: float
-    monthly_usd: float  # instances and volumes
+    monthly_usd: float  # instances and volumes; Bedrock: its tokens
     usd_per_instance_hour: float | None  # what a running hour costs as billed (spot, commitment)
-    usd_per_million_tokens: float | None  # at full use of throughput_tokens_per_second
+    # Instances: at full use of the throughput. Bedrock: a request's cost (its input tokens
+    # included) per output token, so the two compare.
+    usd_per_million_tokens: float | None
+    throughput_tokens_per_second: float | None = None
+    throughput_source: str | None = None  # the config, a figure given, or a bench file
+    bedrock_model: str | None = None
+    usd_per_request: float | None = None  # Bedrock: input_tokens and output_tokens_per_request
+    requests_share: float | None = None  # Bedrock: of requests_per_month, billed here
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,7 @@ class Estimate:
     pools: tuple[PoolCost, ...]
     total_usd: float
     instances_usd: float  # the model servers' instances (no volumes)
+    bedrock_usd: float = 0.0  # tokens billed by Bedrock
     requests_per_month: int | None = None
     usd_per_request: float | None = None
     utilisation: float | None = None  # requested tokens / what the running instances can give
@@ -119,6 +141,43 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``fortress cost --json``)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Output tokens per second one instance generates, and where the figure comes from."""
+
+    tokens_per_second: float
+    source: str
+
+
+def read_throughput(spec: str) -> Throughput:
+    """A throughput from a number (``250``) or a JSON file ``bench/throughput.py --json`` wrote
+    (its ``tokens_per_second``; the source names the file, model, concurrency and date).
+
+    Raises ``ValueError`` for anything else (a missing file, no positive ``tokens_per_second``).
+    """
+    try:
+        value = float(spec)
+    except ValueError:
+        pass
+    else:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"a throughput must be a positive number of tokens per second, not {spec}")
+        return Throughput(value, f"given: {value:g} tokens/s")
+    try:
+        doc = json.loads(Path(spec).read_text())
+    except OSError as exc:
+        raise ValueError(f"{spec} is neither a number nor a readable file: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{spec} is not JSON: {exc}") from None
+    tps = doc.get("tokens_per_second") if isinstance(doc, dict) else None
+    if isinstance(tps, bool) or not isinstance(tps, int | float) or not tps > 0:
+        raise ValueError(f"{spec} has no positive tokens_per_second (bench/throughput.py --json writes one)")
+    what = ", ".join(
+        f"{k} {doc[k]}" for k in ("model", "concurrency", "measured_at") if doc.get(k) not in (None, "")
+    )
+    return Throughput(float(tps), f"measured: {spec}" + (f" ({what})" if what else ""))
 
 
 @dataclass(frozen=True)
@@ -201,7 +260,10 @@ def _pool_name(pool: Any) -> str:
 
 
 def _priced(
-    config: FortressConfig, prices: PriceTable, sc: _Scenario
+    config: FortressConfig,
+    prices: PriceTable,
+    sc: _Scenario,
+    throughput: Mapping[str, Throughput] | None = None,
 ) -> tuple[list[LineItem], list[PoolCost], list[str]]:
     aws = config.deploy.aws
     assert aws is not None
@@ -274,19 +336,100 @@ def _priced(
             )
         )
         per_hour = inst_usd / inst_hours if inst_hours else None
-        per_m = (
-            per_hour / (dp.throughput_tokens_per_second * 3600) * 1e6
-            if per_hour is not None and dp.throughput_tokens_per_second
-            else None
-        )
+        given = (throughput or {}).get(name)
+        tps = given.tokens_per_second if given else dp.throughput_tokens_per_second
+        source = given.source if given else ("throughput_tokens_per_second in the config" if tps else None)
+        per_m = per_hour / (tps * 3600) * 1e6 if per_hour is not None and tps else None
         pools.append(
             PoolCost(
-                name, dp.instance_type, inst_hours / hours, inst_hours, inst_usd + kept * vol, per_hour, per_m
+                name,
+                dp.instance_type,
+                inst_hours / hours,
+                inst_hours,
+                inst_usd + kept * vol,
+                per_hour,
+                per_m,
+                throughput_tokens_per_second=tps,
+                throughput_source=source,
             )
         )
 
+    bedrock_items, bedrock_pools = _bedrock(config, prices, notes)
+    items += bedrock_items
+    pools += bedrock_pools
     items += _shared(config, aws, prices, notes)
     return items, pools, notes
+
+
+def _bedrock(
+    config: FortressConfig, prices: PriceTable, notes: list[str]
+) -> tuple[list[LineItem], list[PoolCost]]:
+    """The pools with ``engine: bedrock`` replicas, billed per token for the requests they take."""
+    assert config.deploy.aws is not None
+    cost = config.deploy.aws.cost
+    requests = cost.requests_per_month
+    items: list[LineItem] = []
+    pools: list[PoolCost] = []
+    priced: list[str] = []
+    for pool in config.pools:
+        name = _pool_name(pool)
+        counts: dict[Tier, int] = {}
+        for rc in pool.replicas:
+            counts[rc.tier] = counts.get(rc.tier, 0) + int(getattr(rc, "count", 1))
+        # The router sends a pool's requests to its first tier; the others take over on failure.
+        serving = next((t for t in TIER_ORDER if counts.get(t)), None)
+        by_model: dict[str, tuple[str, float]] = {}  # model -> (the id as configured, share)
+        for rc in pool.replicas:
+            if not isinstance(rc, BedrockReplicaConfig):
+                continue
+            model_id = rc.options.model_id
+            model = prices.bedrock_1m_tokens(model_id)[0]
+            share = rc.count / counts[rc.tier] if rc.tier == serving else 0.0
+            prev = by_model.get(model, (model_id, 0.0))
+            by_model[model] = (prev[0], prev[1] + share)
+        for model, (model_id, share) in by_model.items():
+            _, usd_in, usd_out = prices.bedrock_1m_tokens(model_id)
+            per_request = (
+                cost.input_tokens_per_request * usd_in + cost.output_tokens_per_request * usd_out
+            ) / 1e6
+            n = (requests or 0) * share
+            m_in = n * cost.input_tokens_per_request / 1e6
+            m_out = n * cost.output_tokens_per_request / 1e6
+            where = f"{name}: {model}" + (f" ({share:.0%} of the requests)" if 0 < share < 1 else "")
+            for kind, mtok, usd in (("input", m_in, usd_in), ("output", m_out, usd_out)):
+                items.append(LineItem("Bedrock", f"{where}, {kind}", mtok, "1M tokens", usd, mtok * usd))
+            pools.append(
+                PoolCost(
+                    name,
+                    "bedrock",
+                    0.0,
+                    0.0,
+                    m_in * usd_in + m_out * usd_out,
+                    None,
+                    per_request / cost.output_tokens_per_request * 1e6,
+                    bedrock_model=model,
+                    usd_per_request=per_request,
+                    requests_share=share,
+                )
+            )
+            if share == 0:
+                notes.append(
+                    f"{name}: Bedrock ({model}) is a failover tier here: $0 until it takes requests, "
+                    f"then ${per_request:.5f} each"
+                )
+            else:
+                priced.append(name)
+    if priced and requests is None:
+        notes.append(
+            "Bedrock bills per token: set deploy.aws.cost.requests_per_month (and input_tokens_per_request, "
+            "output_tokens_per_request) to price it"
+        )
+    if priced and len(config.pools) > 1:
+        notes.append(
+            f"Bedrock pool(s) {', '.join(sorted(set(priced)))} priced as taking all requests_per_month; "
+            "the config's other pools share the same requests"
+        )
+    return items, pools
 
 
 def _shared(config: FortressConfig, aws: AwsDeploy, prices: PriceTable, notes: list[str]) -> list[LineItem]:
@@ -395,32 +538,56 @@ def _shared(config: FortressConfig, aws: AwsDeploy, prices: PriceTable, notes: l
     return items
 
 
-def estimate(config: FortressConfig, prices: PriceTable) -> Estimate:
+def estimate(
+    config: FortressConfig, prices: PriceTable, throughput: Mapping[str | None, Throughput] | None = None
+) -> Estimate:
     """The monthly cost of ``config``'s ``deploy.aws`` at ``prices``, with what it could save.
 
-    Raises ``ValueError`` when the config has no ``deploy.aws``, ``PriceError`` when it names an
-    instance type, database class or node type the table does not price.
+    ``throughput`` replaces pools' ``throughput_tokens_per_second``: by pool name, or under
+    ``None`` for every pool ``deploy.aws.pools`` names. Raises ``ValueError`` when the config has
+    no ``deploy.aws`` or a throughput names no deployed pool, ``PriceError`` when it names an
+    instance type, database class, node type or Bedrock model the table does not price.
     """
     aws = config.deploy.aws
     if aws is None:
         raise ValueError("the config has no `deploy.aws` section: nothing to price")
-    items, pools, notes = _priced(config, prices, _Scenario())
+    per_pool: dict[str, Throughput] = {}
+    if throughput:
+        if None in throughput and not aws.pools:
+            raise ValueError(
+                "a throughput prices deployed instances, and deploy.aws.pools names none "
+                "(Bedrock is billed per token)"
+            )
+        for name in throughput:
+            if name is not None and name not in aws.pools:
+                known = ", ".join(sorted(aws.pools)) or "none"
+                raise ValueError(
+                    f"a throughput for pool {name!r}, which deploy.aws.pools does not name ({known})"
+                )
+        per_pool = {n: throughput[None] for n in aws.pools if None in throughput}
+        per_pool |= {n: tp for n, tp in throughput.items() if n is not None}
+    items, pools, notes = _priced(config, prices, _Scenario(), per_pool)
     total = sum(i.monthly_usd for i in items)
     instances = sum(i.monthly_usd for i in items if i.resource.startswith("EC2 "))
+    bedrock = sum(i.monthly_usd for i in items if i.resource == "Bedrock")
     cost = aws.cost
     if aws.region != prices.region:
         notes.append(
             f"the prices are {prices.region}'s, the stack's region is {aws.region}: "
             f"run `fortress cost refresh --region {aws.region}` for its own"
         )
-    notes.append("per-token cost assumes full use: every running hour generates throughput_tokens_per_second")
+    if any(p.bedrock_model is None for p in pools):
+        notes.append(
+            "per-token cost of instances assumes full use: every running hour generates "
+            "throughput_tokens_per_second"
+        )
     notes.append(f"ALB LCUs ({ALB_LCUS:g}) and data transfer are estimates; traffic changes them")
 
     per_request = utilisation = None
     if cost.requests_per_month:
         per_request = total / cost.requests_per_month
-        rated = [(p, aws.pools[p.pool].throughput_tokens_per_second) for p in pools]
-        if all(tps for _, tps in rated) and pools:
+        rated = [(p, p.throughput_tokens_per_second) for p in pools if p.bedrock_model is None]
+        if all(tps for _, tps in rated) and rated:
             capacity = sum(p.instance_hours * 3600 * (tps or 0) for p, tps in rated)
             wanted = cost.requests_per_month * cost.output_tokens_per_request
             utilisation = wanted / capacity if capacity else None
@@ -477,6 +644,7 @@ def estimate(config: FortressConfig, prices: PriceTable) -> Estimate:
         pools=tuple(pools),
         total_usd=total,
         instances_usd=instances,
+        bedrock_usd=bedrock,
         requests_per_month=cost.requests_per_month,
         usd_per_request=per_request,
         utilisation=utilisation,

@@ -1,7 +1,8 @@
 """The AWS price table the cost model reads: bundled, dated, and refreshable.
 
 The bundled table (``prices/aws-us-east-1.json``) is a snapshot of AWS's public on-demand list
-prices in us-east-1 (Linux, shared tenancy); it names its region, date and source, and the cost
+prices in us-east-1 (Linux, shared tenancy) and Bedrock's on-demand prices per 1M input and
+output tokens; it names its region, date and source, and the cost
 model prints them beside every estimate. ``refresh_prices`` fetches current instance prices
 through the AWS Price List API (``fortress cost refresh``).
 """
@@ -21,6 +22,7 @@ __all__ = [
     "PriceError",
     "PriceTable",
     "PricingUnavailable",
+    "bedrock_model",
     "load_prices",
     "refresh_prices",
 ]
@@ -45,6 +47,22 @@ _SECTIONS = (
     "cloudwatch_alarm_month",
     "secret_month",
 )
+
+
+# A cross-region inference profile's id is the model's with a geography in front; it bills at the
+# model's on-demand prices in the source region.
+_PROFILE_PREFIXES = ("us-gov.", "us.", "eu.", "apac.", "jp.", "au.", "ca.", "global.")
+
+
+def bedrock_model(model_id: str) -> str:
+    """The foundation model behind a Bedrock id: ``us.anthropic.claude-3-5-haiku-20241022-v1:0``
+    and ``arn:aws:bedrock:...:inference-profile/us.anthropic...`` or ``...:foundation-model/...``
+    give ``anthropic.claude-3-5-haiku-20241022-v1:0``; a plain model id is itself."""
+    model = model_id.rsplit("/", 1)[-1] if model_id.startswith("arn:") else model_id
+    for prefix in _PROFILE_PREFIXES:
+        if model.startswith(prefix):
+            return model[len(prefix) :]
+    return model
 
 
 class PriceError(ValueError):
@@ -90,6 +108,20 @@ class PriceTable:
         """A flat price: ``price("data_transfer_out_gb")`` or ``price("alb", "hour")``."""
         value = self.raw[section] if key is None else self.raw[section][key]
         return float(value)
+
+    def bedrock_1m_tokens(self, model_id: str) -> tuple[str, float, float]:
+        """(the model, $ per 1M input tokens, $ per 1M output tokens) of a Bedrock model id,
+        inference profile id (``us.anthropic...``) or ARN; PriceError when not in the table."""
+        table: Mapping[str, Mapping[str, float]] = self.raw.get("bedrock_1m_tokens", {})
+        model = bedrock_model(model_id)
+        if model not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise PriceError(
+                f"Bedrock model {model_id!r} is not in the price table ({self.region}, {self.date}); "
+                f"known: {known}. Add its on-demand prices per 1M tokens to a copy of the table "
+                f"(`bedrock_1m_tokens`) and use `fortress cost --prices FILE`"
+            )
+        return model, float(table[model]["input"]), float(table[model]["output"])
 
     @property
     def instance_types(self) -> list[str]:
@@ -163,7 +195,7 @@ def refresh_prices(
     """A new price table for ``region``: the hourly on-demand prices of the EC2 instance types
     (``base``'s and ``instance_types``), RDS PostgreSQL classes and ElastiCache node types,
     fetched with the Price List API (``pricing`` client in us-east-1, ``get_products``); the
-    other prices (EBS, ALB, NAT, transfer, Fargate, S3, CloudWatch, Secrets Manager) are
+    other prices (EBS, ALB, NAT, transfer, Fargate, S3, CloudWatch, Secrets Manager, Bedrock) are
     carried over from ``base`` and the table's ``source`` says so.
 
     ``session`` is a boto3 ``Session`` (default: a new one from the usual credential chain).
