@@ -62,7 +62,14 @@ from fortress.config.observe import (
     Observe,
     default_alarm_rules,
 )
-from fortress.config.routing import HealthCheck, OutlierDetection, PoolConfig, Routing
+from fortress.config.routing import (
+    HealthCheck,
+    OutlierDetection,
+    PoolConfig,
+    PrefixRouting,
+    Routing,
+    SessionAffinity,
+)
 from fortress.config.server import Server, Timeouts
 
 __all__ = [
@@ -113,10 +120,12 @@ __all__ = [
     "Observe",
     "OutlierDetection",
     "PoolConfig",
+    "PrefixRouting",
     "ReplicaConfig",
     "ReplicaConfigBase",
     "Routing",
     "Server",
+    "SessionAffinity",
     "SimOptions",
     "SimReplicaConfig",
     "Tier",

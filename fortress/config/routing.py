@@ -10,7 +10,20 @@ from fortress.config.base import NAME_PATTERN, TIER_ORDER, ConfigModel, Tier, se
 from fortress.config.engines import ExternalReplicaConfig, ReplicaConfig
 from fortress.config.fleet import FleetConfig
 
-__all__ = ["TIER_ORDER", "FleetConfig", "HealthCheck", "OutlierDetection", "PoolConfig", "Routing", "Tier"]
+__all__ = [
+    "TIER_ORDER",
+    "FleetConfig",
+    "HealthCheck",
+    "OutlierDetection",
+    "PoolConfig",
+    "PrefixRouting",
+    "Routing",
+    "SessionAffinity",
+    "Tier",
+]
+
+# RFC 6265 cookie names and RFC 9110 header names: tokens (no separators, no spaces).
+_TOKEN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 
 
 class HealthCheck(ConfigModel):
@@ -113,6 +126,54 @@ class Routing(ConfigModel):
         return seconds(v)
 
 
+class SessionAffinity(ConfigModel):
+    """``balancer: session``: where a request's session key comes from and how hot keys spill.
+
+    ``source: header`` reads the key from the request header ``header``; ``source: cookie``
+    reads the cookie ``cookie``, and when a request has none the gateway makes a key and sets
+    the cookie on the answer (``Max-Age`` = ``ttl``, HttpOnly, SameSite=Lax). Keys map to
+    replicas by consistent hashing with bounded loads: a replica takes a key's request only
+    while its requests in flight stay within ``load_factor`` times the pool's average.
+    """
+
+    source: Literal["header", "cookie"] = "header"
+    header: str = Field("x-session-id", pattern=_TOKEN, max_length=128)
+    cookie: str = Field("fortress-session", pattern=_TOKEN, max_length=128)
+    ttl: float = Field(900.0, gt=0, description="seconds the gateway's session cookie lives")
+    load_factor: float = Field(
+        1.25, ge=1.0, le=10.0, description="a replica takes at most ceil(load_factor x average) in flight"
+    )
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _ttl(cls, v: Any) -> Any:
+        return seconds(v)
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()  # ASGI hands header names over in lower case
+
+
+class PrefixRouting(ConfigModel):
+    """``balancer: prefix``: how prompts are cut into blocks and how far load may outweigh a match.
+
+    The prompt (chat messages serialized as ``role: content`` lines) is hashed in blocks of
+    ``block_chars`` characters, each hash chained to the ones before, up to ``max_blocks``
+    blocks. The balancer remembers which replicas served which chains (at most ``entries``
+    chains, least recently used first out) and sends a request to the replica with the longest
+    matching chain, unless that replica has more than ``max_imbalance`` requests in flight more
+    than the least loaded one.
+    """
+
+    block_chars: int = Field(256, ge=16, le=65536)
+    max_blocks: int = Field(64, ge=1, le=4096)
+    entries: int = Field(100_000, ge=1, le=10_000_000, description="block chains remembered")
+    max_imbalance: int = Field(
+        4, ge=0, description="in flight a warm replica may carry above the least loaded one"
+    )
+
+
 class PoolConfig(ConfigModel):
     """The replicas serving one model.
 
@@ -128,8 +189,10 @@ class PoolConfig(ConfigModel):
     aliases: list[str] = Field(default_factory=list)
     health_check: HealthCheck = Field(default_factory=HealthCheck)
     outlier: OutlierDetection = Field(default_factory=OutlierDetection)
-    # How a replica is picked within a tier; more strategies will come.
-    balancer: Literal["least_outstanding"] = "least_outstanding"
+    # How a replica is picked within a tier (``routing/balancers.py``; docs/routing.md).
+    balancer: Literal["least_outstanding", "session", "prefix"] = "least_outstanding"
+    session: SessionAffinity = Field(default_factory=SessionAffinity)
+    prefix: PrefixRouting = Field(default_factory=PrefixRouting)
     deregistration_delay: float = Field(
         30.0, ge=0, description="seconds a draining replica keeps in-flight requests"
     )
@@ -141,6 +204,18 @@ class PoolConfig(ConfigModel):
     @classmethod
     def _delay(cls, v: Any) -> Any:
         return seconds(v)
+
+    @model_validator(mode="after")
+    def _strategy_settings_match(self) -> Self:
+        # Settings for a strategy the pool does not use are a mistake, not a no-op.
+        # (Compared with the defaults: a config dumped and loaded again carries every section.)
+        for name, default in (("session", SessionAffinity()), ("prefix", PrefixRouting())):
+            if self.balancer != name and getattr(self, name) != default:
+                raise ValueError(
+                    f"`{name}:` settings apply to `balancer: {name}`, but this pool's balancer is "
+                    f"{self.balancer!r}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _aliases_need_model(self) -> Self:

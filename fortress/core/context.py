@@ -71,6 +71,7 @@ class RequestContext:
         "replica",
         "request_id",
         "responded",
+        "session",
         "status",
         "stream",
         "t0",
@@ -109,37 +110,52 @@ class RequestContext:
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.finished = False  # the record of this request has been handed to the audit layer
         self.responded = False  # the response has started: no other replica may answer now
-        self._prefix: str | None = None
+        self._prefix: tuple[int, str] | None = None  # (the limit it was cut at, the text)
+        # The session key by the pool's `session:` settings, set by the gateway for pools whose
+        # balancer is `session` (a header other than the default, or the gateway's cookie).
+        self.session: str | None = None
 
     # -- the request view balancers read ------------------------------------------------------
 
     @property
     def session_key(self) -> str | None:
-        """The client's session id (``x-session-id``), for session affinity."""
+        """The client's session key, for session affinity: what the gateway resolved by the
+        pool's settings, else the ``x-session-id`` header."""
+        if self.session is not None:
+            return self.session
         raw = self.headers.get(SESSION_HEADER)
         return raw.decode("latin-1") if raw else None
 
     def prompt_prefix(self, limit: int = 4096) -> str:
         """The start of the prompt as text (chat messages as ``role: content`` lines), at most
-        ``limit`` characters; computed on first use, for prefix-aware balancers."""
-        if self._prefix is None:
-            self._prefix = prompt_text(self.body)
-        return self._prefix[:limit]
+        ``limit`` characters; computed on first use, for prefix-aware balancers. Messages past
+        the first ``limit`` characters are not read."""
+        cached = self._prefix
+        if cached is None or (cached[0] < limit and len(cached[1]) >= cached[0]):
+            cached = self._prefix = (limit, prompt_text(self.body, limit))
+        return cached[1][:limit]
 
 
-def prompt_text(body: dict[str, Any] | None) -> str:
-    """The prompt of a chat or completion body as one string (content parts' text joined)."""
+def prompt_text(body: dict[str, Any] | None, limit: int | None = None) -> str:
+    """The prompt of a chat or completion body as one string (content parts' text joined),
+    cut at ``limit`` characters when given (later messages are then not read)."""
     if not body:
         return ""
     parts: list[str] = []
+    size = 0
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict):
-                parts.append(f"{m.get('role', '')}: {_content(m.get('content'))}")
+                part = f"{m.get('role', '')}: {_content(m.get('content'))}"
+                parts.append(part)
+                size += len(part) + 1
+                if limit is not None and size > limit:
+                    break
     else:
         parts.append(_content(body.get("prompt")))
-    return "\n".join(parts)
+    text = "\n".join(parts)
+    return text if limit is None else text[:limit]
 
 
 def _content(value: Any) -> str:

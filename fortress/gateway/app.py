@@ -29,6 +29,7 @@ from fortress.core.context import RequestContext
 from fortress.core.layers import AccessLayer, AuditLayer, Capacity, Observer
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.relay import Relay
+from fortress.routing.affinity import session_key
 from fortress.routing.pool import Route, Router
 
 log = logging.getLogger("fortress.gateway")
@@ -190,6 +191,8 @@ class Gateway:
             ctx.bytes_in = len(raw)
             try:
                 route = self._parse(ctx, raw)
+                if route.pool.config.balancer == "session":
+                    self._session(ctx, scope, route)
                 if self.audit is not None:
                     self.audit.check_body(ctx)
                 body = self.relay.upstream_body(ctx, route, raw)
@@ -294,6 +297,16 @@ class Gateway:
         ctx.stream = bool(stream)
         ctx.max_tokens = max_tokens
         return route
+
+    @staticmethod
+    def _session(ctx: RequestContext, scope: Scope, route: Route) -> None:
+        # The session key by the pool's settings; in cookie mode a request without the cookie
+        # gets a new key, and its answer (stream or not, error or not) the cookie.
+        ctx.session, cookie = session_key(
+            ctx.headers, route.pool.config.session, secure=scope.get("scheme") == "https"
+        )
+        if cookie is not None:
+            ctx.extra_headers.append((b"set-cookie", cookie))
 
     async def _read_body(self, receive: Receive, scope: Scope | None = None) -> bytes | None:
         chunks: list[bytes] = []

@@ -11,17 +11,27 @@ Within the chosen tier a strategy's ``choose`` picks one replica; it sees
 the request (``RequestView``: model, session key, prompt prefix, computed only when asked) and
 each replica's load (``in_flight``, and ``load`` from the engine's own metrics).
 
-Strategies: ``least_outstanding`` (power of two choices on requests in flight; the default).
-Session affinity and prefix-aware routing plug in here as further ``choose`` functions.
+Strategies (docs/routing.md):
+
+- ``least_outstanding``: power of two choices on requests in flight; the default.
+- ``session``: the request's session key picks the replica by consistent hashing with bounded
+  loads (rendezvous hashing: the candidates ranked by a hash of key and replica name; the first
+  whose requests in flight stay within ``load_factor`` x the average takes it). Only a leaving
+  replica's keys move; a hot key spills to its next choices. No key: least outstanding.
+- ``prefix``: the replica most likely to hold the prompt's prefix in its KV cache, from a table
+  of the block chains each replica served (``affinity.PrefixTable``), unless it is loaded more
+  than ``max_imbalance`` above the least loaded one. No match: least outstanding.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from math import ceil
 from typing import Protocol
 
 from fortress.config import PoolConfig, Routing
+from fortress.routing.affinity import PrefixTable, block_chains, key_hash, rank
 from fortress.routing.replica import Replica, State
 
 Tiers = tuple[list[Replica], ...]  # a route's replicas per tier, highest first
@@ -55,6 +65,9 @@ class TieredBalancer:
 
     def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
         raise NotImplementedError
+
+    def forget(self, name: str) -> None:
+        """A replica left the pool: drop what the strategy remembers of it (nothing by default)."""
 
     def pick(self, tiers: Tiers, view: RequestView | None, exclude: Sequence[Replica] = ()) -> Replica | None:
         any_healthy = False
@@ -106,8 +119,87 @@ class LeastOutstanding(TieredBalancer):
         return a if a.in_flight < b.in_flight else b
 
 
+class SessionAffinity(LeastOutstanding):
+    """Consistent hashing with bounded loads on the request's session key.
+
+    A key's replica is its first in rendezvous order (a hash of key and replica name, so the
+    same in every gateway process) whose requests in flight, this one included, stay within
+    ``ceil(load_factor x average)`` over the candidates; the least loaded candidate always
+    does, so a choice always exists. A replica leaving the candidates (ejected, unhealthy,
+    draining, already tried) moves only the keys it had.
+    """
+
+    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
+        super().__init__(pool, routing, rng)
+        self.load_factor = pool.session.load_factor
+
+    def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
+        key = view.session_key if view is not None else None
+        if not key or len(candidates) == 1:
+            return super().choose(candidates, view)
+        total = 1  # this request
+        for r in candidates:
+            total += r.in_flight
+        cap = ceil(self.load_factor * total / len(candidates))
+        ranked = rank(key_hash(key), candidates)
+        for r in ranked:
+            if r.in_flight + 1 <= cap:
+                return r
+        return min(ranked, key=lambda r: r.in_flight)  # not reached: the least loaded fits
+
+
+class PrefixAware(LeastOutstanding):
+    """The replica that served the longest leading run of the prompt's blocks, within a load margin.
+
+    Candidates with more than ``max_imbalance`` requests in flight above the least loaded one
+    are passed over (the warm replica spills when it is overloaded); among the rest, the
+    longest match wins, then the fewer in flight. The chosen replica is recorded as holding
+    every block chain of the prompt. A prompt shorter than one block, or matching nothing,
+    goes by least outstanding.
+    """
+
+    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
+        super().__init__(pool, routing, rng)
+        cfg = pool.prefix
+        self.block_chars = cfg.block_chars
+        self.max_blocks = cfg.max_blocks
+        self.max_imbalance = cfg.max_imbalance
+        self.table = PrefixTable(cfg.entries)
+
+    def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
+        if view is None:
+            return super().choose(candidates, view)
+        text = view.prompt_prefix(self.block_chars * self.max_blocks)
+        chains = block_chains(text, self.block_chars, view.model or "")
+        if not chains:
+            return super().choose(candidates, view)
+        matched = self.table.match(chains)
+        best: Replica | None = None
+        if matched:
+            bound = min(r.in_flight for r in candidates) + self.max_imbalance
+            best_len = 0
+            for r in candidates:
+                n = matched.get(r.name, 0)
+                if r.in_flight > bound or n == 0:
+                    continue
+                if n > best_len or (n == best_len and best is not None and r.in_flight < best.in_flight):
+                    best, best_len = r, n
+        if best is None:
+            best = super().choose(candidates, view)
+        self.table.record(chains, best.name)
+        return best
+
+    def forget(self, name: str) -> None:
+        # A replica that comes back under this name starts with an empty cache.
+        self.table.forget(name)
+
+
 # The one registry of strategies: the name a pool's `balancer:` gives -> the class.
-BALANCERS: dict[str, type[TieredBalancer]] = {"least_outstanding": LeastOutstanding}
+BALANCERS: dict[str, type[TieredBalancer]] = {
+    "least_outstanding": LeastOutstanding,
+    "session": SessionAffinity,
+    "prefix": PrefixAware,
+}
 
 
 def build_balancer(pool: PoolConfig, routing: Routing, rng: random.Random) -> TieredBalancer:

@@ -269,6 +269,7 @@ class Router:
             if replica in pool.replicas:
                 pool.replicas.remove(replica)
                 self._retired[replica.name] = (replica.served, replica.failures, replica.ejections_total)
+                pool.balancer.forget(replica.name)
                 self.rebuild_index()
                 for cb in self.on_removed:
                     cb(replica)

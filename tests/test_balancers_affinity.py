@@ -1,0 +1,383 @@
+"""Session affinity and prefix-aware routing: the balancers on plain replicas, their config, the
+request view they read, and the same through a real gateway with simulated replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Mapping
+from math import ceil
+
+import aiohttp
+import pytest
+
+from fortress.config import ConfigError, parse_config
+from fortress.core.context import RequestContext
+from fortress.routing.affinity import PrefixTable, block_chains, session_key
+from fortress.routing.balancers import LeastOutstanding, PrefixAware, SessionAffinity
+from fortress.routing.pool import Router
+from fortress.routing.replica import State
+
+
+def router(balancer: str, settings: str = "", n: int = 3) -> Router:
+    reps = "\n".join(f"      - {{url: 'http://r{i}', tier: primary}}" for i in range(1, n + 1))
+    cfg = f"pools:\n  - model: m\n    balancer: {balancer}\n{settings}    replicas:\n{reps}\n"
+    r = Router(parse_config(cfg, env={}), rng=random.Random(7))
+    for rep in r.all_replicas():
+        r.set_models(rep, frozenset({"m"}))
+        rep.state = State.HEALTHY
+    return r
+
+
+class View:
+    """A request view with a fixed session key and prompt."""
+
+    def __init__(self, session: str | None = None, prompt: str = "", model: str = "m") -> None:
+        self.model = model
+        self._session = session
+        self._prompt = prompt
+
+    @property
+    def session_key(self) -> str | None:
+        return self._session
+
+    def prompt_prefix(self, limit: int = 4096) -> str:
+        return self._prompt[:limit]
+
+
+# -- session affinity ------------------------------------------------------------------------
+
+
+def test_the_registry_builds_each_strategy():
+    assert isinstance(router("least_outstanding").pools[0].balancer, LeastOutstanding)
+    assert isinstance(router("session").pools[0].balancer, SessionAffinity)
+    assert isinstance(router("prefix").pools[0].balancer, PrefixAware)
+
+
+def test_a_session_key_keeps_its_replica():
+    r = router("session")
+    route = r.route("m")
+    for key in ("conv-1", "conv-2", "conv-3", "a" * 300):
+        picks = {r.pick(route, View(key)).name for _ in range(50)}
+        assert len(picks) == 1, (key, picks)
+
+
+def test_session_keys_spread_and_are_the_same_in_every_process():
+    a, b = router("session"), router("session")
+    keys = [f"user-{i}" for i in range(300)]
+    pa = [a.pick(a.route("m"), View(k)).name for k in keys]
+    pb = [b.pick(b.route("m"), View(k)).name for k in keys]
+    assert pa == pb  # a hash of key and name, not of the process or its random numbers
+    share = Counter(pa)
+    assert set(share) == {"m-1", "m-2", "m-3"}
+    assert min(share.values()) > 60, share  # about 100 each
+
+
+def test_an_ejected_replica_moves_only_its_keys():
+    r = router("session")
+    route = r.route("m")
+    keys = [f"user-{i}" for i in range(300)]
+    before = {k: r.pick(route, View(k)).name for k in keys}
+    gone = next(x for x in r.all_replicas() if x.name == "m-2")
+    gone.state = State.UNHEALTHY  # ejected (an ejection shows as unhealthy)
+    after = {k: r.pick(route, View(k)).name for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "m-2" for k in moved)  # only its keys moved ...
+    assert all(after[k] != "m-2" for k in keys)
+    assert 0.2 < len(moved) / len(keys) < 0.47, len(moved)  # ... about a third of them
+    # Its moved keys spread over both survivors rather than piling onto one.
+    assert set(after[k] for k in moved) == {"m-1", "m-3"}
+    gone.state = State.HEALTHY  # back: its keys come back to it
+    assert {k: r.pick(route, View(k)).name for k in keys} == before
+
+
+def test_a_retry_goes_to_the_keys_next_choice():
+    r = router("session")
+    route = r.route("m")
+    first = r.pick(route, View("k"))
+    second = r.pick(route, View("k"), exclude=(first,))
+    assert second is not None and second is not first
+    assert {r.pick(route, View("k"), exclude=(first,)).name for _ in range(10)} == {second.name}
+
+
+def test_a_hot_key_spills_within_the_bound():
+    r = router("session", "    session: {load_factor: 1.25}\n")
+    route = r.route("m")
+    reps = list(r.all_replicas())
+    home = r.pick(route, View("hot"))
+    for _ in range(60):  # 60 concurrent requests of one key, none finished
+        total = sum(x.in_flight for x in reps) + 1
+        cap = ceil(1.25 * total / len(reps))
+        got = r.pick(route, View("hot"))
+        assert got.in_flight + 1 <= cap, (got.name, got.in_flight, cap)
+        got.in_flight += 1
+    loads = {x.name: x.in_flight for x in reps}
+    assert max(loads.values()) <= ceil(1.25 * 60 / 3)
+    assert loads[home.name] == max(loads.values())  # the key's home still takes the most
+    assert min(loads.values()) > 0, loads  # and the others took the spill
+
+
+def test_without_a_key_the_session_balancer_is_least_outstanding():
+    r = router("session")
+    route = r.route("m")
+    busy = next(iter(r.all_replicas()))
+    busy.in_flight = 10
+    picks = Counter(r.pick(route, View(None)).name for _ in range(200))
+    assert busy.name not in picks  # power of two choices never prefers the busy one
+    assert len(picks) == 2
+
+
+# -- the session key -------------------------------------------------------------------------
+
+
+def pool_settings(text: str):
+    return parse_config(f"pools:\n  - model: m\n{text}    replicas: [{{url: 'http://r1'}}]\n", env={}).pools[
+        0
+    ]
+
+
+def test_session_key_from_a_header_of_choice():
+    pc = pool_settings("    balancer: session\n    session: {header: X-Conversation}\n")
+    assert pc.session.header == "x-conversation"
+    assert session_key({b"x-conversation": b"c-9"}, pc.session) == ("c-9", None)
+    assert session_key({b"x-session-id": b"c-9"}, pc.session) == (None, None)
+
+
+def test_session_key_from_the_gateways_cookie():
+    pc = pool_settings("    balancer: session\n    session: {source: cookie, cookie: sid, ttl: 15m}\n")
+    key, cookie = session_key({}, pc.session)
+    assert key and len(key) == 32
+    assert cookie == f"sid={key}; Max-Age=900; Path=/; HttpOnly; SameSite=Lax".encode()
+    _, secure = session_key({}, pc.session, secure=True)
+    assert secure is not None and secure.endswith(b"; Secure")
+    assert session_key({b"cookie": b"a=1; sid=abc; b=2"}, pc.session) == ("abc", None)
+    assert session_key({b"cookie": b"sidx=abc"}, pc.session)[1] is not None  # another cookie
+
+
+def test_the_request_context_reads_the_resolved_key_and_a_bounded_prompt():
+    ctx = RequestContext("req-1", "/v1/chat/completions", 0.0, None)
+    ctx.headers = {b"x-session-id": b"from-header"}
+    assert ctx.session_key == "from-header"
+    ctx.session = "from-cookie"
+    assert ctx.session_key == "from-cookie"
+
+    class Untouchable(dict):
+        def get(self, *_a):
+            raise AssertionError("a message past the limit was read")
+
+    ctx.body = {
+        "messages": [
+            {"role": "system", "content": "x" * 500},
+            {"role": "user", "content": "hi"},
+            Untouchable(),
+        ]
+    }
+    assert ctx.prompt_prefix(100) == "system: " + "x" * 92
+    assert ctx._prefix is not None and ctx._prefix[0] == 100
+    assert len(ctx.prompt_prefix(50)) == 50  # from the cache
+    ctx.body["messages"] = ctx.body["messages"][:2]
+    assert ctx.prompt_prefix(4096) == "system: " + "x" * 500 + "\nuser: hi"  # a longer limit re-reads
+
+
+# -- prefix-aware routing --------------------------------------------------------------------
+
+SYSTEM = "system: " + "You are a careful assistant for the ACME support desk. " * 40  # ~2,200 chars
+
+
+def chat(turn: str, system: str = SYSTEM) -> str:
+    return f"{system}\nuser: {turn}"
+
+
+def test_block_chains_are_chained_and_seeded_by_model():
+    a = block_chains("x" * 1000 + "a", 256, "m")
+    b = block_chains("x" * 1000 + "b", 256, "m")
+    assert len(a) == 3 and a == b  # the tail past the last full block does not count
+    c = block_chains("y" + "x" * 999, 256, "m")
+    assert not set(a) & set(c)  # one different first character: no chain in common
+    assert block_chains("x" * 1000, 256, "other") != a
+    assert block_chains("short", 256, "m") == []
+
+
+def test_shared_prefix_goes_to_the_warm_replica():
+    r = router("prefix", "    prefix: {block_chars: 128}\n")
+    route = r.route("m")
+    warm = r.pick(route, View(prompt=chat("first question")))
+    picks = Counter(r.pick(route, View(prompt=chat(f"question {i}"))).name for i in range(50))
+    assert picks == {warm.name: 50}
+    # Another system prompt lands by load, then sticks to its own replica.
+    other = r.pick(route, View(prompt=chat("q", system="system: " + "Другой помощник. " * 150)))
+    again = r.pick(route, View(prompt=chat("q2", system="system: " + "Другой помощник. " * 150)))
+    assert again is other
+
+
+def test_the_warm_replica_spills_when_overloaded():
+    r = router("prefix", "    prefix: {block_chars: 128, max_imbalance: 3}\n")
+    route = r.route("m")
+    warm = r.pick(route, View(prompt=chat("q")))
+    warm.in_flight = 3  # within the margin of the idle ones: still the warm one
+    assert r.pick(route, View(prompt=chat("q1"))) is warm
+    warm.in_flight = 4  # beyond it: another replica takes it ...
+    spilled = r.pick(route, View(prompt=chat("q2")))
+    assert spilled is not warm
+    # ... and now holds the prefix too: the next spill prefers it over the cold one.
+    assert r.pick(route, View(prompt=chat("q3"))) is spilled
+    warm.in_flight = 0  # the warm one drained: both are warm, the least loaded of them wins
+    spilled.in_flight = 1
+    assert r.pick(route, View(prompt=chat("q4"))) is warm
+
+
+def test_the_longest_match_wins():
+    r = router("prefix", "    prefix: {block_chars: 128}\n")
+    route = r.route("m")
+    reps = {x.name: x for x in r.all_replicas()}
+    base = SYSTEM + "\nuser: " + "earlier turn " * 40
+    bal = r.pools[0].balancer
+    assert isinstance(bal, PrefixAware)
+    bal.table.record(block_chains(SYSTEM, 128, "m"), "m-1")  # holds the system prompt only
+    bal.table.record(block_chains(base, 128, "m"), "m-3")  # holds the earlier turns too
+    assert r.pick(route, View(prompt=base + "\nuser: next")) is reps["m-3"]
+
+
+def test_prompts_shorter_than_a_block_go_by_load_and_are_not_remembered():
+    r = router("prefix")
+    route = r.route("m")
+    picks = Counter(r.pick(route, View(prompt="user: hi")).name for _ in range(90))
+    assert len(picks) == 3
+    assert len(r.pools[0].balancer.table) == 0
+
+
+def test_the_prefix_table_is_bounded_and_forgets_replicas_that_left():
+    t = PrefixTable(entries=10)
+    for i in range(50):
+        t.record([i * 100 + j for j in range(3)], f"r{i % 2}")
+    assert len(t) == 10
+    assert t.match([4900, 4901, 4902]) == {"r1": 3}  # i = 49
+    assert t.match([0, 1, 2]) == {}  # evicted, least recently used first
+    r = router("prefix", "    prefix: {block_chars: 128}\n")
+    route = r.route("m")
+    warm = r.pick(route, View(prompt=chat("q")))
+    r.remove_replica(warm)
+    assert all(warm.name not in names for names in r.pools[0].balancer.table._owners.values())
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("    balancer: sticky\n", "least_outstanding"),
+        ("    balancer: session\n    session: {load_factor: 0.5}\n", "load_factor"),
+        ("    balancer: session\n    session: {source: query}\n", "'header' or 'cookie'"),
+        ("    balancer: session\n    session: {cookie: 'my session'}\n", "cookie"),
+        ("    balancer: session\n    session: {ttl: 0}\n", "ttl"),
+        ("    balancer: prefix\n    prefix: {block_chars: 4}\n", "block_chars"),
+        ("    balancer: prefix\n    prefix: {max_imbalance: -1}\n", "max_imbalance"),
+        ("    session: {source: cookie}\n", "apply to `balancer: session`"),
+        ("    balancer: session\n    prefix: {block_chars: 64}\n", "apply to `balancer: prefix`"),
+        ("    balancer: session\n    session: {ttl: 60, colour: red}\n", "colour"),
+    ],
+)
+def test_bad_balancer_settings_are_refused_clearly(settings: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        pool_settings(settings)
+    assert message in str(err.value), str(err.value)
+
+
+# -- through a real gateway with simulated replicas ------------------------------------------
+
+
+def pool_yaml(urls: list[str], balancer: str, settings: str = "") -> str:
+    reps = "\n".join(f"      - {{url: '{u}', tier: primary}}" for u in urls)
+    return (
+        f"pools:\n  - model: m\n    balancer: {balancer}\n{settings}"
+        "    health_check: {interval: 0.5, timeout: 0.25}\n"
+        "    outlier: {base_ejection_time: 60, max_ejection_time: 60}\n"
+        f"    replicas:\n{reps}\n"
+    )
+
+
+async def ask(
+    s: aiohttp.ClientSession, gw: str, content: str = "hi", stream: bool = False, **headers: str
+) -> tuple[str, Mapping[str, str]]:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "stream": stream}
+    async with s.post(gw + "/v1/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        text = await resp.text()
+        if stream:
+            assert text.rstrip().endswith("data: [DONE]")
+        return resp.headers["x-fortress-replica"], resp.headers
+
+
+async def test_session_affinity_through_the_gateway(cluster) -> None:
+    sims = [cluster.sim("m") for _ in range(3)]
+    gw, _ = cluster.gateway(pool_yaml([u for u, _ in sims], "session"))
+    async with aiohttp.ClientSession() as s:
+        served = {(await ask(s, gw, **{"x-session-id": "conv-7"}))[0] for _ in range(50)}
+        assert len(served) == 1
+        keys = [f"user-{i}" for i in range(300)]
+        before = {k: (await ask(s, gw, **{"x-session-id": k}))[0] for k in keys}
+        assert len(set(before.values())) == 3
+        # Kill one replica: its keys move to the others, every other key stays.
+        victim = "m-2"
+        sims[1][1].kill()
+        after = {k: (await ask(s, gw, **{"x-session-id": k}))[0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert {before[k] for k in moved} == {victim}
+    assert victim not in after.values()
+    assert 0.2 < len(moved) / len(keys) < 0.47, len(moved)
+
+
+async def test_a_hot_session_spills_under_concurrency_through_the_gateway(cluster) -> None:
+    sims = [cluster.sim("m", "--ttft", "0.8") for _ in range(3)]
+    gw, _ = cluster.gateway(pool_yaml([u for u, _ in sims], "session", "    session: {load_factor: 1.25}\n"))
+    async with aiohttp.ClientSession() as s:
+        home, _ = await ask(s, gw, **{"x-session-id": "hot"})
+        got = await asyncio.gather(*(ask(s, gw, **{"x-session-id": "hot"}) for _ in range(24)))
+    share = Counter(name for name, _ in got)
+    assert share[home] == max(share.values())
+    assert share[home] <= ceil(1.25 * 24 / 3) + 1, share  # the bound, give or take arrival order
+    assert len(share) == 3, share
+
+
+async def test_session_cookie_is_set_and_honoured(cluster) -> None:
+    sims = [cluster.sim("m") for _ in range(3)]
+    settings = "    session: {source: cookie, cookie: fsid, ttl: 600}\n"
+    gw, _ = cluster.gateway(pool_yaml([u for u, _ in sims], "session", settings))
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        first, headers = await ask(s, gw)
+        cookie = headers["set-cookie"]
+        assert cookie.startswith("fsid=") and "Max-Age=600" in cookie and "HttpOnly" in cookie
+        assert "SameSite=Lax" in cookie
+        value = cookie.split(";", 1)[0]
+        for stream in (False, True) * 10:
+            name, h = await ask(s, gw, stream=stream, Cookie=value)
+            assert name == first and "set-cookie" not in h  # honoured, not set again
+        _, h = await ask(s, gw, stream=True)  # a stream without the cookie gets one too
+        assert h["set-cookie"].startswith("fsid=")
+        # Keys spread: 30 new clients land on more than one replica.
+        assert len({(await ask(s, gw))[0] for _ in range(30)}) > 1
+
+
+async def test_prefix_routing_through_the_gateway(cluster) -> None:
+    sims = [cluster.sim("m", "--ttft", "0.2") for _ in range(3)]
+    gw, _ = cluster.gateway(pool_yaml([u for u, _ in sims], "prefix", "    prefix: {max_imbalance: 2}\n"))
+    system = "You answer questions about the ACME warehouse inventory. " * 60
+    async with aiohttp.ClientSession() as s:
+
+        async def turn(q: str) -> str:
+            body = {
+                "model": "m",
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            }
+            async with s.post(gw + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                return resp.headers["x-fortress-replica"]
+
+        warm = await turn("first")
+        # One at a time (comparable loads): every request goes to the warm replica.
+        assert {await turn(f"q{i}") for i in range(20)} == {warm}
+        # Twelve at once: the warm one takes its share, the rest spills instead of queueing.
+        got = Counter(await asyncio.gather(*(turn(f"burst {i}") for i in range(12))))
+        assert got[warm] == max(got.values()) and len(got) > 1, got
