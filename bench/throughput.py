@@ -8,8 +8,9 @@ Method
   simulator) to measure an instance, or the gateway to measure a pool behind it.
 * **Load**: ``--concurrency N`` clients, each sending streamed chat completions
   (``stream_options.include_usage``, ``--max-tokens``, temperature 0) one after the other;
-  a client starts a new request only while ``--seconds S`` have not elapsed, and the run ends
-  when the last request in flight finishes, so every counted token belongs to a whole request.
+  each on a new connection; a client starts a new request only while ``--seconds S`` have not
+  elapsed, and the run ends when the last request in flight finishes, so every counted token
+  belongs to a whole request.
   ``--ignore-eos`` asks llama.cpp and vLLM for exactly ``max_tokens`` tokens each time.
 * **Counted**: the output tokens each answer's ``usage.completion_tokens`` reports (the
   server's own count, not the number of stream events); a request without usage, or that fails,
@@ -106,7 +107,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tally = Tally()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    # A new connection per request: llama-server closes its end after every stream, and a pooled
+    # connection it closed fails the next request. A connect is nothing beside a generation.
+    connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=True)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
         deadline = start + args.seconds

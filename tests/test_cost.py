@@ -627,3 +627,21 @@ def test_a_given_throughput_replaces_the_configs_and_says_so() -> None:
             app, ["cost", "-c", str(EXAMPLES / "aws-always-on.yaml"), "--throughput", bad]
         )
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_the_bedrock_example_at_the_seeds_traffic() -> None:
+    """examples/aws-bedrock.yaml (two Claude 3 Sonnet adapters, the gateway on Fargate, no
+    deployed pool) at the seed's 100k requests of 100 input + 100 output tokens."""
+    doc = load_config(EXAMPLES / "aws-bedrock.yaml").model_dump(mode="json", exclude_none=True)
+    doc["deploy"]["aws"]["cost"] |= {
+        "requests_per_month": 100_000,
+        "input_tokens_per_request": 100,
+        "output_tokens_per_request": 100,
+    }
+    est = estimate(parse_config(json.dumps(doc), env={}), PRICES)
+    assert not doc["deploy"]["aws"]["pools"] and est.instances_usd == 0
+    (pool,) = est.pools
+    assert pool.bedrock_model == SONNET and pool.usd_per_request == pytest.approx(0.0018)
+    assert est.bedrock_usd == pytest.approx(180.0)  # 10M input x $3 + 10M output x $15
+    assert est.total_usd == pytest.approx(sum(i.monthly_usd for i in est.items))
+    assert est.total_usd > 137  # the seed's ~$137: the tokens alone cost more (see docs/deploy.md)
