@@ -1,9 +1,10 @@
 """``fortress deploy aws``: the CDK app synthesized from the example configs and a built one.
 
 Each config is synthesized once per module (a synth takes seconds). Checked: what the template
-must say (health checks, stickiness, schedules, spot price, encryption, TLS, vLLM flags), cfn-lint
-with no errors, cdk-nag's AWS Solutions checks with no unsuppressed error. Under ``CI=true`` a
-missing tool fails instead of skipping.
+must say (health checks, stickiness, schedules, spot price, encryption, TLS, vLLM flags, the
+Bedrock topology), cfn-lint with no errors, cdk-nag's AWS Solutions checks with no unsuppressed
+error, checkov (offline) with no failed check, each of its skips with a reason. Under ``CI=true``
+a missing tool fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -90,11 +91,38 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
 
 
 @pytest.fixture(scope="module")
+def spot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(load_config(ROOT / "examples/aws-spot-scheduled.yaml"), tmp_path_factory.mktemp("spot"))
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(load_config(ROOT / "examples/aws-platform.yaml"), tmp_path_factory.mktemp("platform"))
+
+
+@pytest.fixture(scope="module")
+def bedrock(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(load_config(ROOT / "examples/aws-bedrock.yaml"), tmp_path_factory.mktemp("bedrock"))
+
+
+@pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
     return _synth(parse_config(BUILT), tmp_path_factory.mktemp("built"))
 
 
-ALL = ["always_on", "ha", "built"]
+# Every example, and the built config (a domain, Redis, object lock, a fleet beside a tier).
+ALL = ["always_on", "ha", "spot", "platform", "bedrock", "built"]
+
+
+def test_every_example_is_synthesized_here() -> None:
+    examples = {p.name for p in (ROOT / "examples").glob("aws-*.yaml")}
+    assert examples == {
+        "aws-always-on.yaml",
+        "aws-always-on-ha.yaml",
+        "aws-spot-scheduled.yaml",
+        "aws-platform.yaml",
+        "aws-bedrock.yaml",
+    }
 
 
 def _resources(t: Any, kind: str) -> dict[str, Any]:
@@ -254,7 +282,8 @@ def test_tls_listener_and_redirect(built: Any, always_on: Any) -> None:
         {"AtRestEncryptionEnabled": True, "TransitEncryptionEnabled": True},
     )
     # Without a domain there is no certificate: HTTP only.
-    assert "HTTPS" not in json.dumps(_resources(always_on[0], "AWS::ElasticLoadBalancingV2::Listener"))
+    listeners = _resources(always_on[0], "AWS::ElasticLoadBalancingV2::Listener").values()
+    assert {lst["Properties"]["Protocol"] for lst in listeners} == {"HTTP"}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -348,3 +377,187 @@ def test_gateway_config_routes_tiers_to_the_internal_alb(ha: Any) -> None:
     text = json.dumps(param["Properties"]["Value"])
     assert "engine: external" in text and "tier: standby" in text and ":8003" in text
     assert "deploy:" not in text and "engine: vllm" not in text
+
+
+# -- checkov ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkov_no_failed_check(name: str, request: pytest.FixtureRequest) -> None:
+    # In-process and offline (no download of external checks, as `checkov --skip-download`).
+    _need("checkov")
+    _, path, _ = request.getfixturevalue(name)
+    from checkov.cloudformation.runner import Runner
+    from checkov.runner_filter import RunnerFilter
+
+    report = Runner().run(
+        root_folder=None, files=[str(path)], runner_filter=RunnerFilter(framework=["cloudformation"])
+    )
+    failed = [f"{c.check_id} {c.resource}: {c.check_name}" for c in report.failed_checks]
+    assert not failed, "\n".join(failed)
+    assert report.passed_checks, "checkov checked nothing"
+    # Every skip is one the template declares, with its reason.
+    for c in report.skipped_checks:
+        assert (c.check_result.get("suppress_comment") or "").strip(), f"{c.check_id} {c.resource}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkov_skips_each_have_a_reason(name: str, request: pytest.FixtureRequest) -> None:
+    _, path, _ = request.getfixturevalue(name)
+    resources = json.loads(path.read_text())["Resources"]
+    skips = [
+        (rid, skip)
+        for rid, r in resources.items()
+        for skip in r.get("Metadata", {}).get("checkov", {}).get("skip", [])
+    ]
+    assert skips  # the public ALB's port 80 at least
+    for rid, skip in skips:
+        assert skip["id"].startswith("CKV_"), (rid, skip)
+        assert len(skip.get("comment", "").strip()) > 20, (rid, skip)
+
+
+def test_log_groups_encrypted_with_the_stack_key(always_on: Any) -> None:
+    t, _, _ = always_on
+    groups = _resources(t, "AWS::Logs::LogGroup")
+    assert len(groups) == 2  # flow logs, the gateway
+    for g in groups.values():
+        assert g["Properties"]["KmsKeyId"] == {"Fn::GetAtt": [_key_id(t, "Fortress log groups"), "Arn"]}
+
+
+def _key_id(t: Any, description: str) -> str:
+    (rid,) = [
+        k for k, v in _resources(t, "AWS::KMS::Key").items() if v["Properties"]["Description"] == description
+    ]
+    return rid
+
+
+# -- the Bedrock topology ------------------------------------------------------------------------
+
+
+def _command(t: Any) -> str:
+    (task,) = _resources(t, "AWS::ECS::TaskDefinition").values()
+    (container,) = task["Properties"]["ContainerDefinitions"]
+    (command,) = container["Command"]
+    return str(command)
+
+
+def test_bedrock_gateway_starts_the_adapters_with_up(bedrock: Any, always_on: Any) -> None:
+    t, _, _ = bedrock
+    assert _command(t).endswith("exec fortress up -q -c /var/lib/fortress/fortress.yaml")
+    assert _command(always_on[0]).endswith("exec fortress serve -c /var/lib/fortress/fortress.yaml")
+    (param,) = _resources(t, "AWS::SSM::Parameter").values()
+    text = json.dumps(param["Properties"]["Value"])
+    assert "engine: bedrock" in text and "anthropic.claude-3-sonnet-20240229-v1:0" in text
+    (task,) = _resources(t, "AWS::ECS::TaskDefinition").values()
+    assert (task["Properties"]["Cpu"], task["Properties"]["Memory"]) == ("512", "1024")
+    t.has_resource_properties(
+        "AWS::ApplicationAutoScaling::ScalableTarget", {"MinCapacity": 2, "MaxCapacity": 10}
+    )
+
+
+def test_bedrock_task_role_invokes_exactly_the_configured_model(bedrock: Any, always_on: Any) -> None:
+    t, _, _ = bedrock
+    statements = [
+        s
+        for p in _resources(t, "AWS::IAM::Policy").values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if any(str(a).startswith("bedrock:") for a in _list(s["Action"]))
+    ]
+    assert len(statements) == 1
+    (stmt,) = statements
+    assert sorted(_list(stmt["Action"])) == ["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"]
+    arn = json.dumps(stmt["Resource"])
+    assert ":bedrock:us-east-1::foundation-model/anthropic.claude-3-sonnet-20240229-v1:0" in arn
+    assert "*" not in arn
+    assert "bedrock:" not in json.dumps(_resources(always_on[0], "AWS::IAM::Policy"))
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else [v]
+
+
+def test_bedrock_runtime_endpoint_and_no_model_servers(bedrock: Any, always_on: Any) -> None:
+    t, _, _ = bedrock
+    endpoints = [
+        e["Properties"]
+        for e in _resources(t, "AWS::EC2::VPCEndpoint").values()
+        if e["Properties"].get("VpcEndpointType") == "Interface"
+    ]
+    assert [(e["ServiceName"], e["PrivateDnsEnabled"]) for e in endpoints] == [
+        ("com.amazonaws.us-east-1.bedrock-runtime", True)
+    ]
+    # Nothing for model pools: no Auto Scaling group, launch template, instance role or internal ALB.
+    for kind in ("AWS::AutoScaling::AutoScalingGroup", "AWS::EC2::LaunchTemplate"):
+        t.resource_count_is(kind, 0)
+    t.resource_count_is("AWS::ElasticLoadBalancingV2::LoadBalancer", 1)  # the public one
+    assert "ec2.amazonaws.com" not in json.dumps(_resources(t, "AWS::IAM::Role"))
+    assert not [
+        e
+        for e in _resources(always_on[0], "AWS::EC2::VPCEndpoint").values()
+        if e["Properties"].get("VpcEndpointType") == "Interface"
+    ]
+
+
+def test_bedrock_arns_for_models_profiles_and_arns() -> None:
+    _need("aws_cdk")
+    from fortress.deploy.aws.gateway import bedrock_arns
+
+    assert bedrock_arns("anthropic.claude-3-haiku-20240307-v1:0", "eu-west-3", "aws", "123456789012") == [
+        "arn:aws:bedrock:eu-west-3::foundation-model/anthropic.claude-3-haiku-20240307-v1:0"
+    ]
+    assert bedrock_arns(
+        "us.anthropic.claude-3-5-haiku-20241022-v1:0", "us-east-1", "aws", "123456789012"
+    ) == [
+        "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        "arn:aws:bedrock:*::foundation-model/anthropic.claude-3-5-haiku-20241022-v1:0",
+    ]
+    arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc"
+    assert bedrock_arns(arn, "us-east-1", "aws", "123456789012") == [arn]
+
+
+def test_a_bedrock_tier_behind_deployed_vllm_is_kept(tmp_path: Path) -> None:
+    cfg = parse_config(
+        """
+pools:
+  - model: llama
+    replicas:
+      - {engine: vllm, tier: primary, options: {model: meta-llama/Llama-3.1-8B-Instruct}}
+      - {engine: bedrock, tier: secondary, options: {model_id: us.meta.llama3-1-8b-instruct-v1:0}}
+deploy:
+  aws:
+    pools: {llama: {instance_type: g5.2xlarge}}
+"""
+    )
+    t, _, nag_errors = _synth(cfg, tmp_path)
+    assert nag_errors == []
+    (param,) = _resources(t, "AWS::SSM::Parameter").values()
+    text = json.dumps(param["Properties"]["Value"])
+    assert "engine: external" in text and "engine: bedrock" in text and "engine: vllm" not in text
+    assert "fortress up -q" in _command(t)
+    assert "inference-profile/us.meta.llama3-1-8b-instruct-v1:0" in json.dumps(
+        _resources(t, "AWS::IAM::Policy")
+    )
+
+
+def test_a_local_engine_no_pool_deploys_is_refused(tmp_path: Path) -> None:
+    _need("aws_cdk")
+    from fortress.deploy.aws import DeployError, synth
+
+    cfg = parse_config(
+        """
+pools:
+  - model: llama
+    replicas: [{engine: vllm, options: {model: meta-llama/Llama-3.1-8B-Instruct}}]
+deploy: {aws: {pools: {}}}
+"""
+    )
+    with pytest.raises(DeployError, match=r"pools\[0\] \(llama\): engine vllm.*deploy.aws.pools"):
+        synth(cfg, tmp_path, nag=False)
+
+
+def test_blue_green_is_refused_until_built() -> None:
+    from fortress.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"blue_green is not built yet.*use rolling"):
+        parse_config("deploy: {aws: {gateway: {deployment: blue_green}}}")
+    assert parse_config("deploy: {aws: {gateway: {deployment: rolling}}}").deploy.aws is not None

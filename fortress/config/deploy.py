@@ -99,6 +99,9 @@ class DeployGateway(ConfigModel):
     max_tasks: int = Field(10, ge=1)
     cpu_target: float = Field(70.0, gt=0, le=100)
     memory_target: float = Field(80.0, gt=0, le=100)
+    # How a new task definition replaces the old one. rolling: new tasks pass the ALB's /health
+    # before old ones stop, and a failed deployment rolls back (ECS's circuit breaker).
+    # blue_green (CodeDeploy, a second target group and a test listener) is not built yet.
     deployment: Literal["rolling", "blue_green"] = "rolling"
     # An image to run instead of the one built from this repository's Dockerfile.
     image: str | None = Field(None, min_length=1)
@@ -107,6 +110,12 @@ class DeployGateway(ConfigModel):
     def _tasks(self) -> Self:
         if self.min_tasks > self.max_tasks:
             raise ValueError("min_tasks is above max_tasks")
+        if self.deployment == "blue_green":
+            raise ValueError(
+                "deployment: blue_green is not built yet (ECS blue/green through CodeDeploy); use "
+                "rolling: new tasks must pass the ALB's /health before old ones stop, and a failed "
+                "deployment rolls back by itself"
+            )
         return self
 
 

@@ -9,6 +9,7 @@ import cdk_nag
 from constructs import Construct
 
 from fortress.config import FortressConfig
+from fortress.deploy.aws import keys
 from fortress.deploy.aws.alarms import Alarms, AlarmTopic, Budget
 from fortress.deploy.aws.archive import Archive
 from fortress.deploy.aws.errors import DeployError
@@ -33,13 +34,23 @@ class FortressStack(cdk.Stack):
             description="Fortress: an OpenAI-compatible gateway in front of self-hosted models",
         )
         topic = AlarmTopic(self, "Alerts", aws).topic
-        network = Network(self, "Network", aws)
+        logs_key = keys.logs_key(self, "LogsKey")
+        network = Network(self, "Network", aws, logs_key)
         archive = Archive(self, "Archive", aws.archive)
         pools = ModelPools(self, "Models", config, network.vpc, archive.access_logs, topic, self._azs)
         postgres = Postgres(self, "Postgres", aws.postgres, network.vpc) if aws.postgres else None
         redis = Redis(self, "Redis", aws.redis, network.vpc) if aws.redis else None
         gateway = Gateway(
-            self, "Gateway", config, network.vpc, pools, archive.bucket, archive.access_logs, postgres, redis
+            self,
+            "Gateway",
+            config,
+            network.vpc,
+            pools,
+            archive.bucket,
+            archive.access_logs,
+            postgres,
+            redis,
+            logs_key,
         )
         target_groups = [
             (f"{p.name}-{ep.tier.value}", ep.target_group) for p in pools.pools for ep in p.endpoints

@@ -7,6 +7,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from fortress.config import DeployArchive
+from fortress.deploy.aws.nag import skip_checkov
 
 
 class Archive(Construct):
@@ -24,6 +25,10 @@ class Archive(Construct):
             object_ownership=s3.ObjectOwnership.BUCKET_OWNER_PREFERRED,
             removal_policy=RemovalPolicy.RETAIN,
             lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(365))],
+        )
+        skip_checkov(
+            self.access_logs,
+            {"CKV_AWS_18": "The bucket that receives the access logs: logging it to itself would loop."},
         )
         rules = [
             s3.LifecycleRule(

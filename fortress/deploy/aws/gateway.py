@@ -12,14 +12,18 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
-from fortress.config import FortressConfig
+from fortress.config import BedrockReplicaConfig, FortressConfig, VllmReplicaConfig
+from fortress.config.engines import LOCAL_ENGINES
+from fortress.deploy.aws.errors import DeployError
 from fortress.deploy.aws.model_pools import ModelPools, pool_name
+from fortress.deploy.aws.nag import SECRET_KEY_REASON, skip_checkov
 from fortress.deploy.aws.state import Postgres, Redis
 
 GATEWAY_PORT = 8080
@@ -30,14 +34,23 @@ ASSET_EXCLUDE = [
 ]  # fmt: skip
 # The container writes the config from its SSM parameter, and database and Redis URLs from
 # their secrets, then execs the gateway (PID 1 keeps SIGTERM and SIGHUP).
-START = (
+PREPARE = (
     'printf "%s" "$FORTRESS_CONFIG_YAML" > ' + CONFIG_PATH + "; "
     'if [ -n "${DB_HOST:-}" ]; then export FORTRESS__DATABASE__URL='
     '"postgresql+psycopg://$DB_USER:$DB_PASSWORD@$DB_HOST:$DB_PORT/fortress"; fi; '
     'if [ -n "${REDIS_HOST:-}" ]; then export FORTRESS__LIMITS__BACKEND=redis '
     'FORTRESS__LIMITS__REDIS_URL="rediss://:$REDIS_TOKEN@$REDIS_HOST:$REDIS_PORT/0"; fi; '
-    "exec fortress serve -c " + CONFIG_PATH
 )
+START = PREPARE + "exec fortress serve -c " + CONFIG_PATH
+# With local replicas left in the deployed config (Bedrock adapters), `fortress up` starts them
+# beside the gateway (`serve` refuses local engines). -q: no progress display; stderr is no
+# terminal in a task, so `up` creates no first key there (keys come from `fortress keys create`).
+START_WITH_REPLICAS = PREPARE + "exec fortress up -q -c " + CONFIG_PATH
+# The local engines a gateway task can run: the Bedrock adapter is Python in the image; vLLM and
+# llama.cpp need machines of their own (a pool in deploy.aws.pools).
+TASK_ENGINES = frozenset({"bedrock"})
+# Cross-region inference profile ids carry a geography prefix before the model id.
+PROFILE_PREFIXES = ("us.", "eu.", "apac.", "us-gov.", "global.")
 
 
 def repo_root() -> Path | None:
@@ -48,7 +61,11 @@ def repo_root() -> Path | None:
 
 def gateway_config(config: FortressConfig, pools: ModelPools, archive_bucket: str | None) -> str:
     """The config the deployed gateway serves: the same one, with each deployed pool's vLLM replicas
-    replaced by the internal ALB's port for their tier, and without secrets or the deploy section."""
+    replaced by the internal ALB's port for their tier, and without secrets or the deploy section.
+
+    Other replicas stay as they are: external URLs, and Bedrock adapters the task starts itself.
+    Any other local engine left (vLLM in a pool ``deploy.aws.pools`` does not name) is an error.
+    """
     data: dict[str, Any] = config.model_dump(mode="json", exclude_unset=True)
     data.pop("deploy", None)
     data.pop("state_dir", None)
@@ -65,11 +82,58 @@ def gateway_config(config: FortressConfig, pools: ModelPools, archive_bucket: st
             continue
         assert pools.lb is not None
         dns = pools.lb.load_balancer_dns_name
+        # A Bedrock tier behind the deployed vLLM tiers (or an external one) is kept.
+        kept = [
+            data["pools"][i]["replicas"][j]
+            for j, rc in enumerate(pool.replicas)
+            if not isinstance(rc, VllmReplicaConfig)
+        ]
         data["pools"][i]["replicas"] = [
             {"engine": "external", "tier": ep.tier.value, "url": f"http://{dns}:{ep.port}"}
             for ep in deployed.endpoints
-        ]
+        ] + kept
+    unrunnable = [
+        f"pools[{i}] ({pool.get('model') or pool.get('name') or 'any model'}): engine {r['engine']}"
+        for i, pool in enumerate(data.get("pools", []))
+        for r in pool.get("replicas", [])
+        if r.get("engine") in LOCAL_ENGINES and r.get("engine") not in TASK_ENGINES
+    ]
+    if unrunnable:
+        raise DeployError(
+            "the gateway task cannot start these local replicas ("
+            + "; ".join(unrunnable)
+            + "): name the pool in deploy.aws.pools (its own instances), or use engine: external"
+        )
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def has_local_replicas(config: FortressConfig, pools: ModelPools) -> bool:
+    """Whether the deployed gateway starts replicas itself (Bedrock adapters): ``up``, not ``serve``."""
+    return bool(bedrock_replicas(config, pools))
+
+
+def bedrock_replicas(config: FortressConfig, pools: ModelPools) -> list[BedrockReplicaConfig]:
+    """The Bedrock replicas the deployed gateway config keeps (every one: none is deployed apart)."""
+    del pools  # a deployed pool keeps its Bedrock replicas too (gateway_config)
+    return [rc for p in config.pools for rc in p.replicas if isinstance(rc, BedrockReplicaConfig)]
+
+
+def bedrock_arns(model_id: str, region: str, partition: str, account: str) -> list[str]:
+    """What ``bedrock:InvokeModel*`` must allow for one ``model_id`` in ``region``.
+
+    A foundation model id: its ARN there. A cross-region inference profile id (``us.``, ``eu.``,
+    ...): the profile's ARN, and the model in every region the profile may route to (IAM checks
+    both). An ARN is taken as it is.
+    """
+    if model_id.startswith("arn:"):
+        return [model_id]
+    if model_id.startswith(PROFILE_PREFIXES):
+        base = model_id.split(".", 1)[1]
+        return [
+            f"arn:{partition}:bedrock:{region}:{account}:inference-profile/{model_id}",
+            f"arn:{partition}:bedrock:*::foundation-model/{base}",
+        ]
+    return [f"arn:{partition}:bedrock:{region}::foundation-model/{model_id}"]
 
 
 class Gateway(Construct):
@@ -86,6 +150,7 @@ class Gateway(Construct):
         logs_bucket: s3.IBucket,
         postgres: Postgres | None,
         redis: Redis | None,
+        logs_key: kms.IKey,
     ) -> None:
         super().__init__(scope, cid)
         aws = config.deploy.aws
@@ -109,6 +174,8 @@ class Gateway(Construct):
                 exclude_punctuation=True, password_length=48
             ),
         )
+        for secret in (self.server_secret, self.admin_token):
+            skip_checkov(secret, {"CKV_AWS_149": SECRET_KEY_REASON})
         text = gateway_config(config, pools, archive.bucket_name)
         self.config_parameter = ssm.StringParameter(
             self,
@@ -127,8 +194,6 @@ class Gateway(Construct):
         else:
             root = repo_root()
             if root is None:
-                from fortress.deploy.aws.errors import DeployError
-
                 raise DeployError(
                     "deploy.aws.gateway.image is unset and there is no Dockerfile to build the gateway "
                     "from: set an image, or run from a Fortress checkout"
@@ -137,7 +202,9 @@ class Gateway(Construct):
             image = ecs.ContainerImage.from_asset(
                 str(root), exclude=ASSET_EXCLUDE, ignore_mode=IgnoreMode.DOCKER, build_args={"EMBEDDED": "0"}
             )
-        log_group = logs.LogGroup(self, "Logs", retention=logs.RetentionDays.THREE_MONTHS)
+        log_group = logs.LogGroup(
+            self, "Logs", retention=logs.RetentionDays.THREE_MONTHS, encryption_key=logs_key
+        )
         secrets = {
             "FORTRESS_CONFIG_YAML": ecs.Secret.from_ssm_parameter(self.config_parameter),
             "FORTRESS__AUTH__SECRET": ecs.Secret.from_secrets_manager(self.server_secret),
@@ -157,7 +224,7 @@ class Gateway(Construct):
             "fortress",
             image=image,
             entry_point=["/bin/sh", "-c"],
-            command=[START],
+            command=[START_WITH_REPLICAS if has_local_replicas(config, pools) else START],
             port_mappings=[ecs.PortMapping(container_port=GATEWAY_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="fortress", log_group=log_group),
             environment=env,
@@ -166,6 +233,7 @@ class Gateway(Construct):
         )
         archive.grant_read_write(task.task_role)
         self._fleet_permissions(task.task_role, pools)
+        self._bedrock_permissions(task.task_role, bedrock_replicas(config, pools))
 
         self.security_group = ec2.SecurityGroup(self, "ServiceSg", vpc=vpc, description="Fortress tasks")
         self.service = ecs.FargateService(
@@ -190,9 +258,11 @@ class Gateway(Construct):
             pools.lb_sg.add_ingress_rule(
                 self.security_group, ec2.Port.tcp_range(8001, 8999), "the gateway to the model tiers"
             )
-        pools.security_group.add_ingress_rule(
-            self.security_group, ec2.Port.tcp(8000), "the gateway to fleet instances"
-        )
+        if pools.security_group is not None:
+            pools.security_group.add_ingress_rule(
+                self.security_group, ec2.Port.tcp(8000), "the gateway to fleet instances"
+            )
+        self.bedrock_endpoint = self._bedrock_endpoint(config, vpc, pools)
         if postgres is not None:
             postgres.security_group.add_ingress_rule(
                 self.security_group, ec2.Port.tcp(postgres.instance.instance_endpoint.port), "the gateway"
@@ -201,6 +271,46 @@ class Gateway(Construct):
             redis.security_group.add_ingress_rule(self.security_group, ec2.Port.tcp(6379), "the gateway")
 
         self.lb = self._public_load_balancer(config, vpc, logs_bucket)
+
+    def _bedrock_permissions(self, role: iam.IRole, replicas: list[BedrockReplicaConfig]) -> None:
+        """Invoke exactly the models (or inference profiles) the config names, nothing else."""
+        if not replicas:
+            return
+        stack = Stack.of(self)
+        arns: list[str] = []
+        for rc in replicas:
+            region = rc.options.region or stack.region
+            for arn in bedrock_arns(rc.options.model_id, region, stack.partition, stack.account):
+                if arn not in arns:
+                    arns.append(arn)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="InvokeConfiguredBedrockModels",
+                actions=["bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"],
+                resources=arns,
+            )
+        )
+
+    def _bedrock_endpoint(
+        self, config: FortressConfig, vpc: ec2.IVpc, pools: ModelPools
+    ) -> ec2.InterfaceVpcEndpoint | None:
+        """``bedrock-runtime`` inside the VPC when a replica calls Bedrock in the stack's region:
+        the adapters reach it without NAT (Bedrock in another region still goes out through NAT)."""
+        stack = Stack.of(self)
+        regions = {rc.options.region or stack.region for rc in bedrock_replicas(config, pools)}
+        if stack.region not in regions:
+            return None
+        endpoint = ec2.InterfaceVpcEndpoint(
+            self,
+            "BedrockRuntime",
+            vpc=vpc,
+            service=ec2.InterfaceVpcEndpointAwsService.BEDROCK_RUNTIME,
+            subnets=ec2.SubnetSelection(subnet_group_name="private"),
+            private_dns_enabled=True,  # the adapters' default endpoint name resolves to it
+            open=False,
+        )
+        endpoint.connections.allow_default_port_from(self.security_group, "the gateway's Bedrock adapters")
+        return endpoint
 
     def _fleet_permissions(self, role: iam.IRole, pools: ModelPools) -> None:
         names = [n for p in pools.pools for n in p.fleet_groups]
@@ -241,6 +351,13 @@ class Gateway(Construct):
         aws = config.deploy.aws
         assert aws is not None
         sg = ec2.SecurityGroup(self, "LbSg", vpc=vpc, description="Fortress public ALB")
+        skip_checkov(
+            sg,
+            {
+                "CKV_AWS_260": "The public ALB's port 80: the HTTP listener without a domain, or with "
+                "one only a 301 to HTTPS; clients reach the gateway from the internet by design."
+            },
+        )
         lb = elbv2.ApplicationLoadBalancer(
             self,
             "Lb",
@@ -287,6 +404,11 @@ class Gateway(Construct):
             # No domain, no certificate: HTTP only (docs/deploy.md says to add a domain).
             sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(80), "HTTP from clients")
             http = lb.add_listener("Http", port=80, protocol=elbv2.ApplicationProtocol.HTTP, open=False)
+            no_cert = (
+                "No deploy.aws.domain, so no certificate to serve HTTPS with; with a domain this "
+                "listener is HTTPS (TLS 1.2 and 1.3 only) and port 80 only redirects."
+            )
+            skip_checkov(http, {"CKV_AWS_2": no_cert, "CKV_AWS_103": no_cert})
             http.add_targets(
                 "Gateway",
                 port=GATEWAY_PORT,

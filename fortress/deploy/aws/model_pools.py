@@ -22,6 +22,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from fortress.config import DeployPool, FortressConfig, PoolConfig, Tier, VllmOptions, VllmReplicaConfig
+from fortress.deploy.aws.nag import skip_checkov
 from fortress.engines.vllm import VllmEngine
 
 VLLM_PORT = 8000
@@ -33,6 +34,10 @@ DEFAULT_CACHE_DIR = "/opt/models"
 # NVIDIA driver and CUDA); pinned so every instance of a group serves alike.
 VLLM_VERSION = "0.6.6"
 DATA_DEVICE = "/dev/sdf"
+INTERNAL_HTTP = (
+    "The internal ALB of the model servers: private subnets, reachable only from the gateway's "
+    "security group; vLLM speaks plain HTTP and a private CA for TLS inside the VPC is not set up."
+)
 
 
 def pool_name(pool: PoolConfig) -> str:
@@ -140,19 +145,26 @@ class ModelPools(Construct):
         self.region = aws.region
         self.topic = topic
         self.pools: list[DeployedPool] = []
-        self.security_group = ec2.SecurityGroup(
-            self, "InstanceSg", vpc=vpc, description="vLLM instances: port 8000 from the gateway and the ALB"
-        )
-        # Least privilege: Session Manager (no SSH, no open port 22) and the CloudWatch agent.
-        self.role = iam.Role(
-            self,
-            "InstanceRole",
-            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-            managed_policies=[
-                iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore"),
-                iam.ManagedPolicy.from_aws_managed_policy_name("CloudWatchAgentServerPolicy"),
-            ],
-        )
+        # No deployed pool (only Bedrock or external replicas): no instance role, group or ALB.
+        self.security_group: ec2.SecurityGroup | None = None
+        self.role: iam.Role | None = None
+        if aws.pools:
+            self.security_group = ec2.SecurityGroup(
+                self,
+                "InstanceSg",
+                vpc=vpc,
+                description="vLLM instances: port 8000 from the gateway and the ALB",
+            )
+            # Least privilege: Session Manager (no SSH, no open port 22) and the CloudWatch agent.
+            self.role = iam.Role(
+                self,
+                "InstanceRole",
+                assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+                managed_policies=[
+                    iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore"),
+                    iam.ManagedPolicy.from_aws_managed_policy_name("CloudWatchAgentServerPolicy"),
+                ],
+            )
         self.lb: elbv2.ApplicationLoadBalancer | None = None
         self.lb_sg: ec2.SecurityGroup | None = None
         by_name = {pool_name(p): p for p in config.pools}
@@ -171,6 +183,7 @@ class ModelPools(Construct):
         self, cid: str, dp: DeployPool, options: VllmOptions, served: str, spot: bool
     ) -> ec2.LaunchTemplate:
         v = dp.volume
+        assert self.role is not None and self.security_group is not None
         return ec2.LaunchTemplate(
             self,
             cid,
@@ -262,6 +275,7 @@ class ModelPools(Construct):
                 drop_invalid_header_fields=True,
             )
             self.lb.log_access_logs(logs_bucket, prefix="model-lb")
+            assert self.security_group is not None
             self.security_group.add_ingress_rule(
                 self.lb_sg, ec2.Port.tcp(VLLM_PORT), "the internal ALB to vLLM (traffic and health checks)"
             )
@@ -314,13 +328,14 @@ class ModelPools(Construct):
             port = VLLM_PORT + 10 * index + TIER_PORT[tier]
             while any(ep.port == port for p in [*self.pools, deployed] for ep in p.endpoints):
                 port += 100
-            lb.add_listener(
+            listener = lb.add_listener(
                 f"{cid}Listener",
                 port=port,
                 protocol=elbv2.ApplicationProtocol.HTTP,
                 open=False,
                 default_target_groups=[tg],
             )
+            skip_checkov(listener, {"CKV_AWS_2": INTERNAL_HTTP, "CKV_AWS_103": INTERNAL_HTTP})
             deployed.groups.append(group)
             deployed.endpoints.append(TierEndpoint(tier, port, tg))
 

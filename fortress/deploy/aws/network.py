@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
@@ -12,7 +13,7 @@ from fortress.config import AwsDeploy
 class Network(Construct):
     """A new VPC over ``max_azs`` zones, or the existing one ``vpc.id`` names (a lookup: needs an account)."""
 
-    def __init__(self, scope: Construct, cid: str, deploy: AwsDeploy) -> None:
+    def __init__(self, scope: Construct, cid: str, deploy: AwsDeploy, logs_key: kms.IKey) -> None:
         super().__init__(scope, cid)
         v = deploy.vpc
         if v.id is not None:
@@ -35,6 +36,8 @@ class Network(Construct):
             },
         )
         if v.flow_logs:
-            group = logs.LogGroup(self, "FlowLogs", retention=logs.RetentionDays.THREE_MONTHS)
+            group = logs.LogGroup(
+                self, "FlowLogs", retention=logs.RetentionDays.THREE_MONTHS, encryption_key=logs_key
+            )
             vpc.add_flow_log("FlowLog", destination=ec2.FlowLogDestination.to_cloud_watch_logs(group))
         self.vpc = vpc
