@@ -107,14 +107,14 @@ def gateway_config(config: FortressConfig, pools: ModelPools, archive_bucket: st
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def has_local_replicas(config: FortressConfig, pools: ModelPools) -> bool:
+def has_local_replicas(config: FortressConfig) -> bool:
     """Whether the deployed gateway starts replicas itself (Bedrock adapters): ``up``, not ``serve``."""
-    return bool(bedrock_replicas(config, pools))
+    return bool(bedrock_replicas(config))
 
 
-def bedrock_replicas(config: FortressConfig, pools: ModelPools) -> list[BedrockReplicaConfig]:
-    """The Bedrock replicas the deployed gateway config keeps (every one: none is deployed apart)."""
-    del pools  # a deployed pool keeps its Bedrock replicas too (gateway_config)
+def bedrock_replicas(config: FortressConfig) -> list[BedrockReplicaConfig]:
+    """The Bedrock replicas the deployed gateway config keeps: all of them (a deployed pool keeps
+    its Bedrock tier too, see :func:`gateway_config`)."""
     return [rc for p in config.pools for rc in p.replicas if isinstance(rc, BedrockReplicaConfig)]
 
 
@@ -224,7 +224,7 @@ class Gateway(Construct):
             "fortress",
             image=image,
             entry_point=["/bin/sh", "-c"],
-            command=[START_WITH_REPLICAS if has_local_replicas(config, pools) else START],
+            command=[START_WITH_REPLICAS if has_local_replicas(config) else START],
             port_mappings=[ecs.PortMapping(container_port=GATEWAY_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="fortress", log_group=log_group),
             environment=env,
@@ -233,7 +233,7 @@ class Gateway(Construct):
         )
         archive.grant_read_write(task.task_role)
         self._fleet_permissions(task.task_role, pools)
-        self._bedrock_permissions(task.task_role, bedrock_replicas(config, pools))
+        self._bedrock_permissions(task.task_role, bedrock_replicas(config))
 
         self.security_group = ec2.SecurityGroup(self, "ServiceSg", vpc=vpc, description="Fortress tasks")
         self.service = ecs.FargateService(
@@ -262,7 +262,7 @@ class Gateway(Construct):
             pools.security_group.add_ingress_rule(
                 self.security_group, ec2.Port.tcp(8000), "the gateway to fleet instances"
             )
-        self.bedrock_endpoint = self._bedrock_endpoint(config, vpc, pools)
+        self.bedrock_endpoint = self._bedrock_endpoint(config, vpc)
         if postgres is not None:
             postgres.security_group.add_ingress_rule(
                 self.security_group, ec2.Port.tcp(postgres.instance.instance_endpoint.port), "the gateway"
@@ -291,13 +291,11 @@ class Gateway(Construct):
             )
         )
 
-    def _bedrock_endpoint(
-        self, config: FortressConfig, vpc: ec2.IVpc, pools: ModelPools
-    ) -> ec2.InterfaceVpcEndpoint | None:
+    def _bedrock_endpoint(self, config: FortressConfig, vpc: ec2.IVpc) -> ec2.InterfaceVpcEndpoint | None:
         """``bedrock-runtime`` inside the VPC when a replica calls Bedrock in the stack's region:
         the adapters reach it without NAT (Bedrock in another region still goes out through NAT)."""
         stack = Stack.of(self)
-        regions = {rc.options.region or stack.region for rc in bedrock_replicas(config, pools)}
+        regions = {rc.options.region or stack.region for rc in bedrock_replicas(config)}
         if stack.region not in regions:
             return None
         endpoint = ec2.InterfaceVpcEndpoint(
