@@ -32,12 +32,19 @@ $(VENV)/.package: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# checkov judges the synthesized CloudFormation; it pins boto3 to an old release, so it gets an
+# environment of its own (about 290 MB) instead of Fortress's.
+CHECKOV := checkov>=3.2,<4
+$(VENV)/checkov/bin/checkov: | $(BIN)/python
+	$(PY) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q '$(CHECKOV)'
+
 setup: $(VENV)/.engine $(VENV)/.package
 
 up: setup
 	$(BIN)/fortress up
 
-test: setup
+test: setup $(VENV)/checkov/bin/checkov
 	bash scripts/system-deps.sh chromium:chromium
 	bash scripts/system-deps.sh redis-server:redis-server '/usr/lib/postgresql/*/bin/postgres:postgresql'
 	$(BIN)/ruff check fortress tests bench

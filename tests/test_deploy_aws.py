@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -382,23 +384,38 @@ def test_gateway_config_routes_tiers_to_the_internal_alb(ha: Any) -> None:
 # -- checkov ---------------------------------------------------------------------------------------
 
 
+def _checkov() -> str:
+    """checkov's command: its own environment (`make test` builds it: checkov pins boto3 to an old
+    release, so it stays out of Fortress's), $FORTRESS_CHECKOV, or one on the PATH."""
+    for candidate in (
+        os.environ.get("FORTRESS_CHECKOV"),
+        str(ROOT / ".venv" / "checkov" / "bin" / "checkov"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    found = shutil.which("checkov")
+    if found:
+        return found
+    if CI:
+        pytest.fail("checkov is not installed (make test installs it in .venv/checkov)")
+    pytest.skip("checkov is not installed")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_checkov_no_failed_check(name: str, request: pytest.FixtureRequest) -> None:
-    # In-process and offline (no download of external checks, as `checkov --skip-download`).
-    _need("checkov")
     _, path, _ = request.getfixturevalue(name)
-    from checkov.cloudformation.runner import Runner
-    from checkov.runner_filter import RunnerFilter
-
-    report = Runner().run(
-        root_folder=None, files=[str(path)], runner_filter=RunnerFilter(framework=["cloudformation"])
-    )
-    failed = [f"{c.check_id} {c.resource}: {c.check_name}" for c in report.failed_checks]
-    assert not failed, "\n".join(failed)
-    assert report.passed_checks, "checkov checked nothing"
+    # Offline: no download of external checks or guidelines.
+    argv = [_checkov(), "-f", str(path), "--framework", "cloudformation", "--skip-download", "--compact"]
+    run = subprocess.run([*argv, "-o", "json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    results, summary = report["results"], report["summary"]
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in results.get("failed_checks", [])]
+    assert not failed and summary["failed"] == 0, "\n".join(failed)
+    assert summary["passed"] > 50 and summary["parsing_errors"] == 0, summary  # it really checked
     # Every skip is one the template declares, with its reason.
-    for c in report.skipped_checks:
-        assert (c.check_result.get("suppress_comment") or "").strip(), f"{c.check_id} {c.resource}"
+    for c in results.get("skipped_checks", []):
+        assert (c["check_result"].get("suppress_comment") or "").strip(), f"{c['check_id']} {c['resource']}"
 
 
 @pytest.mark.parametrize("name", ALL)
