@@ -161,6 +161,8 @@ def test_the_request_context_reads_the_resolved_key_and_a_bounded_prompt():
     assert ctx.session_key == "from-header"
     ctx.session = "from-cookie"
     assert ctx.session_key == "from-cookie"
+    ctx.session = ""  # resolved by the pool's settings (another header): none, whatever else is sent
+    assert ctx.session_key is None
 
     class Untouchable(dict):
         def get(self, *_a):

@@ -112,7 +112,8 @@ class RequestContext:
         self.responded = False  # the response has started: no other replica may answer now
         self._prefix: tuple[int, str] | None = None  # (the limit it was cut at, the text)
         # The session key by the pool's `session:` settings, set by the gateway for pools whose
-        # balancer is `session` (a header other than the default, or the gateway's cookie).
+        # balancer is `session` (a header other than the default, or the gateway's cookie);
+        # "" when the request has none.
         self.session: str | None = None
 
     # -- the request view balancers read ------------------------------------------------------
@@ -122,7 +123,7 @@ class RequestContext:
         """The client's session key, for session affinity: what the gateway resolved by the
         pool's settings, else the ``x-session-id`` header."""
         if self.session is not None:
-            return self.session
+            return self.session or None  # "": resolved by the pool's settings, and absent
         raw = self.headers.get(SESSION_HEADER)
         return raw.decode("latin-1") if raw else None
 

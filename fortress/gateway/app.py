@@ -302,9 +302,9 @@ class Gateway:
     def _session(ctx: RequestContext, scope: Scope, route: Route) -> None:
         # The session key by the pool's settings; in cookie mode a request without the cookie
         # gets a new key, and its answer (stream or not, error or not) the cookie.
-        ctx.session, cookie = session_key(
-            ctx.headers, route.pool.config.session, secure=scope.get("scheme") == "https"
-        )
+        https = scope.get("scheme") == "https"
+        key, cookie = session_key(ctx.headers, route.pool.config.session, secure=https)
+        ctx.session = key or ""
         if cookie is not None:
             ctx.extra_headers.append((b"set-cookie", cookie))
 
