@@ -130,3 +130,17 @@ def test_bad_pool_values_are_refused_with_the_key(pool: dict[str, Any], words: s
         {"pools": [{"model": "m", "replicas": [VLLM]}], "deploy": {"aws": {"pools": {"m": pool}}}}
     )
     assert words in refused(text)
+
+
+def test_alb_stickiness_on_an_aws_fleet_pool_points_to_the_session_balancer() -> None:
+    fleet = {
+        "model": "m",
+        "fleet": {"provider": "aws", "max_replicas": 2, "aws": {"groups": {"spot": "g-spot"}}},
+    }
+    pool = {"instance_type": "g5.xlarge", "vllm": VLLM["options"], "stickiness": 900}
+    text = yaml.safe_dump({"pools": [fleet], "deploy": {"aws": {"pools": {"m": pool}}}})
+    assert "balancer: session" in refused(text)
+    # The seed's chatbot example keeps its 900 s sessions that way.
+    cfg = load_config(str(EXAMPLES / "aws-spot-scheduled.yaml"))
+    pc = cfg.pools[0]
+    assert pc.balancer == "session" and pc.session.source == "cookie" and pc.session.ttl == 900

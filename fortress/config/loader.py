@@ -128,6 +128,14 @@ class FortressConfig(ConfigModel):
                     f"deploy.aws.pools.{name}: the pool has neither engine: vllm replicas nor an "
                     "aws fleet: nothing to run on EC2"
                 )
+            if fleet and dp.stickiness is not None:
+                # ALB stickiness needs a target group; the gateway routes to a fleet's instances
+                # itself, so the session must be kept by the gateway's own balancer.
+                raise ValueError(
+                    f"deploy.aws.pools.{name}.stickiness: the gateway routes to an aws fleet's instances "
+                    "itself, not through a target group: keep sessions with the pool's "
+                    "`balancer: session` (a header, or a cookie with `session: {source: cookie, ttl: 900s}`)"
+                )
             if vllm and dp.vllm is not None:
                 raise ValueError(f"deploy.aws.pools.{name}: `vllm:` is taken from the pool's replicas here")
         return self
