@@ -144,3 +144,49 @@ def test_alb_stickiness_on_an_aws_fleet_pool_points_to_the_session_balancer() ->
     cfg = load_config(str(EXAMPLES / "aws-spot-scheduled.yaml"))
     pc = cfg.pools[0]
     assert pc.balancer == "session" and pc.session.source == "cookie" and pc.session.ttl == 900
+
+
+def test_env_secrets_accept_arns_and_names() -> None:
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-token-AbCdEf"
+    pool = DeployPool.model_validate(
+        {"instance_type": "g5.xlarge", "env_secrets": {"HF_TOKEN": arn, "WANDB_API_KEY": "team/wandb"}}
+    )
+    assert pool.env_secrets == {"HF_TOKEN": arn, "WANDB_API_KEY": "team/wandb"}
+    assert DeployPool.model_validate({"instance_type": "g5.xlarge"}).env_secrets == {}
+
+
+@pytest.mark.parametrize(
+    ("secrets", "words"),
+    [
+        ({"hf_token": "hf"}, "'hf_token' is not an environment variable name"),
+        ({"1TOKEN": "hf"}, "'1TOKEN' is not an environment variable name"),
+        ({"HF-TOKEN": "hf"}, "'HF-TOKEN' is not an environment variable name"),
+        (
+            {"HF_TOKEN": "arn:aws:s3:::bucket"},
+            "env_secrets.HF_TOKEN: 'arn:aws:s3:::bucket' is not a Secrets Manager",
+        ),
+        ({"HF_TOKEN": "arn:aws:secretsmanager:us-east-1:12:secret:x"}, "is not a Secrets Manager secret ARN"),
+        ({"HF_TOKEN": "my token"}, "'my token' is neither a secret ARN nor a secret name"),
+        ({"HF_TOKEN": ""}, "is neither a secret ARN nor a secret name"),
+    ],
+)
+def test_bad_env_secrets_are_refused_with_the_reason(secrets: dict[str, str], words: str) -> None:
+    text = yaml.safe_dump(
+        {
+            "pools": [{"model": "m", "replicas": [VLLM]}],
+            "deploy": {"aws": {"pools": {"m": {"instance_type": "g5.xlarge", "env_secrets": secrets}}}},
+        }
+    )
+    assert words in refused(text)
+
+
+def test_blue_green_is_accepted_with_its_traffic_shift() -> None:
+    cfg = parse_config(
+        doc(gateway={"deployment": "blue_green", "blue_green_traffic": "linear_10_1m"}), "t", env={}
+    )
+    assert cfg.deploy.aws is not None
+    assert cfg.deploy.aws.gateway.deployment == "blue_green"
+    assert cfg.deploy.aws.gateway.blue_green_traffic == "linear_10_1m"
+    assert "applies only to deployment: blue_green" in refused(
+        doc(gateway={"blue_green_traffic": "all_at_once"})
+    )

@@ -61,12 +61,29 @@ deploy:
       certificate_arn: arn:aws:acm:eu-west-3:123456789012:certificate/abc
     redis: {replicas: 1}
     archive: {glacier_after_days: 30, object_lock_days: 365}
+    gateway: {deployment: blue_green}
     pools:
-      llama: {instance_type: g5.2xlarge, stickiness: 900s}
+      llama:
+        instance_type: g5.2xlarge
+        stickiness: 900s
+        env_secrets: {HF_TOKEN: "arn:aws:secretsmanager:eu-west-3:123456789012:secret:hf-token-AbCdEf"}
       burst:
         instance_type: g5.xlarge
         spot_max_price: 0.25
         vllm: {model: Qwen/Qwen2.5-7B-Instruct, served_model_name: burst}
+        env_secrets: {HF_TOKEN: fortress/hf-token, WANDB_API_KEY: fortress/wandb}
+"""
+
+# Blue/green without a domain: HTTP listeners, every request at once, and no 5xx rule to watch.
+BLUE_GREEN_HTTP = """
+pools:
+  - model: ext
+    replicas: [{url: "http://10.0.0.5:8000"}]
+observe: {alarms: {rules: []}}
+deploy:
+  aws:
+    stack_name: fortress-bg
+    gateway: {deployment: blue_green, blue_green_traffic: all_at_once}
 """
 
 
@@ -112,8 +129,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str
     return _synth(parse_config(BUILT), tmp_path_factory.mktemp("built"))
 
 
-# Every example, and the built config (a domain, Redis, object lock, a fleet beside a tier).
-ALL = ["always_on", "ha", "spot", "platform", "bedrock", "built"]
+@pytest.fixture(scope="module")
+def blue_green_http(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[str]]:
+    return _synth(parse_config(BLUE_GREEN_HTTP), tmp_path_factory.mktemp("bg"))
+
+
+# Every example, the built config (a domain, Redis, object lock, a fleet beside a tier, blue/green,
+# secrets for the model servers) and blue/green without a domain.
+ALL = ["always_on", "ha", "spot", "platform", "bedrock", "built", "blue_green_http"]
 
 
 def test_every_example_is_synthesized_here() -> None:
@@ -572,9 +595,222 @@ deploy: {aws: {pools: {}}}
         synth(cfg, tmp_path, nag=False)
 
 
-def test_blue_green_is_refused_until_built() -> None:
+# -- blue/green deployments of the gateway --------------------------------------------------------
+
+
+def _one(t: Any, kind: str) -> dict[str, Any]:
+    (resource,) = _resources(t, kind).values()
+    return resource["Properties"]
+
+
+def _listener_id(t: Any, port: int) -> str:
+    (rid,) = [
+        k
+        for k, v in _resources(t, "AWS::ElasticLoadBalancingV2::Listener").items()
+        if v["Properties"]["Port"] == port
+    ]
+    return rid
+
+
+def test_blue_green_service_and_deployment_group(built: Any) -> None:
+    t, _, _ = built
+    service = _one(t, "AWS::ECS::Service")
+    assert service["DeploymentController"] == {"Type": "CODE_DEPLOY"}
+    # ECS's circuit breaker belongs to its own rolling deployments, not to CodeDeploy's.
+    assert "DeploymentCircuitBreaker" not in service["DeploymentConfiguration"]
+    t.resource_count_is("AWS::CodeDeploy::Application", 1)
+    assert _one(t, "AWS::CodeDeploy::Application") == {"ComputePlatform": "ECS"}
+    group = _one(t, "AWS::CodeDeploy::DeploymentGroup")
+    assert group["DeploymentStyle"] == {
+        "DeploymentOption": "WITH_TRAFFIC_CONTROL",
+        "DeploymentType": "BLUE_GREEN",
+    }
+    assert group["DeploymentConfigName"] == "CodeDeployDefault.ECSCanary10Percent5Minutes"
+    assert group["ECSServices"][0]["ServiceName"]["Fn::GetAtt"][1] == "Name"
+    (pair,) = group["LoadBalancerInfo"]["TargetGroupPairInfoList"]
+    # Blue (the production listener's) and green (the test listener's): two gateway target groups.
+    names = [tg["Name"]["Fn::GetAtt"][0] for tg in pair["TargetGroups"]]
+    gateway_groups = {
+        k
+        for k, v in _resources(t, "AWS::ElasticLoadBalancingV2::TargetGroup").items()
+        if v["Properties"]["Port"] == 8080
+    }
+    assert len(names) == 2 and set(names) == gateway_groups
+    assert pair["ProdTrafficRoute"] == {"ListenerArns": [{"Ref": _listener_id(t, 443)}]}
+    assert pair["TestTrafficRoute"] == {"ListenerArns": [{"Ref": _listener_id(t, 8443)}]}
+    test = _resources(t, "AWS::ElasticLoadBalancingV2::Listener")[_listener_id(t, 8443)]["Properties"]
+    assert test["Protocol"] == "HTTPS" and test["SslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
+    # Rolled back on failure, on a stop, and while the gateway's 5xx alarm fires.
+    assert group["AutoRollbackConfiguration"] == {
+        "Enabled": True,
+        "Events": ["DEPLOYMENT_FAILURE", "DEPLOYMENT_STOP_ON_REQUEST", "DEPLOYMENT_STOP_ON_ALARM"],
+    }
+    ((alarm_id,),) = [[a["Name"]["Ref"]] for a in group["AlarmConfiguration"]["Alarms"]]
+    assert (
+        _resources(t, "AWS::CloudWatch::Alarm")[alarm_id]["Properties"]["AlarmName"] == "fortress-errors_5xx"
+    )
+    assert group["BlueGreenDeploymentConfiguration"]["TerminateBlueInstancesOnDeploymentSuccess"] == {
+        "Action": "TERMINATE",
+        "TerminationWaitTimeInMinutes": 5,
+    }
+
+
+def test_cdk_deploy_of_a_new_revision_starts_a_codedeploy_deployment(built: Any) -> None:
+    t, _, _ = built
+    (task_id,) = _resources(t, "AWS::ECS::TaskDefinition")
+    # The service names the family alone: CloudFormation never swaps its revision itself.
+    assert isinstance(_one(t, "AWS::ECS::Service")["TaskDefinition"], str)
+    deploy = _one(t, "Custom::AWS")
+    create, update = _joined(deploy["Create"]), _joined(deploy["Update"])
+    assert '"action":"getDeploymentGroup"' in create and "createDeployment" not in create
+    assert '"action":"createDeployment"' in update and "AppSpecContent" in update
+    # The AppSpec names the new revision: the task definition's ARN (its Ref).
+    assert f'TaskDefinition\\": \\"{{"Ref": "{task_id}"}}' in update
+    assert "ContainerName" in update and "8080" in update
+    (policy,) = [
+        p["Properties"]["PolicyDocument"]
+        for p in _resources(t, "AWS::IAM::Policy").values()
+        if "codedeploy:CreateDeployment" in json.dumps(p)
+    ]
+    actions = sorted(a for s in policy["Statement"] for a in _list(s["Action"]))
+    assert actions == [
+        "codedeploy:CreateDeployment",
+        "codedeploy:GetApplicationRevision",
+        "codedeploy:GetDeploymentConfig",
+        "codedeploy:GetDeploymentGroup",
+        "codedeploy:RegisterApplicationRevision",
+    ]
+    assert "*" not in json.dumps([s["Resource"] for s in policy["Statement"]])
+
+
+def _joined(value: Any) -> str:
+    """An ``Fn::Join`` of strings and references as one string, each reference as its JSON."""
+    return "".join(p if isinstance(p, str) else json.dumps(p) for p in value["Fn::Join"][1])
+
+
+def test_blue_green_without_domain(blue_green_http: Any) -> None:
+    t, _, _ = blue_green_http
+    group = _one(t, "AWS::CodeDeploy::DeploymentGroup")
+    assert group["DeploymentConfigName"] == "CodeDeployDefault.ECSAllAtOnce"
+    # No 5xx rule in the config: no alarm to watch, rollback on failure and stop only.
+    assert "AlarmConfiguration" not in group
+    assert group["AutoRollbackConfiguration"]["Events"] == [
+        "DEPLOYMENT_FAILURE",
+        "DEPLOYMENT_STOP_ON_REQUEST",
+    ]
+    (pair,) = group["LoadBalancerInfo"]["TargetGroupPairInfoList"]
+    assert pair["ProdTrafficRoute"] == {"ListenerArns": [{"Ref": _listener_id(t, 80)}]}
+    assert pair["TestTrafficRoute"] == {"ListenerArns": [{"Ref": _listener_id(t, 8080)}]}
+    # The test listener is closed to the world: the public ALB admits port 80 alone.
+    (lb_sg,) = [
+        v["Properties"]
+        for v in _resources(t, "AWS::EC2::SecurityGroup").values()
+        if v["Properties"]["GroupDescription"] == "Fortress public ALB"
+    ]
+    assert [(r["FromPort"], r["CidrIp"]) for r in lb_sg["SecurityGroupIngress"]] == [(80, "0.0.0.0/0")]
+
+
+def test_rolling_keeps_ecs_circuit_breaker(always_on: Any) -> None:
+    t, _, _ = always_on
+    service = _one(t, "AWS::ECS::Service")
+    assert service.get("DeploymentController", {"Type": "ECS"}) == {"Type": "ECS"}
+    assert service["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {
+        "Enable": True,
+        "Rollback": True,
+    }
+    for kind in ("AWS::CodeDeploy::Application", "AWS::CodeDeploy::DeploymentGroup", "Custom::AWS"):
+        t.resource_count_is(kind, 0)
+    t.resource_count_is("AWS::ElasticLoadBalancingV2::Listener", 1 + 1)  # public :80, the tier's
+
+
+def test_blue_green_config() -> None:
     from fortress.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"blue_green is not built yet.*use rolling"):
-        parse_config("deploy: {aws: {gateway: {deployment: blue_green}}}")
-    assert parse_config("deploy: {aws: {gateway: {deployment: rolling}}}").deploy.aws is not None
+    gw = parse_config("deploy: {aws: {gateway: {deployment: blue_green}}}").deploy.aws
+    assert gw is not None and gw.gateway.blue_green_traffic == "canary_10_5m"
+    with pytest.raises(ConfigError, match=r"blue_green_traffic applies only to deployment: blue_green"):
+        parse_config("deploy: {aws: {gateway: {blue_green_traffic: all_at_once}}}")
+    with pytest.raises(ConfigError, match=r"blue_green_traffic"):
+        parse_config("deploy: {aws: {gateway: {deployment: blue_green, blue_green_traffic: fast}}}")
+
+
+# -- secrets of the model servers -----------------------------------------------------------------
+
+
+def _user_data(t: Any) -> dict[str, str]:
+    """Each launch template's user data as one string (its tokens as JSON), by template id."""
+    return {
+        k: json.dumps(v["Properties"]["LaunchTemplateData"]["UserData"])
+        for k, v in _resources(t, "AWS::EC2::LaunchTemplate").items()
+    }
+
+
+def test_env_secrets_fetched_at_boot_into_a_root_only_file(built: Any, always_on: Any) -> None:
+    t, _, _ = built
+    scripts = list(_user_data(t).values())
+    assert len(scripts) == 3  # llama's primary, burst's spot and on-demand
+    llama = [s for s in scripts if "hf-token-AbCdEf" in s]
+    assert len(llama) == 1
+    (script,) = llama
+    assert "secretsmanager get-secret-value" in script
+    assert "arn:aws:secretsmanager:eu-west-3:123456789012:secret:hf-token-AbCdEf eu-west-3" in script
+    assert "EnvironmentFile=/etc/fortress/vllm-secrets.env" in script
+    assert "umask 077" in script and "install -d -m 0700" in script
+    assert "HF_TOKEN" in script and "WANDB" not in script
+    # Names resolve in the stack's region; each pool's user data names its own secrets only.
+    burst = [s for s in scripts if "fortress/wandb" in s]
+    assert len(burst) == 2 and all("fortress/hf-token eu-west-3" in s for s in burst)
+    # No value: the user data holds the command that reads it, never what it reads.
+    assert all("SecretString" in s and "--output text" in s for s in [*llama, *burst])
+    assert "EnvironmentFile" not in json.dumps(_user_data(always_on[0]))
+
+
+def test_env_secrets_role_reads_exactly_those_secrets(built: Any, always_on: Any) -> None:
+    t, _, _ = built
+    statements = [
+        (p["Properties"]["Roles"], s)
+        for p in _resources(t, "AWS::IAM::Policy").values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if "secretsmanager:GetSecretValue" in _list(s["Action"]) and "ReadModelServerSecrets" == s.get("Sid")
+    ]
+    assert len(statements) == 2  # one role per pool with secrets
+    by_role = {json.dumps(roles): stmt for roles, stmt in statements}
+    resources = sorted(json.dumps(stmt["Resource"]) for stmt in by_role.values())
+    for stmt in by_role.values():
+        assert stmt["Action"] == "secretsmanager:GetSecretValue"
+    assert '"arn:aws:secretsmanager:eu-west-3:123456789012:secret:hf-token-AbCdEf"' in resources
+    burst = next(r for r in resources if "wandb" in r)
+    assert "secret:fortress/hf-token-??????" in burst and "secret:fortress/wandb-??????" in burst
+    assert "hf-token-AbCdEf" not in burst
+    # Each launch template's instance profile holds the role that reads its pool's secrets.
+    profiles = _resources(t, "AWS::IAM::InstanceProfile")
+    for script_id, script in _user_data(t).items():
+        data = _resources(t, "AWS::EC2::LaunchTemplate")[script_id]["Properties"]["LaunchTemplateData"]
+        (role,) = profiles[data["IamInstanceProfile"]["Arn"]["Fn::GetAtt"][0]]["Properties"]["Roles"]
+        readable = json.dumps(by_role[json.dumps([role])]["Resource"])
+        assert ("wandb" in readable) == ("fortress/wandb" in script)
+    # Without env_secrets the instance role reads no secret.
+    instance_roles = [
+        k
+        for k, v in _resources(always_on[0], "AWS::IAM::Role").items()
+        if "ec2.amazonaws.com" in json.dumps(v)
+    ]
+    assert instance_roles and not [
+        p
+        for p in _resources(always_on[0], "AWS::IAM::Policy").values()
+        if "secretsmanager" in json.dumps(p)
+        and any(r["Ref"] in instance_roles for r in p["Properties"]["Roles"])
+    ]
+
+
+def test_env_secret_arns_for_names_and_arns() -> None:
+    _need("aws_cdk")
+    from fortress.deploy.aws.model_pools import secret_arn, secret_region
+
+    arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hf-AbCdEf"
+    assert secret_arn(arn, "aws", "us-east-1", "123456789012") == arn
+    assert secret_region(arn, "us-east-1") == "eu-west-1"
+    assert secret_arn("hf/token", "aws", "us-east-1", "123456789012") == (
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf/token-??????"
+    )
+    assert secret_region("hf/token", "us-east-1") == "us-east-1"

@@ -17,7 +17,7 @@ A pool is deployed when ``deploy.aws.pools`` names it. Its model servers come fr
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -73,11 +73,46 @@ class DeployPool(ConfigModel):
     vllm: VllmOptions | None = None
     # Generated output tokens per second one instance sustains: prices a million tokens.
     throughput_tokens_per_second: float | None = Field(None, gt=0)
+    # Environment variables of the model server read from Secrets Manager at boot (e.g. HF_TOKEN
+    # for a gated model): name -> the secret's ARN, or its name in the stack's region. The value
+    # goes into a root-only file vLLM's unit reads, never into the template or the user data.
+    env_secrets: dict[str, str] = Field(default_factory=dict)
+
+    # ``env_secrets``: an environment variable's name, and a Secrets Manager secret's ARN or name.
+    ENV_NAME_PATTERN: ClassVar[str] = r"^[A-Z_][A-Z0-9_]*$"
+    SECRET_ARN_PATTERN: ClassVar[str] = (
+        r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]+$"
+    )
+    SECRET_NAME_PATTERN: ClassVar[str] = r"^[A-Za-z0-9/_+=.@-]{1,512}$"
 
     @field_validator("health_check_grace", "stickiness", mode="before")
     @classmethod
     def _durations(cls, v: Any) -> Any:
         return seconds(v)
+
+    @field_validator("env_secrets")
+    @classmethod
+    def _env_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, ref in v.items():
+            if not re.match(cls.ENV_NAME_PATTERN, name):
+                raise ValueError(
+                    f"env_secrets: {name!r} is not an environment variable name (upper case letters, "
+                    "digits and _, not starting with a digit)"
+                )
+            if ref.startswith("arn:"):
+                if not re.match(cls.SECRET_ARN_PATTERN, ref):
+                    raise ValueError(
+                        f"env_secrets.{name}: {ref!r} is not a Secrets Manager secret ARN "
+                        "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX)"
+                    )
+            elif not re.match(cls.SECRET_NAME_PATTERN, ref):
+                raise ValueError(
+                    f"env_secrets.{name}: {ref!r} is neither a secret ARN nor a secret name (1-512 of "
+                    "letters, digits and /_+=.@-)"
+                )
+        return v
 
 
 class DeployVpc(ConfigModel):
@@ -101,8 +136,13 @@ class DeployGateway(ConfigModel):
     memory_target: float = Field(80.0, gt=0, le=100)
     # How a new task definition replaces the old one. rolling: new tasks pass the ALB's /health
     # before old ones stop, and a failed deployment rolls back (ECS's circuit breaker).
-    # blue_green (CodeDeploy, a second target group and a test listener) is not built yet.
+    # blue_green: CodeDeploy starts the new tasks beside the old ones behind a second target
+    # group, shifts the public listener's traffic to them as blue_green_traffic says, and rolls
+    # back if the deployment fails or the gateway's 5xx alarm fires.
     deployment: Literal["rolling", "blue_green"] = "rolling"
+    # all_at_once: every request at once; canary_10_5m: 10 % for 5 minutes, then the rest;
+    # linear_10_1m: 10 % more each minute.
+    blue_green_traffic: Literal["all_at_once", "canary_10_5m", "linear_10_1m"] = "canary_10_5m"
     # An image to run instead of the one built from this repository's Dockerfile.
     image: str | None = Field(None, min_length=1)
 
@@ -110,12 +150,8 @@ class DeployGateway(ConfigModel):
     def _tasks(self) -> Self:
         if self.min_tasks > self.max_tasks:
             raise ValueError("min_tasks is above max_tasks")
-        if self.deployment == "blue_green":
-            raise ValueError(
-                "deployment: blue_green is not built yet (ECS blue/green through CodeDeploy); use "
-                "rolling: new tasks must pass the ALB's /health before old ones stop, and a failed "
-                "deployment rolls back by itself"
-            )
+        if "blue_green_traffic" in self.model_fields_set and self.deployment != "blue_green":
+            raise ValueError("blue_green_traffic applies only to deployment: blue_green")
         return self
 
 

@@ -56,7 +56,10 @@ class Alarms(Construct):
         super().__init__(scope, cid)
         action = actions.SnsAction(topic)
         self.alarms: list[cloudwatch.Alarm] = []
-        for i, spec in enumerate(cloudwatch_alarms(config)):
+        # The gateway's 5xx alarms: a blue/green deployment rolls back while one fires.
+        self.errors_5xx: list[cloudwatch.Alarm] = []
+        rules = config.observe.alarms.rules
+        for i, (rule, spec) in enumerate(zip(rules, cloudwatch_alarms(config), strict=True)):
             metric = cloudwatch.Metric(
                 namespace=spec["Namespace"],
                 metric_name=spec["MetricName"],
@@ -81,6 +84,8 @@ class Alarms(Construct):
             alarm.add_alarm_action(action)
             alarm.add_ok_action(action)
             self.alarms.append(alarm)
+            if rule.metric == "errors_5xx" and rule.op in (">", ">="):
+                self.errors_5xx.append(alarm)
         # The floor nothing else watches: a tier whose targets are all unhealthy.
         for name, tg in target_groups:
             alarm = tg.metrics.healthy_host_count(period=Duration.minutes(1)).create_alarm(

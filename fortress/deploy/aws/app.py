@@ -12,8 +12,9 @@ from fortress.config import FortressConfig
 from fortress.deploy.aws import keys
 from fortress.deploy.aws.alarms import Alarms, AlarmTopic, Budget
 from fortress.deploy.aws.archive import Archive
+from fortress.deploy.aws.blue_green import BlueGreen
 from fortress.deploy.aws.errors import DeployError
-from fortress.deploy.aws.gateway import Gateway
+from fortress.deploy.aws.gateway import CONTAINER, GATEWAY_PORT, Gateway
 from fortress.deploy.aws.model_pools import ModelPools
 from fortress.deploy.aws.nag import suppress
 from fortress.deploy.aws.network import Network
@@ -55,7 +56,17 @@ class FortressStack(cdk.Stack):
         target_groups = [
             (f"{p.name}-{ep.tier.value}", ep.target_group) for p in pools.pools for ep in p.endpoints
         ]
-        Alarms(self, "Alarms", config, topic, gateway.service, gateway.lb, target_groups)
+        alarms = Alarms(self, "Alarms", config, topic, gateway.service, gateway.lb, target_groups)
+        if gateway.blue_green:
+            BlueGreen(
+                self,
+                "GatewayDeployment",
+                aws.gateway,
+                gateway,
+                list(alarms.errors_5xx),
+                CONTAINER,
+                GATEWAY_PORT,
+            )
         if aws.budget is not None:
             Budget(self, "Budget", aws)
         scheme = "https" if aws.domain else "http"

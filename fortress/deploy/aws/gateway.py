@@ -27,6 +27,12 @@ from fortress.deploy.aws.nag import SECRET_KEY_REASON, skip_checkov
 from fortress.deploy.aws.state import Postgres, Redis
 
 GATEWAY_PORT = 8080
+CONTAINER = "fortress"  # the task's one container
+# blue_green: the public ALB's test listener, which reaches the new tasks before any client does.
+# No security group rule opens it: an operator who wants to try the new tasks adds one for
+# their own address.
+TEST_PORT_HTTPS = 8443
+TEST_PORT_HTTP = 8080
 CONFIG_PATH = "/var/lib/fortress/fortress.yaml"
 # Only what the Dockerfile copies goes into the image asset (the rest of a checkout can be large).
 ASSET_EXCLUDE = [
@@ -221,7 +227,7 @@ class Gateway(Construct):
             env["REDIS_HOST"] = redis.group.attr_primary_end_point_address
             env["REDIS_PORT"] = redis.group.attr_primary_end_point_port
         task.add_container(
-            "fortress",
+            CONTAINER,
             image=image,
             entry_point=["/bin/sh", "-c"],
             command=[START_WITH_REPLICAS if has_local_replicas(config) else START],
@@ -235,6 +241,8 @@ class Gateway(Construct):
         self._fleet_permissions(task.task_role, pools)
         self._bedrock_permissions(task.task_role, bedrock_replicas(config))
 
+        self.task = task
+        self.blue_green = g.deployment == "blue_green"
         self.security_group = ec2.SecurityGroup(self, "ServiceSg", vpc=vpc, description="Fortress tasks")
         self.service = ecs.FargateService(
             self,
@@ -244,7 +252,14 @@ class Gateway(Construct):
             desired_count=g.min_tasks,
             min_healthy_percent=100,
             max_healthy_percent=200,
-            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            # blue_green: CodeDeploy replaces the tasks (see blue_green.py); ECS's circuit breaker
+            # works only with ECS's own rolling deployments.
+            deployment_controller=ecs.DeploymentController(type=ecs.DeploymentControllerType.CODE_DEPLOY)
+            if self.blue_green
+            else None,
+            circuit_breaker=None
+            if self.blue_green
+            else ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
             security_groups=[self.security_group],
             vpc_subnets=ec2.SubnetSelection(subnet_group_name="private"),
             enable_execute_command=False,
@@ -270,6 +285,12 @@ class Gateway(Construct):
         if redis is not None:
             redis.security_group.add_ingress_rule(self.security_group, ec2.Port.tcp(6379), "the gateway")
 
+        # The production listener (HTTPS with a domain, else HTTP) and its target group; with
+        # blue_green also the test listener and the second ("green") target group.
+        self.listener: elbv2.ApplicationListener
+        self.target_group: elbv2.ApplicationTargetGroup
+        self.test_listener: elbv2.ApplicationListener | None = None
+        self.green_target_group: elbv2.ApplicationTargetGroup | None = None
         self.lb = self._public_load_balancer(config, vpc, logs_bucket)
 
     def _bedrock_permissions(self, role: iam.IRole, replicas: list[BedrockReplicaConfig]) -> None:
@@ -389,7 +410,8 @@ class Gateway(Construct):
                 ssl_policy=elbv2.SslPolicy.RECOMMENDED_TLS,  # TLS 1.3 and 1.2 only
                 open=False,
             )
-            https.add_targets(
+            self.listener = https
+            self.target_group = https.add_targets(
                 "Gateway",
                 port=GATEWAY_PORT,
                 protocol=elbv2.ApplicationProtocol.HTTP,
@@ -398,6 +420,17 @@ class Gateway(Construct):
                 deregistration_delay=Duration.seconds(30),
             )
             lb.add_redirect(source_port=80, target_port=443)
+            if self.blue_green:
+                test = lb.add_listener(
+                    "TestHttps",
+                    port=TEST_PORT_HTTPS,
+                    protocol=elbv2.ApplicationProtocol.HTTPS,
+                    certificates=[elbv2.ListenerCertificate.from_certificate_manager(cert)],
+                    ssl_policy=elbv2.SslPolicy.RECOMMENDED_TLS,
+                    open=False,
+                    default_target_groups=[self._green(vpc, health)],
+                )
+                self.test_listener = test
         else:
             # No domain, no certificate: HTTP only (docs/deploy.md says to add a domain).
             sg.add_ingress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(80), "HTTP from clients")
@@ -407,7 +440,8 @@ class Gateway(Construct):
                 "listener is HTTPS (TLS 1.2 and 1.3 only) and port 80 only redirects."
             )
             skip_checkov(http, {"CKV_AWS_2": no_cert, "CKV_AWS_103": no_cert})
-            http.add_targets(
+            self.listener = http
+            self.target_group = http.add_targets(
                 "Gateway",
                 port=GATEWAY_PORT,
                 protocol=elbv2.ApplicationProtocol.HTTP,
@@ -415,4 +449,29 @@ class Gateway(Construct):
                 health_check=health,
                 deregistration_delay=Duration.seconds(30),
             )
+            if self.blue_green:
+                test = lb.add_listener(
+                    "TestHttp",
+                    port=TEST_PORT_HTTP,
+                    protocol=elbv2.ApplicationProtocol.HTTP,
+                    open=False,
+                    default_target_groups=[self._green(vpc, health)],
+                )
+                skip_checkov(test, {"CKV_AWS_2": no_cert, "CKV_AWS_103": no_cert})
+                self.test_listener = test
         return lb
+
+    def _green(self, vpc: ec2.IVpc, health: elbv2.HealthCheck) -> elbv2.ApplicationTargetGroup:
+        """The second target group of a blue/green deployment: CodeDeploy registers the new tasks
+        in it, and it sits behind the test listener so that it belongs to the load balancer."""
+        self.green_target_group = elbv2.ApplicationTargetGroup(
+            self,
+            "GatewayGreen",
+            vpc=vpc,
+            port=GATEWAY_PORT,
+            protocol=elbv2.ApplicationProtocol.HTTP,
+            target_type=elbv2.TargetType.IP,
+            health_check=health,
+            deregistration_delay=Duration.seconds(30),
+        )
+        return self.green_target_group

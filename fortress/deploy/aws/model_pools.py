@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
@@ -34,6 +35,9 @@ DEFAULT_CACHE_DIR = "/opt/models"
 # NVIDIA driver and CUDA); pinned so every instance of a group serves alike.
 VLLM_VERSION = "0.6.6"
 DATA_DEVICE = "/dev/sdf"
+# The model server's secrets (``env_secrets``): fetched at boot into this root-only file, which
+# vLLM's unit reads; the user data names only the secrets, never their values.
+SECRETS_ENV_FILE = "/etc/fortress/vllm-secrets.env"
 INTERNAL_HTTP = (
     "The internal ALB of the model servers: private subnets, reachable only from the gateway's "
     "security group; vLLM speaks plain HTTP and a private CA for TLS inside the VPC is not set up."
@@ -62,11 +66,64 @@ def vllm_argv(options: VllmOptions, served_name: str) -> tuple[list[str], dict[s
     return list(launch.argv), dict(launch.env)
 
 
-def user_data(options: VllmOptions, served_name: str) -> ec2.UserData:
-    """Mount the cache volume, install vLLM and a systemd unit that keeps it running."""
+def secret_region(ref: str, region: str) -> str:
+    """The region to ask for a secret: an ARN's own, else the stack's."""
+    return ref.split(":")[3] if ref.startswith("arn:") else region
+
+
+def fetch_secrets(secrets: dict[str, str], region: str) -> str:
+    """Shell that writes each ``NAME=value`` of ``secrets`` (name -> secret ARN or name) into
+    :data:`SECRETS_ENV_FILE` (0600, root) with the AWS CLI; empty without secrets.
+
+    The Deep Learning AMI has the AWS CLI; another image without one gets it from pip. Values are
+    read into a variable, never echoed (no ``set -x``), so they stay out of cloud-init's log.
+    """
+    if not secrets:
+        return ""
+    lines = [
+        "# The model server's secrets, into a root-only file (0600) its unit reads.",
+        "AWS=$(command -v aws || true)",
+        'if [ -z "$AWS" ]; then python3 -m venv /opt/awscli && /opt/awscli/bin/pip install --quiet awscli '
+        "&& AWS=/opt/awscli/bin/aws; fi",
+        f"install -d -m 0700 -o root -g root {shlex.quote(str(Path(SECRETS_ENV_FILE).parent))}",
+        f"(umask 077 && : > {SECRETS_ENV_FILE})",
+        "fetch_secret() {  # id region: the secret's string, retried while the instance role's",
+        "  local value  # credentials are not there yet",
+        "  for _ in $(seq 30); do",
+        '    if value=$("$AWS" secretsmanager get-secret-value --secret-id "$1" --region "$2" '
+        '--query SecretString --output text); then printf "%s" "$value"; return 0; fi',
+        "    sleep 10",
+        "  done",
+        "  return 1",
+        "}",
+    ]
+    for name, ref in sorted(secrets.items()):
+        fetched = f"$(fetch_secret {shlex.quote(ref)} {shlex.quote(secret_region(ref, region))})"
+        lines.append(f'VALUE="{fetched}"')
+        # systemd reads NAME=value lines; a token is one line.
+        lines.append(f'printf "%s=%s\\n" {name} "$VALUE" >> {SECRETS_ENV_FILE}')
+    lines.append("unset VALUE")
+    return "\n".join(lines) + "\n"
+
+
+def secret_arn(ref: str, partition: str, region: str, account: str) -> str:
+    """What IAM must allow for one ``env_secrets`` value: an ARN as it is; a name, its secrets in
+    the stack's region and account (Secrets Manager appends six random characters to the name)."""
+    if ref.startswith("arn:"):
+        return ref
+    return f"arn:{partition}:secretsmanager:{region}:{account}:secret:{ref}-??????"
+
+
+def user_data(
+    options: VllmOptions, served_name: str, secrets: dict[str, str] | None = None, region: str = ""
+) -> ec2.UserData:
+    """Mount the cache volume, install vLLM and a systemd unit that keeps it running; with
+    ``secrets`` (env var -> secret ARN or name), fetch them first into the unit's environment file."""
     argv, env = vllm_argv(options, served_name)
     cache = options.cache_dir or DEFAULT_CACHE_DIR
     unit_env = "\n".join(f"Environment={shlex.quote(f'{k}={v}')}" for k, v in sorted(env.items()))
+    if secrets:
+        unit_env += f"\nEnvironmentFile={SECRETS_ENV_FILE}"
     script = f"""#!/bin/bash
 set -euo pipefail
 # The cache volume: the EBS disk that is not the root disk (NVMe names vary by instance type).
@@ -82,7 +139,7 @@ grep -q "$UUID" /etc/fstab || echo "UUID=$UUID {cache} xfs defaults,nofail 0 2" 
 mount -a
 python3 -m venv /opt/vllm
 /opt/vllm/bin/pip install --quiet vllm=={VLLM_VERSION}
-cat > /etc/systemd/system/vllm.service <<'UNIT'
+{fetch_secrets(secrets or {}, region)}cat > /etc/systemd/system/vllm.service <<'UNIT'
 [Unit]
 Description=vLLM OpenAI-compatible server (Fortress model pool)
 After=network-online.target local-fs.target
@@ -155,16 +212,9 @@ class ModelPools(Construct):
                 vpc=vpc,
                 description="vLLM instances: port 8000 from the gateway and the ALB",
             )
-            # Least privilege: Session Manager (no SSH, no open port 22) and the CloudWatch agent.
-            self.role = iam.Role(
-                self,
-                "InstanceRole",
-                assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-                managed_policies=[
-                    iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore"),
-                    iam.ManagedPolicy.from_aws_managed_policy_name("CloudWatchAgentServerPolicy"),
-                ],
-            )
+            self.role = self._instance_role("InstanceRole")
+        # A pool with env_secrets gets a role of its own: only its instances read its secrets.
+        self.secret_roles: dict[str, iam.Role] = {}
         self.lb: elbv2.ApplicationLoadBalancer | None = None
         self.lb_sg: ec2.SecurityGroup | None = None
         by_name = {pool_name(p): p for p in config.pools}
@@ -179,18 +229,56 @@ class ModelPools(Construct):
 
     # -- instances ---------------------------------------------------------------------------------
 
+    def _instance_role(self, cid: str) -> iam.Role:
+        # Least privilege: Session Manager (no SSH, no open port 22) and the CloudWatch agent.
+        return iam.Role(
+            self,
+            cid,
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore"),
+                iam.ManagedPolicy.from_aws_managed_policy_name("CloudWatchAgentServerPolicy"),
+            ],
+        )
+
+    def _role(self, name: str, dp: DeployPool) -> iam.Role:
+        """The shared instance role, or for a pool with ``env_secrets`` its own, which may read
+        exactly those secrets (``GetSecretValue`` alone)."""
+        assert self.role is not None
+        if not dp.env_secrets:
+            return self.role
+        if name not in self.secret_roles:
+            role = self._instance_role(
+                "".join(part.capitalize() for part in _ident(name).split("-")) + "InstanceRole"
+            )
+            stack = Stack.of(self)
+            role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="ReadModelServerSecrets",
+                    actions=["secretsmanager:GetSecretValue"],
+                    resources=sorted(
+                        {
+                            secret_arn(ref, stack.partition, self.region, stack.account)
+                            for ref in dp.env_secrets.values()
+                        }
+                    ),
+                )
+            )
+            self.secret_roles[name] = role
+        return self.secret_roles[name]
+
     def _launch_template(
-        self, cid: str, dp: DeployPool, options: VllmOptions, served: str, spot: bool
+        self, cid: str, name: str, dp: DeployPool, options: VllmOptions, served: str, spot: bool
     ) -> ec2.LaunchTemplate:
         v = dp.volume
-        assert self.role is not None and self.security_group is not None
+        assert self.security_group is not None
         return ec2.LaunchTemplate(
             self,
             cid,
             machine_image=machine_image(dp.image, self.region),
             instance_type=ec2.InstanceType(dp.instance_type),
-            user_data=user_data(options, served),
-            role=self.role,
+            user_data=user_data(options, served, dp.env_secrets, self.region),
+            role=self._role(name, dp),
             security_group=self.security_group,
             require_imdsv2=True,
             detailed_monitoring=True,
@@ -291,7 +379,9 @@ class ModelPools(Construct):
             tag = f"{deployed.name}-{tier.value}-{i}"
             cid = "".join(part.capitalize() for part in _ident(tag).split("-"))
             served = self._served(pool, rc.options)
-            template = self._launch_template(f"{cid}Template", dp, rc.options, served, spot=False)
+            template = self._launch_template(
+                f"{cid}Template", deployed.name, dp, rc.options, served, spot=False
+            )
             az = self.azs[TIER_AZ[tier] % len(self.azs)]
             standby = tier is Tier.STANDBY
             group = self._group(
@@ -348,7 +438,7 @@ class ModelPools(Construct):
         for capacity, group_name in fleet.aws.groups.items():
             spot = capacity == "spot"
             cid = "".join(part.capitalize() for part in _ident(f"{deployed.name}-{capacity}").split("-"))
-            template = self._launch_template(f"{cid}Template", dp, dp.vllm, served, spot=spot)
+            template = self._launch_template(f"{cid}Template", deployed.name, dp, dp.vllm, served, spot=spot)
             # The fleet sets desired capacity itself; the group only bounds it.
             group = self._group(
                 f"{cid}Group",

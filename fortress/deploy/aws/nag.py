@@ -8,7 +8,9 @@ from constructs import IConstruct
 
 _ALWAYS = {
     "AwsSolutions-IAM4": "AWS managed policies: SSM managed instance core and the CloudWatch agent's "
-    "policy on the model servers, the ECS task execution role's policy; they track AWS's own changes.",
+    "policy on the model servers, the ECS task execution role's policy, and with blue_green CodeDeploy's "
+    "ECS role and the basic execution role of the function that starts its deployments; they track "
+    "AWS's own changes.",
     "AwsSolutions-IAM5": "Wildcards CDK generates for grants scoped to one resource (bucket objects, "
     "KMS data keys, log streams) and read-only Describe/GetMetricData calls that have no resource-level "
     "permissions in IAM.",
