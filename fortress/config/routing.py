@@ -196,6 +196,9 @@ class PoolConfig(ConfigModel):
     deregistration_delay: float = Field(
         30.0, ge=0, description="seconds a draining replica keeps in-flight requests"
     )
+    # Carry a chat stream on to another replica when its replica dies mid-stream (the text sent
+    # so far becomes the start of the assistant's answer; docs/routing.md).
+    continuation: bool = False
     replicas: list[ReplicaConfig] = Field(default_factory=list)
     # Autoscaling: the pool's one local replica is the template the fleet starts copies of.
     fleet: FleetConfig | None = None

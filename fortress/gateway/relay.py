@@ -4,7 +4,8 @@ The body goes upstream as received (re-encoded only to ask for stream usage or t
 alias by the real model id). Upstream bytes go to the client as they arrive, at SSE event
 boundaries for streams. A failure before the first byte reached the client is reported to the
 outlier detector (which decides whether the replica is ejected) and another replica is tried;
-after that, the stream ends with an OpenAI error event.
+after that, the stream ends with an OpenAI error event, unless the pool has ``continuation``:
+then a chat stream cut by its replica goes on from another one (``gateway/continuation.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fortress.core import errors
 from fortress.core.context import RequestContext
 from fortress.core.layers import Capacity
 from fortress.gateway.conform import fix_chat_completion, openai_error
+from fortress.gateway.continuation import Continuation
 from fortress.gateway.sse import RESPONSES_DONE, StreamTap, first_event_model
 from fortress.gateway.watchdog import Watchdog
 from fortress.routing.outlier import Failure, OutlierDetector
@@ -50,6 +52,13 @@ class _Retry(Exception):
         # The replica had closed the pooled keep-alive connection (llama-server does so after
         # every stream without saying so): not its fault, try it again on a fresh connection.
         self.same_replica = same_replica
+
+
+class _Cut(Exception):
+    """A stream of a pool with continuation lost its replica after the client got some of it."""
+
+    def __init__(self, error: errors.GatewayError) -> None:
+        self.error = error
 
 
 class Relay:
@@ -118,6 +127,13 @@ class Relay:
         tried: tuple[Replica, ...] = ()
         last_error: errors.GatewayError | None = None
         again: Replica | None = None
+        # Only pools that opted in pay for watching a stream's text.
+        cont = (
+            Continuation()
+            if ctx.stream and ctx.path == "/v1/chat/completions" and route.pool.config.continuation
+            else None
+        )
+        first_body = body  # a continuation's request is built from what the first replica got
         try:
             while ctx.attempts < rcfg.max_attempts:
                 replica = again or self.router.pick(route, ctx, tried)
@@ -126,18 +142,43 @@ class Relay:
                 if again is None:
                     tried += (replica,)
                     ctx.attempts += 1
-                ctx.replica = replica
+                ctx.replica = replica if cont is None else cont.served(replica)
                 try:
                     await self._attempt(
-                        ctx, replica, route.upstream_model, body, send, wd, fresh=again is not None
+                        ctx, replica, route.upstream_model, body, send, wd, fresh=again is not None, cont=cont
                     )
                     return
                 except _Retry as r:
                     last_error = r.error
                     ctx.error = r.error.message
                     again = replica if r.same_replica and again is None else None
+                except _Cut as c:
+                    assert cont is not None
+                    last_error = c.error
+                    again = None
+                    if cont.finish is not None:  # the text was complete: only [DONE] was missing
+                        await self._close_finished(ctx, cont, send)
+                        return
+                    log.info(
+                        "request %s: replica %s died mid-stream (%s); continuing on another replica",
+                        ctx.request_id,
+                        replica.name,
+                        c.error.message,
+                    )
+                    cont.cut(replica.name)
+                    nxt = cont.body(first_body)
+                    if nxt is None:  # max_tokens used up: the answer ends here
+                        await self._close_length(ctx, cont, send)
+                        return
+                    body = nxt
         finally:
             wd.stop()
+        if cont is not None and ctx.responded:
+            # Cut, and no replica could carry the stream on: an error event, as without it.
+            await self._fail(
+                ctx, send, True, last_error or errors.upstream_failed("No replica to continue on.")
+            )
+            return
         if last_error is None:
             healthy = self.router.healthy_count(route)
             detail = "Every replica is unhealthy." if healthy == 0 else ""
@@ -178,6 +219,7 @@ class Relay:
         send: Send,
         wd: Watchdog,
         fresh: bool = False,
+        cont: Continuation | None = None,
     ) -> None:
         assert self.session is not None
         t_up = perf_counter()
@@ -212,9 +254,22 @@ class Relay:
                             )
                         )
                 wd.expect(self.config.timeouts.idle, "idle")
+                if cont is not None and cont.resuming and status != 200:
+                    # The replica would not continue (an engine without continue_final_message
+                    # answers 400): the client's stream ends as it would have without it.
+                    text = await resp.read()
+                    await self._fail(
+                        ctx,
+                        send,
+                        True,
+                        errors.upstream_failed(
+                            f"Replica {replica.name} could not continue the stream: {_snippet(text)}"
+                        ),
+                    )
+                    return
                 ctx.error = None  # an earlier attempt's failure is not this answer's
                 if ctx.stream and status == 200:
-                    await self._relay_stream(ctx, replica, want, resp, send, wd)
+                    await self._relay_stream(ctx, replica, want, resp, send, wd, cont)
                 else:
                     data = await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
@@ -256,6 +311,9 @@ class Relay:
             if not ctx.responded and reason != "total":
                 ctx.cancelled_by = None
                 raise _Retry(err) from None
+            if cont is not None and reason != "total" and cont.can_continue():
+                ctx.cancelled_by = None
+                raise _Cut(err) from None
             await self._fail(ctx, send, ctx.responded, err)
         except (aiohttp.ClientError, OSError) as exc:
             err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
@@ -265,6 +323,8 @@ class Relay:
             self.outlier.failure(replica, kind, _describe(exc))
             if not ctx.responded:
                 raise _Retry(err) from None
+            if cont is not None and cont.can_continue():
+                raise _Cut(err) from None
             await self._fail(ctx, send, True, err)
         finally:
             replica.in_flight -= 1
@@ -287,44 +347,84 @@ class Relay:
         resp: aiohttp.ClientResponse,
         send: Send,
         wd: Watchdog,
+        cont: Continuation | None = None,
     ) -> None:
         """Relay a stream event by event. The response starts with the first complete event,
-        once its model is checked: until then a failure is retried on another replica."""
+        once its model is checked: until then a failure is retried on another replica. With
+        ``cont`` (a pool with continuation) the events also go through it: it keeps the text,
+        and rewrites a continuing replica's events into the client's stream."""
+        resuming = cont is not None and cont.resuming
         if ctx.path == "/v1/responses":
             tap = StreamTap(strip_usage=False, done_marks=RESPONSES_DONE)
         else:
-            tap = StreamTap(strip_usage=not ctx.want_usage)
+            # A continuing replica's usage is summed with the cut ones' before it goes out.
+            tap = StreamTap(strip_usage=not ctx.want_usage and not resuming)
+        chunks = ctx.chunks if resuming else 0
+        checked = False
         mark = wd.mark
         async for data in resp.content.iter_any():
             mark()
             out = tap.feed(data)
             if out:
-                if not ctx.responded:
+                if not checked:
+                    checked = True
                     got = first_event_model(out)
                     if got is not None and got != want:
                         self._wrong_model(replica, got, want)
-                    await self._start_stream(ctx, replica, send)
+                    if not ctx.responded:
+                        await self._start_stream(ctx, replica, send)
+                if cont is not None:
+                    out = cont.feed(out, ctx.want_usage)
+                    if not out:
+                        continue
                 ctx.bytes_out += len(out)
                 if tap.done and not ctx.finished:
                     # The chunk with [DONE] waits until the request's record is committed.
-                    ctx.usage = _usage(tap.usage)
-                    ctx.chunks = tap.chunks
+                    ctx.usage = cont.usage if resuming and cont is not None else _usage(tap.usage)
+                    ctx.chunks = chunks + tap.chunks
                     await self._finish(ctx)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 # A slow client holds us in send(); that silence is not the replica's.
                 mark()
         rest = tap.flush()
-        ctx.usage = _usage(tap.usage)
-        ctx.chunks = tap.chunks
+        ctx.usage = cont.usage if resuming and cont is not None else _usage(tap.usage)
+        ctx.chunks = chunks + tap.chunks
         if not tap.done:
             # The replica closed the stream early: tell the client instead of ending silently.
             err = errors.upstream_failed(f"Replica {replica.name} ended the stream early.")
             self.outlier.failure(replica, Failure.RESET, "stream ended early")
             if not ctx.responded:
                 raise _Retry(err)
+            if cont is not None and cont.can_continue():
+                raise _Cut(err)  # the unfinished last event is dropped: its text is not sent
             await self._fail(ctx, send, True, err, rest)
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    async def _close_finished(self, ctx: RequestContext, cont: Continuation, send: Send) -> None:
+        """End a stream whose replica died after its last content: only [DONE] was missing."""
+        out = cont.done_events(ctx.want_usage)
+        ctx.usage = cont.usage
+        ctx.error = None
+        ctx.bytes_out += len(out)
+        await self._finish(ctx)
+        await send({"type": "http.response.body", "body": out, "more_body": False})
+
+    async def _close_length(self, ctx: RequestContext, cont: Continuation, send: Send) -> None:
+        """End a cut stream that had used its ``max_tokens``: the finish the replica would have sent."""
+        assert cont.ident is not None
+        cid, created, model = cont.ident
+        chunk = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+        }
+        cont.finish = "length"
+        last = b"data: " + orjson.dumps(chunk) + b"\n\n"
+        await send({"type": "http.response.body", "body": last, "more_body": True})
+        await self._close_finished(ctx, cont, send)
 
     async def _start_stream(self, ctx: RequestContext, replica: Replica, send: Send) -> None:
         t_in = perf_counter()

@@ -16,6 +16,12 @@ or the completion ``prompt``) contains the marker ``[sim:500]`` is answered 500 
 format (code ``sim_poison``) whatever ``error_rate`` says, and counted as ``poisoned`` in
 ``/sim/stats``. The check draws no random number, so a seeded error/hang sequence is unchanged.
 
+Answers are deterministic: token i of an answer is `` tok<i>`` whatever the sampling settings, so
+a chat request with vLLM's ``continue_final_message: true`` (and ``add_generation_prompt:
+false``) whose last message is the assistant's partial answer of k tokens (words) goes on with
+tokens k, k+1, ... of the answer the same request would have had uninterrupted; ``max_tokens``
+then counts the new tokens only, as in vLLM.
+
 Every body and stream chunk follows the OpenAI schemas (``tests/conformance/openai-schemas.json``).
 Run it with ``fortress sim --port 9001`` or ``python -m fortress.sim --port 9001``.
 """
@@ -155,6 +161,7 @@ class _Job:
     prompt_tokens: int
     prompt_words: list[str]
     poisoned: bool
+    start: int = 0  # continue_final_message: tokens of the answer already in the last message
     emitted: int = 0  # streamed tokens so far, held in live_tokens until the request ends
 
 
@@ -188,11 +195,31 @@ def _parse(req: Any, chat: bool) -> _Job:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _BadRequest(f"'{key}' must be a positive integer.", key)
         limit = value if limit is None else min(limit, value)
+    start = _continued(req) if chat else 0
     stream = req.get("stream") is True
     opts = req.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
     words = " ".join(parts).split()
-    return _Job(chat, stream, include_usage, limit, max(1, len(words)), words, poisoned)
+    return _Job(chat, stream, include_usage, limit, max(1, len(words)), words, poisoned, start)
+
+
+def _continued(req: dict[str, Any]) -> int:
+    """Tokens of the answer the request's last (assistant) message already holds, for
+    ``continue_final_message``; 0 for a plain request. vLLM's own checks, same messages."""
+    if req.get("continue_final_message") is not True:
+        return 0
+    if req.get("add_generation_prompt", True) is not False:
+        raise _BadRequest(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            "continue_final_message",
+        )
+    last = req["messages"][-1]
+    if last.get("role") != "assistant":
+        raise _BadRequest(
+            "`continue_final_message` needs the final message to be from the assistant.",
+            "continue_final_message",
+        )
+    return _words(last.get("content"))
 
 
 class _Sim:
@@ -482,15 +509,17 @@ class _Sim:
             self.prefix_hits += min(job.prompt_tokens, self._prefix_lookup(job.prompt_words))
             self.live_tokens += job.prompt_tokens
             held += job.prompt_tokens
-            n = cfg.tokens if job.limit is None else min(cfg.tokens, job.limit)
-            finish = "length" if job.limit is not None and job.limit <= cfg.tokens else "stop"
+            # Tokens start..end-1 of the answer: a continuation goes on where its text stops.
+            end = cfg.tokens if job.limit is None else min(cfg.tokens, job.start + job.limit)
+            n = max(0, end - job.start)
+            finish = "length" if job.limit is not None and job.start + job.limit <= cfg.tokens else "stop"
             if job.stream:
                 resp = web.StreamResponse(headers=_SSE_HEADERS)
                 await resp.prepare(request)
                 await self._stream(request, resp, job, cfg, n, finish)
                 return resp
             loop = asyncio.get_running_loop()
-            await _sleep_until(request, loop.time() + cfg.ttft + cfg.itl * (n - 1))
+            await _sleep_until(request, loop.time() + cfg.ttft + cfg.itl * max(0, n - 1))
             if _gone(request):
                 raise _ClientGone("client went away")
             self.generation_tokens_total += n
@@ -506,7 +535,7 @@ class _Sim:
             self.live_tokens -= held + (job.emitted if job is not None else 0)
 
     def _body(self, job: _Job, n: int, finish: str) -> bytes:
-        text = b"".join(_token(i) for i in range(n)).decode()
+        text = b"".join(_token(job.start + i) for i in range(n)).decode()
         usage = {
             "prompt_tokens": job.prompt_tokens,
             "completion_tokens": n,
@@ -564,7 +593,8 @@ class _Sim:
         write = self._writer(resp)
         loop = asyncio.get_running_loop()
         first_at = loop.time() + cfg.ttft
-        for i in range(n):
+        # A continuation with nothing left to say still ends with a (empty) finishing chunk.
+        for i in range(max(1, n)):
             await _sleep_until(request, first_at + i * cfg.itl)
             if i == 0 and job.chat:
                 role: dict[str, Any] = {
@@ -584,7 +614,10 @@ class _Sim:
                 if job.include_usage:
                     role["usage"] = None
                 await write(b"data: " + orjson.dumps(role) + b"\n\n")
-            await write(head + _token(i) + (last if i == n - 1 else mid))
+            if n == 0:
+                await write(head + last)
+                break
+            await write(head + _token(job.start + i) + (last if i == n - 1 else mid))
             job.emitted += 1
             self.generation_tokens_total += 1
             self.live_tokens += 1
