@@ -150,7 +150,10 @@ class DeployGateway(ConfigModel):
     def _tasks(self) -> Self:
         if self.min_tasks > self.max_tasks:
             raise ValueError("min_tasks is above max_tasks")
-        if "blue_green_traffic" in self.model_fields_set and self.deployment != "blue_green":
+        # Only a value other than the default is refused: a config written back out (the
+        # deployed gateway's, a replace()) carries every field.
+        default = type(self).model_fields["blue_green_traffic"].default
+        if self.blue_green_traffic != default and self.deployment != "blue_green":
             raise ValueError("blue_green_traffic applies only to deployment: blue_green")
         return self
 
