@@ -27,7 +27,7 @@ AUDIT_INDEXES = {
     "ix_audit_records_user_ts": ["user", "ts"],
 }
 KEY_INDEXES = {"ix_audit_records_key_id_ts", "ix_audit_records_key_name_ts"}
-HEAD = "0003"  # the latest revision (0003 adds the fleet tables and leaves audit_records alone)
+HEAD = "0004"  # the latest revision (0004 adds ws_connections and leaves audit_records alone)
 
 
 def audit_indexes(engine: Engine) -> dict[str, list[str]]:

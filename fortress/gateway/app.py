@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from time import monotonic, perf_counter
 from typing import Any
@@ -29,8 +30,11 @@ from fortress.core.context import RequestContext
 from fortress.core.layers import AccessLayer, AuditLayer, Capacity, Observer
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.relay import Relay
+from fortress.gateway.websocket import WS_PATH, WebSocketEndpoint
 from fortress.routing.affinity import session_key
 from fortress.routing.pool import Route, Router
+from fortress.store.connections import ConnectionRegistry
+from fortress.store.db import database_url
 
 log = logging.getLogger("fortress.gateway")
 
@@ -100,11 +104,20 @@ class Gateway:
         self.capacity = capacity  # the fleet's /admin/fleet
         self.max_body = config.server.max_body_bytes
         self.admin_token = config.server.admin_token
+        # /v1/ws: each message's request goes through self.completion like a POST; its
+        # registry writer starts with the first connection (rows named host:port).
+        registry = ConnectionRegistry(database_url(config), f"{socket.gethostname()}:{config.server.port}")
+        self.websocket = WebSocketEndpoint(
+            self.completion, access=access, audit=audit, registry=registry, max_message_bytes=self.max_body
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # HTTP only: the runtime starts and stops every part (uvicorn runs with lifespan off).
+        # HTTP, and the WebSocket endpoint (the protocol upgrades only its path); the runtime
+        # starts and stops every part (uvicorn runs with lifespan off).
         if scope["type"] == "http":
             await self._http(scope, receive, send)
+        elif scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            await self.websocket(scope, receive, send)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -365,6 +378,9 @@ class Gateway:
         except _ClientGone:
             return  # nothing to answer, nobody to answer to
         if await self.replica_admin.handle(method, path, body, send):
+            return
+        if path == "/admin/connections" and method == "GET":
+            await respond_json(send, 200, await self.websocket.listing())
             return
         if self.capacity is not None and path.startswith("/admin/fleet"):
             answer = await self.capacity.handle_admin(method, path, body)

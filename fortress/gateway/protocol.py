@@ -28,8 +28,10 @@ Scope marker: when the body timeout closes a request the application is already 
 application sees ``http.disconnect``, so it can record the request as a 408 rather than as a
 client that went away.
 
-WebSocket upgrades are not offered (the gateway speaks HTTP only, and an upgraded connection
-would leave these limits behind): an upgrade request is served as plain HTTP.
+WebSocket upgrades are offered on ``/v1/ws`` only (``fortress.gateway.websocket``), once the
+upgrade request passed the header limits and the connection cap (past ``max_connections`` it
+gets the 503 like any other path); an upgraded connection stays counted in ``open`` until it
+closes. An upgrade request for any other path is served as plain HTTP.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from fortress.config.server import Server
 from fortress.core.errors import error_body
+from fortress.gateway.websocket import WS_PATH
 
 log = logging.getLogger("fortress.gateway.protocol")
 
@@ -261,7 +264,27 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _should_upgrade_to_ws(self) -> bool:
-        return False
+        if self.ws_protocol_class is None:
+            return False
+        path = httptools.parse_url(self.url).path
+        return path == WS_PATH.encode()
+
+    def _upgrade(self) -> None:
+        """Hand the connection to uvicorn's WebSocket protocol; it stays counted in ``open``
+        until that protocol loses it (this one never hears of the connection again)."""
+        self._phase = _DONE
+        self._cancel_timers()
+        self._counted = False
+        super().handle_websocket_upgrade()
+        ws = self.transport.get_protocol()
+        lost = ws.connection_lost
+        counters = self.counters
+
+        def connection_lost(exc: Exception | None) -> None:
+            counters.open -= 1
+            lost(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def _unsupported_upgrade_warning(self) -> None:
         log.debug("upgrade request served as plain HTTP")
@@ -280,6 +303,9 @@ class GuardedProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self._upgrade()
+                return
             # Served as plain HTTP; the parser reads nothing after it, so the connection ends
             # with that response.
             self._unsupported_upgrade_warning()

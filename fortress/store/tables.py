@@ -138,3 +138,20 @@ fleet_decisions = Table(
     Column("reason", Text, nullable=False),
     Index("ix_fleet_decisions_pool_ts", "pool", "ts"),
 )
+
+# Open WebSocket connections (written by fortress.store.connections for the gateway's /v1/ws):
+# which gateway holds which connection, and who opened it. A row lives while its connection
+# does; migration 0004 says why these keys.
+ws_connections = Table(
+    "ws_connections",
+    metadata,
+    Column("id", Text, primary_key=True),  # "ws-" + random hex, chosen by the gateway
+    Column("gateway", Text, nullable=False),  # the gateway that holds it: host:port
+    Column("client", Text, nullable=True),  # the client's address as the gateway saw it
+    Column("key_id", Text, nullable=True),
+    Column("key_name", Text, nullable=True),
+    Column("source", Text, nullable=True),  # x-llm-source
+    Column("user", Text, nullable=True),  # x-llm-user
+    Column("opened_at", Float, nullable=False),
+    Index("ix_ws_connections_gateway", "gateway"),
+)
