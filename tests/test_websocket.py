@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Cluster
-from helpers import AUDIT_HEADERS, wait_for
+from helpers import AUDIT_HEADERS, fortress_argv, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -239,3 +240,25 @@ def test_hundred_concurrent_connections(gw: Gateway) -> None:
     assert [e["type"] for e in ends] == ["done"] * 100
     assert len({e["request_id"] for e in ends}) == 100
     wait_for(lambda: gw.connections() == [], timeout=10, what="every row deleted")
+
+
+def test_fortress_status_lists_connections(gw: Gateway) -> None:
+    key = gw.key()
+
+    def status(*args: str) -> str:
+        argv = fortress_argv("status", "--url", gw.url, *args)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"}
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async def main() -> tuple[str, str]:
+        async with connect(gw.ws, additional_headers=headers(key, **{"x-llm-user": "bob"})):
+            await asyncio.to_thread(wait_for, lambda: gw.connections(), 5, 0.05, "registry row")
+            return await asyncio.to_thread(status, "--json"), await asyncio.to_thread(status)
+
+    as_json, table = asyncio.run(main())
+    conns = json.loads(as_json)["connections"]["connections"]
+    assert len(conns) == 1 and conns[0]["user"] == "bob" and conns[0]["in_flight"] == 0
+    assert "WebSocket connections (1)" in table and conns[0]["id"] in table

@@ -205,6 +205,8 @@ def status(
 
     url, admin_token = resolve_gateway(url, admin_token, config)
     data = get_gateway_json(url, "/admin/replicas", admin_token)
+    # Open WebSocket connections of every gateway sharing the store (the registry).
+    data["connections"] = get_gateway_json(url, "/admin/connections", admin_token)
     if as_json:
         print_json(data)
         return
@@ -256,6 +258,23 @@ def status(
                 p["log"],
             )
         console.print(pt)
+    conns = data["connections"].get("connections") or []
+    if conns:
+        ct = Table(title=f"WebSocket connections ({len(conns)})")
+        for col in ("connection", "gateway", "client", "key", "user", "source", "open for", "in-flight"):
+            ct.add_column(col)
+        for c in conns:
+            ct.add_row(
+                c["id"],
+                c.get("gateway") or "-",
+                c.get("client") or "-",
+                escape(c.get("key_name") or c.get("key_id") or "-"),
+                escape(c.get("user") or "-"),
+                escape(c.get("source") or "-"),
+                f"{time.time() - c['opened_at']:.0f}s",
+                str(c.get("in_flight", "-")),  # known to the gateway that holds it
+            )
+        console.print(ct)
 
 
 @app.command()
