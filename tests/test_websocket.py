@@ -240,6 +240,15 @@ def test_hundred_concurrent_connections(gw: Gateway) -> None:
     assert [e["type"] for e in ends] == ["done"] * 100
     assert len({e["request_id"] for e in ends}) == 100
     wait_for(lambda: gw.connections() == [], timeout=10, what="every row deleted")
+    # Upgraded connections leave the connection cap's count when they close.
+    wait_for(lambda: open_connections(gw) <= 2, timeout=10, what="fortress_connections_open to fall back")
+
+
+def open_connections(gw: Gateway) -> float:
+    with urllib.request.urlopen(gw.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("fortress_connections_open "))
+    return float(line.split()[1])
 
 
 def test_fortress_status_lists_connections(gw: Gateway) -> None:
