@@ -247,7 +247,10 @@ class Runtime:
                 self.observe.access_log.open()
             except OSError as exc:
                 raise StartError(f"cannot open the access log: {exc}") from None
-        parts: list[Any] = [self.audit, self.access, self.relay, self.health, self.load, self.observe]
+        # The WebSocket endpoint last: it stops first, writing its registry's last rows.
+        parts: list[Any] = [
+            self.audit, self.access, self.relay, self.health, self.load, self.observe, self.gateway.websocket
+        ]  # fmt: skip
         for part in parts:
             if part is None:
                 continue

@@ -20,6 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 CONFIG = """
 state_dir: {state}
+# Short enough to test, long enough for every other test's pauses.
+server: {{websocket: {{idle_timeout: 3s, auth_timeout: 1s}}}}
 auth: {{cache_refresh: 1}}
 audit: {{group_commit_ms: 2}}
 plans:
@@ -68,12 +70,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("ws")
     cluster = Cluster(tmp)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            # Short enough to test, long enough for every other test's pauses.
-            mp.setenv("FORTRESS_WS_IDLE_TIMEOUT", "3")
-            mp.setenv("FORTRESS_WS_AUTH_TIMEOUT", "1")
-            sim, _ = cluster.sim("sim-model", "--tokens", "6", "--itl", "0.01")
-            url, _ = cluster.gateway(CONFIG.format(state=tmp / "state", sim=sim))
+        sim, _ = cluster.sim("sim-model", "--tokens", "6", "--itl", "0.01")
+        url, _ = cluster.gateway(CONFIG.format(state=tmp / "state", sim=sim))
         yield Gateway(url, tmp / "state")
     finally:
         cluster.stop()

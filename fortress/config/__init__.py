@@ -70,7 +70,7 @@ from fortress.config.routing import (
     Routing,
     SessionAffinity,
 )
-from fortress.config.server import Server, Timeouts
+from fortress.config.server import Server, Timeouts, WebSocketLimits
 
 __all__ = [
     "ENGINE_NAMES",
@@ -133,6 +133,7 @@ __all__ = [
     "UsagePlan",
     "VllmOptions",
     "VllmReplicaConfig",
+    "WebSocketLimits",
     "build_config",
     "default_alarm_rules",
     "load_config",

@@ -11,6 +11,22 @@ from pydantic import Field, field_validator
 from fortress.config.base import ConfigModel, seconds
 
 
+class WebSocketLimits(ConfigModel):
+    """``server.websocket``: what one ``/v1/ws`` connection may cost."""
+
+    # A browser's auth message follows the open at once.
+    auth_timeout: float = Field(5.0, gt=0, description="seconds to send the auth message (else close 4408)")
+    # A chat window left open costs a registry row and a descriptor.
+    idle_timeout: float = Field(300.0, gt=0, description="seconds with no request in flight before close")
+    # One client, one connection: its plan still bounds the total.
+    max_in_flight: int = Field(8, ge=1, description="requests in flight on one connection (else 429)")
+
+    @field_validator("auth_timeout", "idle_timeout", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return seconds(v)
+
+
 class Server(ConfigModel):
     """Where and how the gateway listens, and what one client connection may cost."""
 
@@ -56,6 +72,7 @@ class Server(ConfigModel):
         default_factory=list,
         description="IPs or CIDRs whose X-Forwarded-For is believed; empty: it never is",
     )
+    websocket: WebSocketLimits = Field(default_factory=WebSocketLimits)
 
     @field_validator("header_timeout", "body_timeout", "keepalive_timeout", mode="before")
     @classmethod

@@ -30,7 +30,7 @@ from fortress.core.context import RequestContext
 from fortress.core.layers import AccessLayer, AuditLayer, Capacity, Observer
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.relay import Relay
-from fortress.gateway.websocket import WS_PATH, WebSocketEndpoint
+from fortress.gateway.websocket import WS_PATH, WebSocketEndpoint, WebSocketSettings
 from fortress.routing.affinity import session_key
 from fortress.routing.pool import Route, Router
 from fortress.store.connections import ConnectionRegistry
@@ -108,7 +108,12 @@ class Gateway:
         # registry writer starts with the first connection (rows named host:port).
         registry = ConnectionRegistry(database_url(config), f"{socket.gethostname()}:{config.server.port}")
         self.websocket = WebSocketEndpoint(
-            self.completion, access=access, audit=audit, registry=registry, max_message_bytes=self.max_body
+            self.completion,
+            access=access,
+            audit=audit,
+            registry=registry,
+            max_message_bytes=self.max_body,
+            settings=WebSocketSettings.from_config(config.server.websocket),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from fortress.config.server import WebSocketLimits
 from fortress.core import errors
 from fortress.core.asgi import Receive, Scope, Send
 from fortress.core.context import RequestContext
@@ -90,24 +91,15 @@ logging.getLogger("uvicorn.error").addFilter(_quiet_upgrades)
 
 @dataclass(frozen=True, slots=True)
 class WebSocketSettings:
-    """Per-connection limits. Each may be set with an environment variable (in seconds or a
-    count): ``FORTRESS_WS_AUTH_TIMEOUT``, ``FORTRESS_WS_IDLE_TIMEOUT``,
-    ``FORTRESS_WS_MAX_IN_FLIGHT``."""
+    """Per-connection limits (``server.websocket`` in the config)."""
 
-    auth_timeout: float = 5.0  # a browser's auth message follows the open at once
-    idle_timeout: float = 300.0  # a chat window left open costs a row and a descriptor
-    max_in_flight: int = 8  # one client, one connection: its plan still bounds the total
+    auth_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    max_in_flight: int = 8
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> WebSocketSettings:
-        """The defaults, with what the environment (``env``: default ``os.environ``) sets."""
-        env = dict(os.environ) if env is None else env
-        base = cls()
-        return cls(
-            auth_timeout=float(env.get("FORTRESS_WS_AUTH_TIMEOUT", base.auth_timeout)),
-            idle_timeout=float(env.get("FORTRESS_WS_IDLE_TIMEOUT", base.idle_timeout)),
-            max_in_flight=int(env.get("FORTRESS_WS_MAX_IN_FLIGHT", base.max_in_flight)),
-        )
+    def from_config(cls, limits: WebSocketLimits) -> WebSocketSettings:
+        return cls(limits.auth_timeout, limits.idle_timeout, limits.max_in_flight)
 
 
 @dataclass(eq=False, slots=True)
@@ -191,7 +183,7 @@ class WebSocketEndpoint:
         self.audit = audit
         self.registry = registry
         self.max_message_bytes = max_message_bytes
-        self.settings = settings or WebSocketSettings.from_env()
+        self.settings = settings or WebSocketSettings()
         self.connections: dict[str, _Connection] = {}
         self.opened_total = 0
 
@@ -202,6 +194,14 @@ class WebSocketEndpoint:
         return [
             {**c.row(), "in_flight": len(c.requests), "requests": c.served} for c in self.connections.values()
         ]
+
+    async def start(self) -> None:
+        """Nothing to start: the registry's writer starts with the first connection."""
+
+    async def stop(self) -> None:
+        """Write the registry's last changes (closed connections) and stop its writer."""
+        if self.registry is not None:
+            await asyncio.to_thread(self.registry.stop)
 
     async def listing(self) -> dict[str, Any]:
         """Every open connection: from the store (every gateway sharing it), with this gateway's
