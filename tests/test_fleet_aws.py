@@ -499,9 +499,8 @@ def test_fortress_serve_runs_a_config_whose_only_pool_is_an_aws_fleet(tmp_path: 
     """A deployed gateway's config may have no replicas at all, only an aws fleet: `fortress
     serve` starts on it, and its fleet sizes the group (moto's server stands in for AWS)."""
     import yaml
+    from helpers import Proc, fortress_argv, free_port, http_get, wait_http
     from moto.server import ThreadedMotoServer
-
-    from tests.helpers import Proc, fortress_argv, free_port, http_get, wait_http
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -560,7 +559,7 @@ def test_fortress_serve_runs_a_config_whose_only_pool_is_an_aws_fleet(tmp_path: 
             status, body = http_get(url + "/admin/fleet")
             assert status == 200, body
             (pool,) = json.loads(body)["pools"]
-            if pool["current"] == 1 and pool["instances"]:
+            if pool["current"] == 1 and [i for i in pool["instances"] if i["id"].startswith("i-")]:
                 break
             time.sleep(0.25)
         (group,) = client.describe_auto_scaling_groups(AutoScalingGroupNames=["g-spot"])["AutoScalingGroups"]

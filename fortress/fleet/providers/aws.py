@@ -248,7 +248,11 @@ class AwsProvider:
         # way too, or the controller's next tick would ask again and overshoot.
         active = sum(1 for i in out if i.state in ACTIVE)
         for n in range(max(0, (self.want or 0) - active)):
-            out.append(Instance(f"{self.pool}/asked-{n + 1}", PROVISIONING, "", detail="asked"))
+            out.append(
+                Instance(
+                    f"{self.pool}/asked-{n + 1}", PROVISIONING, "", capacity=self.order[0], detail="asked"
+                )
+            )
         return out
 
     def _draining_in(self, cap: str) -> int:
