@@ -19,9 +19,10 @@ Method
   replicas (cold caches) and a fresh ``fortress serve`` with one pool of them using that
   balancer; the workload runs; everything stops. Time to first token (TTFT: request sent to
   first content event) of every turn is kept.
-* **Figures**: P50 and P90 TTFT per balancer, and least outstanding's P90 over each other's
-  P90. Target: >= 3x lower P90 TTFT with ``prefix`` and ``session`` than with
-  ``least_outstanding``.
+* **Figures**: requests per replica, P50 and P90 TTFT per balancer, and least outstanding's
+  P90 over each other's P90. Target: >= 3x lower P90 TTFT with ``prefix`` and ``session``
+  than with ``least_outstanding``. ``--json FILE`` keeps every request (TTFT, replica, app,
+  turn, when it was sent) for a closer look.
 
 Run ``python bench/prefix_routing.py`` (a few minutes on two cores; ``--quick`` for a short
 first figure). Exit status 1 when a target is missed.
@@ -60,6 +61,7 @@ WORDS = "customer order parcel refund label carrier receipt policy ticket agent 
 @dataclass
 class Conversation:
     cid: str
+    app: int
     system: str
     questions: list[str]
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -83,13 +85,18 @@ def workload(args: argparse.Namespace) -> list[Conversation]:
             f"Question {t} about {rng.choice(TOPICS)}: what about my {rng.choice(WORDS)}?"
             for t in range(args.turns)
         ]
-        convs.append(Conversation(f"conv-{c}", systems[c % args.apps], questions))
+        convs.append(Conversation(f"conv-{c}", c % args.apps, systems[c % args.apps], questions))
     return convs
 
 
+# One request: TTFT (s), the replica that served it, its app (system prompt), its turn, and when
+# it was sent (s since the phase's workload started).
+Row = tuple[float, str, int, int, float]
+
+
 async def turn(
-    s: aiohttp.ClientSession, gw: str, conv: Conversation, question: str, max_tokens: int
-) -> tuple[float, str]:
+    s: aiohttp.ClientSession, gw: str, conv: Conversation, question: str, max_tokens: int, t_start: float
+) -> Row:
     conv.messages.append({"role": "user", "content": question})
     body = {
         "model": "smollm2",
@@ -114,14 +121,16 @@ async def turn(
                 first = first or time.perf_counter()
                 answer.append(text)
     conv.messages.append({"role": "assistant", "content": "".join(answer) or "(no answer)"})
-    return (first or time.perf_counter()) - t0, replica
+    n = len(conv.messages) // 2 - 1
+    return (first or time.perf_counter()) - t0, replica, conv.app, n, t0 - t_start
 
 
-async def play(gw: str, convs: list[Conversation], args: argparse.Namespace) -> list[tuple[float, str]]:
+async def play(gw: str, convs: list[Conversation], args: argparse.Namespace) -> list[Row]:
     queue: asyncio.Queue[Conversation] = asyncio.Queue()
     for c in convs:
         queue.put_nowait(c)
-    out: list[tuple[float, str]] = []
+    out: list[Row] = []
+    t_start = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=600)
     # llama-server closes its connection after a stream; the gateway's side is pooled.
     async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -130,13 +139,13 @@ async def play(gw: str, convs: list[Conversation], args: argparse.Namespace) -> 
             while not queue.empty():
                 conv = queue.get_nowait()
                 for q in conv.questions:
-                    out.append(await turn(s, gw, conv, q, args.max_tokens))
+                    out.append(await turn(s, gw, conv, q, args.max_tokens, t_start))
 
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
     return out
 
 
-def phase(balancer: str, args: argparse.Namespace, tmp: Path) -> list[tuple[float, str]]:
+def phase(balancer: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
     """Fresh replicas and gateway with ``balancer``; the workload's TTFTs and replicas."""
     opts = LlamaCppOptions(ctx_size=args.ctx_size, parallel=args.parallel, threads=args.threads)
     launches = [
@@ -176,6 +185,14 @@ pools:
             p.__exit__(None, None, None)
 
 
+def spread(rows: list[Row]) -> str:
+    """Requests per replica, most first (``32/32/32``): how evenly a balancer used the fleet."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[1]] = counts.get(row[1], 0) + 1
+    return "/".join(str(n) for n in sorted(counts.values(), reverse=True))
+
+
 def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
@@ -195,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens per answer [8]")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="6 conversations of 3 turns: a first figure")
-    ap.add_argument("--json", metavar="FILE", help="write every TTFT as JSON")
+    ap.add_argument(
+        "--json", metavar="FILE", help="write every request as JSON (TTFT, replica, app, turn, sent at)"
+    )
     ap.add_argument("--write-docs", action="store_true", help="replace its section of docs/benchmarks.md")
     args = ap.parse_args(argv)
     if args.quick:
@@ -203,30 +222,30 @@ def main(argv: list[str] | None = None) -> int:
     shown = [a for a in argv if a != "--write-docs"]
     command = " ".join(["python bench/prefix_routing.py", *map(shlex.quote, shown)])
     t0 = time.monotonic()
-    results: dict[str, list[tuple[float, str]]] = {}
+    results: dict[str, list[Row]] = {}
     with tempfile.TemporaryDirectory(prefix="fortress-prefix-") as tmp:
         for b in BALANCERS:
             results[b] = phase(b, args, Path(tmp))
-    base = p90([t for t, _ in results["least_outstanding"]])
+    base = p90([row[0] for row in results["least_outstanding"]])
     lines = [
         f"```\n{command}\n```\n",
         f"{args.replicas} llama-server replicas (embedded SmolLM2-135M, ctx {args.ctx_size}, "
         f"{args.parallel} slots, {args.threads} thread), {args.apps} system prompts of ~{args.system_chars} "
         f"chars, {args.conversations} conversations x {args.turns} turns, {args.concurrency} clients; "
         f"run time {time.monotonic() - t0:.0f} s.\n",
-        "| balancer | requests | P50 TTFT | P90 TTFT | least_outstanding P90 / this P90 |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| balancer | requests | per replica | P50 TTFT | P90 TTFT | least_outstanding P90 / this P90 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     verdicts: dict[str, bool] = {}
     summary: dict[str, Any] = {}
     for b, rows in results.items():
-        ttfts = [t for t, _ in rows]
+        ttfts = [row[0] for row in rows]
         ratio = base / p90(ttfts)
         if b != "least_outstanding":
             verdicts[b] = ratio >= 3.0
         summary[b] = {"p50": statistics.median(ttfts), "p90": p90(ttfts), "ratio": ratio, "rows": rows}
         lines.append(
-            f"| `{b}` | {len(ttfts)} | {statistics.median(ttfts) * 1000:.0f} ms | "
+            f"| `{b}` | {len(ttfts)} | {spread(rows)} | {statistics.median(ttfts) * 1000:.0f} ms | "
             f"{p90(ttfts) * 1000:.0f} ms | {ratio:.2f}x |"
         )
     ok = all(verdicts.values())

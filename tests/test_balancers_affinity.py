@@ -14,7 +14,7 @@ import pytest
 
 from fortress.config import ConfigError, parse_config
 from fortress.core.context import RequestContext
-from fortress.routing.affinity import PrefixTable, block_chains, session_key
+from fortress.routing.affinity import HOT_SECONDS, HotPrefixes, PrefixTable, block_chains, session_key
 from fortress.routing.balancers import LeastOutstanding, PrefixAware, SessionAffinity
 from fortress.routing.pool import Router
 from fortress.routing.replica import State
@@ -239,6 +239,91 @@ def test_the_longest_match_wins():
     bal.table.record(block_chains(SYSTEM, 128, "m"), "m-1")  # holds the system prompt only
     bal.table.record(block_chains(base, 128, "m"), "m-3")  # holds the earlier turns too
     assert r.pick(route, View(prompt=base + "\nuser: next")) is reps["m-3"]
+
+
+def app(i: int) -> str:
+    """A distinct system prompt per app, distinct from its first block on."""
+    return f"system: You are the assistant of desk {i}. " + "Follow the desk's rules. " * 80
+
+
+def prefix_router(**kw: object) -> tuple[Router, PrefixAware, list[float]]:
+    """A prefix router with a clock the test moves (``now[0]``)."""
+    settings = ", ".join(f"{k}: {v}" for k, v in {"block_chars": 128, **kw}.items())
+    r = router("prefix", f"    prefix: {{{settings}}}\n")
+    bal = r.pools[0].balancer
+    assert isinstance(bal, PrefixAware)
+    now = [1000.0]
+    bal.clock = lambda: now[0]
+    return r, bal, now
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_new_prefixes_arriving_together_get_a_replica_each(seed: int):
+    # The bench's start: one request of each of three apps, then a second of the first, all in
+    # flight at once. Two random choices put the third app beside another one a third of the
+    # time (then 2 of 3 apps share one replica's slots for the whole run); placement never does.
+    r, bal, _ = prefix_router()
+    bal.rng = random.Random(seed)
+    route = r.route("m")
+    got = []
+    for i in (0, 1, 2, 0):
+        rep = r.pick(route, View(prompt=chat("hello", system=app(i))))
+        rep.in_flight += 1
+        got.append(rep.name)
+    assert len(set(got[:3])) == 3 and got[3] == got[0], got
+
+
+def test_a_new_prefix_avoids_idle_replicas_that_serve_hot_prefixes():
+    r, _, now = prefix_router()
+    route = r.route("m")
+    homes = {}
+    for i in (0, 1):
+        homes[i] = r.pick(route, View(prompt=chat("first", system=app(i))))
+        assert r.pick(route, View(prompt=chat("again", system=app(i)))) is homes[i]  # it came back: hot
+    assert homes[0] is not homes[1]
+    # Nothing in flight anywhere: the new app still takes the replica no hot prefix uses.
+    third = r.pick(route, View(prompt=chat("first", system=app(2))))
+    assert third not in homes.values()
+    r.pick(route, View(prompt=chat("again", system=app(2))))
+    # More apps than replicas: fewest hot prefixes first, then fewest in flight.
+    homes[0].in_flight = 2
+    fourth = r.pick(route, View(prompt=chat("first", system=app(3))))
+    assert fourth is not homes[0]
+    # A prefix that has not come back within HOT_SECONDS no longer holds its replica.
+    now[0] += HOT_SECONDS + 1
+    r.pick(route, View(prompt=chat("again", system=app(1))))  # app 1 alone stays hot
+    homes[0].in_flight = 0
+    fifth = r.pick(route, View(prompt=chat("first", system=app(4))))
+    assert fifth is not homes[1]
+
+
+def test_a_spill_goes_where_no_other_hot_prefix_runs():
+    r, _, _ = prefix_router(max_imbalance=1)
+    route = r.route("m")
+    a = r.pick(route, View(prompt=chat("q", system=app(0))))
+    r.pick(route, View(prompt=chat("q2", system=app(0))))
+    b = r.pick(route, View(prompt=chat("q", system=app(1))))
+    r.pick(route, View(prompt=chat("q2", system=app(1))))
+    (c,) = [x for x in r.all_replicas() if x not in (a, b)]
+    a.in_flight = 3
+    b.in_flight = c.in_flight = 1  # b and c load alike: c serves no other hot prefix
+    assert r.pick(route, View(prompt=chat("q3", system=app(0)))) is c
+
+
+def test_hot_prefixes_count_per_replica_expire_and_are_bounded():
+    hot = HotPrefixes(seconds=10, entries=3)
+    hot.touch(1, "a", 0.0)
+    hot.touch(2, "a", 1.0)
+    hot.touch(1, "b", 2.0)  # a spilled prefix is hot on both
+    assert hot.count == {"a": 2, "b": 1}
+    hot.touch(1, "a", 5.0)  # refreshed: stays past prefix 2 on a
+    hot.expire(11.5)
+    assert hot.count == {"a": 1, "b": 1} and len(hot) == 2
+    hot.touch(3, "c", 12.0)
+    hot.touch(4, "c", 12.0)  # a fourth pair: the oldest goes
+    assert hot.count == {"a": 1, "c": 2} and len(hot) == 3
+    hot.forget("c")
+    assert hot.count == {"a": 1} and len(hot) == 1
 
 
 def test_prompts_shorter_than_a_block_go_by_load_and_are_not_remembered():

@@ -163,7 +163,8 @@ class PrefixRouting(ConfigModel):
     blocks. The balancer remembers which replicas served which chains (at most ``entries``
     chains, least recently used first out) and sends a request to the replica with the longest
     matching chain, unless that replica has more than ``max_imbalance`` requests in flight more
-    than the least loaded one.
+    than the least loaded one. A prompt no candidate holds goes to the replica serving the
+    fewest hot prefixes (ones that came back within a minute), then the least loaded.
     """
 
     block_chars: int = Field(256, ge=16, le=65536)

@@ -19,6 +19,11 @@ _MASK = (1 << 64) - 1
 # How many replicas one block chain remembers (most recent first): a prefix spilled to another
 # replica is then warm on both.
 OWNERS_PER_CHAIN = 4
+# A prefix is hot on a replica while it came back there within this many seconds: long enough to
+# span the pauses of a chat (a user reading and typing), short enough that a prefix's replica
+# is free for another one soon after its traffic stops.
+HOT_SECONDS = 60.0
+HOT_ENTRIES = 4096  # (prefix, replica) pairs kept: placement needs the hot ones only
 
 
 def key_hash(key: str) -> int:
@@ -116,6 +121,60 @@ class PrefixTable:
                     self._owners[chain] = rest
                 else:
                     del self._owners[chain]
+
+
+class HotPrefixes:
+    """The prefixes that keep coming back, and how many of them each replica serves.
+
+    A prefix is named by its first block's chain (``block_chains(...)[0]``); it is hot on a
+    replica while requests that matched it went there within the last ``seconds``. ``count``
+    (replica name → hot prefixes) is kept up to date as entries come and go, so reading it costs
+    nothing; entries expire oldest first, at most ``entries`` are kept.
+    """
+
+    def __init__(self, seconds: float = HOT_SECONDS, entries: int = HOT_ENTRIES) -> None:
+        self.seconds = seconds
+        self.entries = entries
+        self.count: dict[str, int] = {}
+        self._seen: OrderedDict[tuple[int, str], float] = OrderedDict()  # (root, replica) → last use
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def touch(self, root: int, name: str, now: float) -> None:
+        """A request of prefix ``root`` went to replica ``name`` at ``now``."""
+        key = (root, name)
+        if key in self._seen:
+            self._seen.move_to_end(key)
+        else:
+            self.count[name] = self.count.get(name, 0) + 1
+        self._seen[key] = now
+        while len(self._seen) > self.entries:
+            self._drop(self._seen.popitem(last=False)[0][1])
+
+    def expire(self, now: float) -> None:
+        """Drop what has not come back within ``seconds`` (the oldest are first: touch moves to the end)."""
+        seen = self._seen
+        cutoff = now - self.seconds
+        while seen:
+            key = next(iter(seen))
+            if seen[key] >= cutoff:
+                break
+            del seen[key]
+            self._drop(key[1])
+
+    def forget(self, name: str) -> None:
+        """Drop replica ``name`` (it left the pool, and its cache with it)."""
+        for key in [k for k in self._seen if k[1] == name]:
+            del self._seen[key]
+        self.count.pop(name, None)
+
+    def _drop(self, name: str) -> None:
+        n = self.count.get(name, 0) - 1
+        if n > 0:
+            self.count[name] = n
+        else:
+            self.count.pop(name, None)
 
 
 def session_key(

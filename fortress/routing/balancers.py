@@ -20,18 +20,21 @@ Strategies (docs/routing.md):
   replica's keys move; a hot key spills to its next choices. No key: least outstanding.
 - ``prefix``: the replica most likely to hold the prompt's prefix in its KV cache, from a table
   of the block chains each replica served (``affinity.PrefixTable``), unless it is loaded more
-  than ``max_imbalance`` above the least loaded one. No match: least outstanding.
+  than ``max_imbalance`` above the least loaded one. No match: the least loaded replica among
+  those holding the fewest hot prefixes (``affinity.HotPrefixes``), so prefixes spread over
+  replicas instead of sharing one replica's slots and cache.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from math import ceil
 from typing import Protocol
 
 from fortress.config import PoolConfig, Routing
-from fortress.routing.affinity import PrefixTable, block_chains, key_hash, rank
+from fortress.routing.affinity import HotPrefixes, PrefixTable, block_chains, key_hash, rank
 from fortress.routing.replica import Replica, State
 
 Tiers = tuple[list[Replica], ...]  # a route's replicas per tier, highest first
@@ -153,18 +156,29 @@ class PrefixAware(LeastOutstanding):
 
     Candidates with more than ``max_imbalance`` requests in flight above the least loaded one
     are passed over (the warm replica spills when it is overloaded); among the rest, the
-    longest match wins, then the fewer in flight. The chosen replica is recorded as holding
-    every block chain of the prompt. A prompt shorter than one block, or matching nothing,
-    goes by least outstanding.
+    longest match wins, then the fewer in flight. A prompt that matches nothing on them (a
+    new prefix, or a spill) is *placed*: on the candidate holding the fewest hot prefixes
+    (first blocks that came back within ``HOT_SECONDS``), then with the fewest in flight, so
+    each hot prefix gets replicas of its own while there are enough. The chosen replica is
+    recorded as holding every block chain of the prompt. A prompt shorter than one block goes
+    by least outstanding.
     """
 
-    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
+    def __init__(
+        self,
+        pool: PoolConfig,
+        routing: Routing,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(pool, routing, rng)
         cfg = pool.prefix
         self.block_chars = cfg.block_chars
         self.max_blocks = cfg.max_blocks
         self.max_imbalance = cfg.max_imbalance
         self.table = PrefixTable(cfg.entries)
+        self.hot = HotPrefixes()
+        self.clock = clock
 
     def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
         if view is None:
@@ -173,25 +187,51 @@ class PrefixAware(LeastOutstanding):
         chains = block_chains(text, self.block_chars, view.model or "")
         if not chains:
             return super().choose(candidates, view)
+        now = self.clock()
+        self.hot.expire(now)
         matched = self.table.match(chains)
         best: Replica | None = None
+        within = candidates
         if matched:
             bound = min(r.in_flight for r in candidates) + self.max_imbalance
+            within = [r for r in candidates if r.in_flight <= bound]
             best_len = 0
-            for r in candidates:
+            for r in within:
                 n = matched.get(r.name, 0)
-                if r.in_flight > bound or n == 0:
+                if n == 0:
                     continue
                 if n > best_len or (n == best_len and best is not None and r.in_flight < best.in_flight):
                     best, best_len = r, n
         if best is None:
-            best = super().choose(candidates, view)
+            best = self._place(within)
+        if matched:  # its first block was seen before: a prefix that comes back, hot where it runs now
+            self.hot.touch(chains[0], best.name, now)
         self.table.record(chains, best.name)
         return best
+
+    def _place(self, candidates: list[Replica]) -> Replica:
+        """Where a prefix no candidate holds goes: fewest hot prefixes, then fewest in flight.
+
+        Not two random choices: a replica already serving another hot prefix would share its
+        slots and cache with this one for as long as both stay hot, and a cold prefill queued
+        behind another costs far more than the herding two random choices guard against (the
+        counts here are this process's own, exact at the time of the pick).
+        """
+        hot = self.hot.count
+        least: list[Replica] = []
+        least_key = (0, 0)
+        for r in candidates:
+            key = (hot.get(r.name, 0), r.in_flight)
+            if not least or key < least_key:
+                least, least_key = [r], key
+            elif key == least_key:
+                least.append(r)
+        return least[0] if len(least) == 1 else self.rng.choice(least)
 
     def forget(self, name: str) -> None:
         # A replica that comes back under this name starts with an empty cache.
         self.table.forget(name)
+        self.hot.forget(name)
 
 
 # The one registry of strategies: the name a pool's `balancer:` gives -> the class.
