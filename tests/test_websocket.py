@@ -173,11 +173,14 @@ def test_auth_in_the_first_message(gw: Gateway) -> None:
 def test_bad_key_and_missing_audit_headers_refused_at_upgrade(gw: Gateway) -> None:
     key = gw.key()
 
+    ids: list[str] = []
+
     async def refused(hdrs: dict[str, str]) -> tuple[int, dict[str, Any]]:
         with pytest.raises(InvalidStatus) as exc:
             async with connect(gw.ws, additional_headers=hdrs):
                 pass
         resp = exc.value.response
+        ids.append(resp.headers["x-request-id"])
         return resp.status_code, json.loads(resp.body)
 
     status, body = asyncio.run(refused(headers(key[:-4] + "abcd")))
@@ -186,6 +189,9 @@ def test_bad_key_and_missing_audit_headers_refused_at_upgrade(gw: Gateway) -> No
     status, body = asyncio.run(refused({"authorization": f"Bearer {key}"}))
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert "x-llm-source" in body["error"]["message"]
+    # Each refused upgrade is recorded like a refused HTTP request.
+    wait_for(lambda: len(gw.audit_rows(ids)) == 2, timeout=10, what="the refusals' audit records")
+    assert sorted(r[1] for r in gw.audit_rows(ids)) == [400, 401]
 
 
 def test_idle_timeout_closes_the_socket(gw: Gateway) -> None:

@@ -114,6 +114,7 @@ class Gateway:
             registry=registry,
             max_message_bytes=self.max_body,
             settings=WebSocketSettings.from_config(config.server.websocket),
+            record=self.relay.record_end,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -177,6 +177,7 @@ class WebSocketEndpoint:
         registry: ConnectionRegistry | None,
         max_message_bytes: int,
         settings: WebSocketSettings | None = None,
+        record: Callable[[RequestContext], Awaitable[None]] | None = None,
     ) -> None:
         self.complete = complete
         self.access = access
@@ -184,6 +185,8 @@ class WebSocketEndpoint:
         self.registry = registry
         self.max_message_bytes = max_message_bytes
         self.settings = settings or WebSocketSettings()
+        # Records a refused upgrade as the HTTP path records a refused request (audit, metrics).
+        self.record = record
         self.connections: dict[str, _Connection] = {}
         self.opened_total = 0
 
@@ -229,9 +232,12 @@ class WebSocketEndpoint:
         conn = _Connection("ws-" + os.urandom(8).hex(), scope, send)
         conn.headers = {k: v for k, v in scope["headers"] if k not in _DROPPED}
         keyed = b"authorization" in conn.headers or b"x-api-key" in conn.headers
-        err = self._check(conn, conn.headers)
+        err, ctx = self._check(conn, conn.headers)
         if err is not None and keyed:
-            await self._deny(scope, send, err)
+            await self._deny(scope, send, err, ctx.request_id)
+            if self.record is not None:
+                ctx.status, ctx.error = err.status, err.message
+                await self.record(ctx)
             return
         await send({"type": "websocket.accept"})
         authed = err is None
@@ -248,8 +254,11 @@ class WebSocketEndpoint:
                 if self.registry is not None:
                     self.registry.closed(conn.id)
 
-    def _check(self, conn: _Connection, headers: dict[bytes, bytes]) -> errors.GatewayError | None:
-        """The HTTP path's header checks (key, audit headers); the error they raise, if any."""
+    def _check(
+        self, conn: _Connection, headers: dict[bytes, bytes]
+    ) -> tuple[errors.GatewayError | None, RequestContext]:
+        """The HTTP path's header checks (key, audit headers): the error they raise, if any, and
+        the context they ran on (a refusal is recorded from it)."""
         client = conn.scope.get("client")
         ctx = RequestContext(conn.id, WS_PATH, time.perf_counter(), client[0] if client else None)
         ctx.headers = headers
@@ -259,7 +268,7 @@ class WebSocketEndpoint:
             if self.audit is not None:
                 self.audit.check_headers(ctx)
         except errors.GatewayError as err:
-            return err
+            return err, ctx
         ident = ctx.identity
 
         def text(name: bytes) -> str | None:
@@ -272,17 +281,21 @@ class WebSocketEndpoint:
             "source": text(b"x-llm-source"),
             "user": text(b"x-llm-user"),
         }
-        return None
+        return None, ctx
 
     @staticmethod
-    async def _deny(scope: Scope, send: Send, err: errors.GatewayError) -> None:
+    async def _deny(scope: Scope, send: Send, err: errors.GatewayError, request_id: str) -> None:
         """Refuse the upgrade with the HTTP status and OpenAI error body, where the server
         offers the ASGI denial-response extension; else a close before accept (HTTP 403)."""
         if "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
             return
         body = err.body()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
         start = {
             "type": "websocket.http.response.start",
             "status": err.status,
@@ -323,12 +336,15 @@ class WebSocketEndpoint:
                         headers[name] = v.encode("latin-1", "replace")
                 if key:
                     headers[b"authorization"] = b"Bearer " + key.encode("latin-1", "replace")
-                found = self._check(conn, headers)
+                found, ctx = self._check(conn, headers)
                 if found is None:
                     conn.headers = headers
                     self._register(conn)
                     return await conn.emit({"type": "auth_ok"})
                 err = found
+                if self.record is not None:  # recorded as a refused upgrade would be
+                    ctx.status, ctx.error = err.status, err.message
+                    await self.record(ctx)
         await conn.emit({"type": "error", "id": None, "status": err.status, "error": err.as_dict()["error"]})
         await conn.close(CLOSE_UNAUTHORIZED if err.status in (401, 403) else CLOSE_BAD_AUTH, "auth failed")
         return False
