@@ -275,3 +275,41 @@ def test_fortress_status_lists_connections(gw: Gateway) -> None:
     conns = json.loads(as_json)["connections"]["connections"]
     assert len(conns) == 1 and conns[0]["user"] == "bob" and conns[0]["in_flight"] == 0
     assert "WebSocket connections (1)" in table and conns[0]["id"] in table
+
+
+def test_a_session_cookie_set_on_a_connection_holds_its_session(tmp_path: Any) -> None:
+    # A cookie-mode session pool: the gateway sets the cookie on the connection's first answer;
+    # the connection sends it back with its later requests, so they stay on one replica.
+    cluster = Cluster(tmp_path)
+    try:
+        sims = [cluster.sim("sim-model", "--tokens", "3", "--itl", "0.001")[0] for _ in range(3)]
+        replicas = ", ".join(f"{{url: '{u}'}}" for u in sims)
+        url, _ = cluster.gateway(
+            "pools:\n  - model: sim-model\n    balancer: session\n"
+            "    session: {source: cookie, cookie: sess}\n"
+            "    health_check: {interval: 1, timeout: 0.5, healthy_threshold: 1}\n"
+            f"    replicas: [{replicas}]\n"
+        )
+        ws_url = url.replace("http://", "ws://") + "/v1/ws"
+
+        async def run() -> list[str]:
+            served: list[str] = []
+            async with connect(ws_url, additional_headers=AUDIT_HEADERS) as ws:
+                for n in range(8):
+                    got = await answer_one(ws, f"r{n}")
+                    served.append(got["replica"])
+            return served
+
+        served = asyncio.run(run())
+        assert len(served) == 8 and len(set(served)) == 1, served
+    finally:
+        cluster.stop()
+
+
+async def answer_one(ws: ClientConnection, rid: str) -> dict[str, Any]:
+    await ws.send(json.dumps({"type": "request", "id": rid, "body": CHAT}))
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        if msg.get("id") == rid and msg["type"] in ("done", "error"):
+            assert msg["type"] == "done", msg
+            return dict(msg)

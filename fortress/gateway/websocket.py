@@ -115,6 +115,18 @@ class _Connection:
     last: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    # Cookies the gateway set on this connection's answers (a session balancer's key): sent
+    # back with its later requests, as a browser's jar would, so the session holds.
+    cookies: dict[bytes, bytes] = field(default_factory=dict)
+
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        """The upgrade's headers, with the cookies set since added to its Cookie header."""
+        if not self.cookies:
+            return list(self.headers.items())
+        jar = b"; ".join(k + b"=" + v for k, v in self.cookies.items())
+        sent = self.headers.get(b"cookie")
+        cookie = sent + b"; " + jar if sent else jar
+        return [*((k, v) for k, v in self.headers.items() if k != b"cookie"), (b"cookie", cookie)]
 
     async def emit(self, message: dict[str, Any]) -> bool:
         """Send one JSON message; False (and the connection marked closed) when it is gone."""
@@ -162,6 +174,7 @@ class _Request:
     usage: dict[str, Any] | None = None
     request_id: str | None = None
     retry_after: str | None = None
+    replica: str | None = None  # what x-fortress-replica says on HTTP
     ended: bool = False  # done or error sent
 
 
@@ -450,7 +463,7 @@ class WebSocketEndpoint:
             raw = orjson.dumps(body)
         except orjson.JSONEncodeError:
             raw = b"{"  # the gateway answers it as a body it cannot parse
-        headers = [*conn.headers.items(), (b"content-length", str(len(raw)).encode())]
+        headers = [*conn.request_headers(), (b"content-length", str(len(raw)).encode())]
         ws = conn.scope
         scope: Scope = {
             "type": "http",
@@ -497,6 +510,13 @@ class WebSocketEndpoint:
             for name, value in message.get("headers", ()):
                 if name == b"x-request-id":
                     req.request_id = value.decode("latin-1")
+                elif name == b"x-fortress-replica":
+                    req.replica = value.decode("latin-1")
+                elif name == b"set-cookie":
+                    pair = value.split(b";", 1)[0]
+                    if b"=" in pair:
+                        k, v = pair.split(b"=", 1)
+                        conn.cookies[k.strip()] = v.strip()
                 elif name == b"retry-after":
                     req.retry_after = value.decode("latin-1")
             return
@@ -526,7 +546,8 @@ class WebSocketEndpoint:
         if not payload:
             return
         if payload == b"[DONE]":
-            await self._finish(conn, req, {"type": "done", "usage": req.usage, "request_id": req.request_id})
+            done = {"type": "done", "usage": req.usage, "request_id": req.request_id, "replica": req.replica}
+            await self._finish(conn, req, done)
             return
         try:
             chunk = orjson.loads(payload)
