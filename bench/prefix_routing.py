@@ -19,7 +19,8 @@ Method
   replicas (cold caches) and a fresh ``fortress serve`` with one pool of them using that
   balancer; the workload runs; everything stops. Time to first token (TTFT: request sent to
   first content event) of every turn is kept.
-* **Figures**: requests per replica, P50 and P90 TTFT per balancer, and least outstanding's
+* **Figures**: requests per replica, replicas the gateway ejected meanwhile (their prefixes and
+  sessions move), P50 and P90 TTFT per balancer, and least outstanding's
   P90 over each other's P90. Target: >= 3x lower P90 TTFT with ``prefix`` and ``session``
   than with ``least_outstanding``. ``--json FILE`` keeps every request (TTFT, replica, app,
   turn, when it was sent) for a closer look.
@@ -145,8 +146,9 @@ async def play(gw: str, convs: list[Conversation], args: argparse.Namespace) -> 
     return out
 
 
-def phase(balancer: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
-    """Fresh replicas and gateway with ``balancer``; the workload's TTFTs and replicas."""
+def phase(balancer: str, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], int]:
+    """Fresh replicas and gateway with ``balancer``; the workload's rows, and how many times the
+    gateway ejected a replica meanwhile."""
     opts = LlamaCppOptions(ctx_size=args.ctx_size, parallel=args.parallel, threads=args.threads)
     launches = [
         engine_for(LlamaCppReplicaConfig(options=opts)).launch(free_port()) for _ in range(args.replicas)
@@ -179,7 +181,16 @@ pools:
             gw = f"http://127.0.0.1:{gport}"
             wait_http(gw + "/ready", 60)
             print(f"{balancer}: {len(launches)} replicas, gateway {gw}", file=sys.stderr)
-            return asyncio.run(play(gw, workload(args), args))
+            rows = asyncio.run(play(gw, workload(args), args))
+        # A replica out of rotation moves its prefixes (and sessions): count it beside the figures.
+        log = (tmp / f"gateway-{balancer}.log").read_text(errors="replace")
+        ejections = 0
+        for line in log.splitlines():
+            if " ejected for " in line:
+                ejections += 1
+            if (" WARNING " in line and "SIGTERM" not in line) or " ERROR " in line:
+                print(f"{balancer} gateway: {line.strip()[:300]}", file=sys.stderr)
+        return rows, ejections
     finally:
         for p in reversed(procs):
             p.__exit__(None, None, None)
@@ -223,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/prefix_routing.py", *map(shlex.quote, shown)])
     t0 = time.monotonic()
     results: dict[str, list[Row]] = {}
+    ejected: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="fortress-prefix-") as tmp:
         for b in BALANCERS:
-            results[b] = phase(b, args, Path(tmp))
+            results[b], ejected[b] = phase(b, args, Path(tmp))
     base = p90([row[0] for row in results["least_outstanding"]])
     lines = [
         f"```\n{command}\n```\n",
@@ -233,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.parallel} slots, {args.threads} thread), {args.apps} system prompts of ~{args.system_chars} "
         f"chars, {args.conversations} conversations x {args.turns} turns, {args.concurrency} clients; "
         f"run time {time.monotonic() - t0:.0f} s.\n",
-        "| balancer | requests | per replica | P50 TTFT | P90 TTFT | least_outstanding P90 / this P90 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| balancer | requests | per replica | replicas ejected | P50 TTFT | P90 TTFT "
+        "| least_outstanding P90 / this P90 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     verdicts: dict[str, bool] = {}
     summary: dict[str, Any] = {}
@@ -243,10 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         ratio = base / p90(ttfts)
         if b != "least_outstanding":
             verdicts[b] = ratio >= 3.0
-        summary[b] = {"p50": statistics.median(ttfts), "p90": p90(ttfts), "ratio": ratio, "rows": rows}
+        summary[b] = {
+            "p50": statistics.median(ttfts),
+            "p90": p90(ttfts),
+            "ratio": ratio,
+            "ejections": ejected[b],
+            "rows": rows,
+        }
         lines.append(
-            f"| `{b}` | {len(ttfts)} | {spread(rows)} | {statistics.median(ttfts) * 1000:.0f} ms | "
-            f"{p90(ttfts) * 1000:.0f} ms | {ratio:.2f}x |"
+            f"| `{b}` | {len(ttfts)} | {spread(rows)} | {ejected[b]} | "
+            f"{statistics.median(ttfts) * 1000:.0f} ms | {p90(ttfts) * 1000:.0f} ms | {ratio:.2f}x |"
         )
     ok = all(verdicts.values())
     lines.append("")
