@@ -265,7 +265,9 @@ def check_whole_llama(s: Stream) -> None:
     for c in chunks:
         assert "error" not in c, c
         assert_schema(c, "CreateChatCompletionStreamResponse")
-    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    # One id and model; llama-server stamps each chunk with the second it was made, so a stream
+    # that crosses a second has several `created` values (a continuation carries the first's).
+    assert len({(c["id"], c["model"]) for c in chunks}) == 1
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert len([f for f in finishes if f]) == 1
     assert chunks[-1]["usage"]["completion_tokens"] >= 1

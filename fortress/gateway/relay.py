@@ -317,7 +317,7 @@ class Relay:
             await self._fail(ctx, send, ctx.responded, err)
         except (aiohttp.ClientError, OSError) as exc:
             err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
-            if not ctx.responded and not fresh and isinstance(exc, aiohttp.ServerDisconnectedError):
+            if not ctx.responded and not fresh and _stale(exc):
                 raise _Retry(err, same_replica=True) from None
             kind = Failure.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Failure.RESET
             self.outlier.failure(replica, kind, _describe(exc))
@@ -534,6 +534,16 @@ def _snippet(text: bytes, limit: int = 200) -> str:
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
         pass
     return text[:limit].decode("utf-8", "replace") or "(empty body)"
+
+
+def _stale(exc: BaseException) -> bool:
+    """A pooled keep-alive connection the replica had closed: it shows as a disconnect, or as
+    an OS error while the request was written ("Can not write request body"). Not the
+    replica's fault: it is tried again on a fresh connection before anything is held against
+    it (a replica that is really gone then refuses the connect and is ejected at once)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
 
 
 def _describe(exc: BaseException) -> str:
