@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select
 
+from fortress.core.backoff import pause_after_failure
 from fortress.store.db import describe_error, get_engine, migrate
 from fortress.store.tables import ws_connections
 
@@ -51,6 +52,8 @@ class ConnectionRegistry:
         self._pending: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
         self._wake = threading.Event()
         self._stopping = False
+        self._stop = threading.Event()  # cuts a retry pause short while stopping
+        self._deadline = 0.0  # while stopping: the monotonic time the last try may start by
         self._ready = False
         self._thread: threading.Thread | None = None
 
@@ -67,9 +70,11 @@ class ConnectionRegistry:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._deadline = time.monotonic() + timeout
         self._stopping = True
+        self._stop.set()
         self._wake.set()
-        thread.join(timeout)
+        thread.join(timeout + 1.0)
 
     def stats(self) -> dict[str, Any]:
         """``ws_registry_pending`` (changes not yet stored), ``ws_registry_ok``, and
@@ -125,9 +130,10 @@ class ConnectionRegistry:
                     log.warning("connection registry: store write failed: %s", describe_error(exc))
                 self.healthy = False
                 self.last_error = describe_error(exc)
-                if self._stopping:
+                # The shared pause of background writers: spaced retries, the last ones
+                # bounded by the stop's deadline.
+                if not pause_after_failure(delay, self._stop, self._deadline if self._stopping else None):
                     return
-                time.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 self._wake.set()
                 continue
