@@ -54,6 +54,8 @@ from fortress.store.db import database_url
 
 if TYPE_CHECKING:
     from fortress.access.layer import AccessControl
+    from fortress.access.shared_limits import SharedLimitTable
+    from fortress.observe.shared import MetricsBoard
 
 KEY_RESYNC_TIMEOUT = 10.0  # seconds a reload waits for the key store
 
@@ -96,8 +98,13 @@ def restart_only_changes(old: FortressConfig, new: FortressConfig) -> list[str]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``ts`` (Unix seconds), ``level``, ``logger``, ``message``, and
-    ``exc_info`` (the formatted traceback) when there is one."""
+    """One JSON object per line: ``ts`` (Unix seconds), ``level``, ``logger``, ``message``,
+    ``worker`` (its index, with ``server.workers`` > 1), and ``exc_info`` (the formatted
+    traceback) when there is one."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -106,6 +113,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            doc["worker"] = self.worker
         if record.exc_info:
             doc["exc_info"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -115,16 +124,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
-def setup_logging(config: FortressConfig) -> None:
+def setup_logging(config: FortressConfig, worker: int | None = None) -> None:
     """Operational logs (Fortress's, uvicorn's, Python warnings) on stderr at
-    ``server.log_level``, in one format: ``server.log_format`` text or json. Called again (a
-    reload) it replaces the handler it installed, leaving any other handler alone."""
+    ``server.log_level``, in one format: ``server.log_format`` text or json; a gateway worker
+    (``worker``: its index) tags its lines. Called again (a reload) it replaces the handler it
+    installed, leaving any other handler alone."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_fortress", False)]:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
+    text = LOG_FORMAT if worker is None else LOG_FORMAT.replace("%(name)s", f"%(name)s[w{worker}]")
     handler.setFormatter(
-        JsonFormatter() if config.server.log_format == "json" else logging.Formatter(LOG_FORMAT)
+        JsonFormatter(worker) if config.server.log_format == "json" else logging.Formatter(text)
     )
     handler._fortress = True  # type: ignore[attr-defined]
     root.addHandler(handler)
@@ -158,6 +169,11 @@ class Runtime:
     ``config_path`` is the file ``config`` was read from, read again on SIGHUP (without one a
     SIGHUP only reopens the access-log file); ``overrides`` is applied to every config read
     from it, as it was to ``config`` (command-line options such as ``--port`` or ``--replica``).
+
+    A gateway worker (``server.workers`` > 1, ``fortress.workers``) is given its ``worker``
+    index, the machine's ``limit_table`` (usage plans shared by the workers when
+    ``limits.backend`` is memory) and ``metrics_board`` (``/metrics`` summed over the workers);
+    ``config`` is then the worker's own (``fortress.workers.worker_config``).
     """
 
     def __init__(
@@ -167,8 +183,12 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         config_path: str | Path | None = None,
         overrides: Callable[[FortressConfig], FortressConfig] | None = None,
+        worker: int | None = None,
+        limit_table: SharedLimitTable | None = None,
+        metrics_board: MetricsBoard | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = overrides
         self._reload_lock = asyncio.Lock()
@@ -179,9 +199,16 @@ class Runtime:
         self.access: AccessLayer | None = None
         self.audit: AuditLayer | None = None
         if config.auth.enabled:
-            from fortress.access.layer import build_access
+            if limit_table is not None and worker is not None and config.limits.backend == "memory":
+                # One plan per key across the workers of this machine, not one per worker.
+                from fortress.access.layer import AccessControl
+                from fortress.access.shared_limits import SharedLimiter
 
-            self.access = build_access(config)
+                self.access = AccessControl(config, limiter=SharedLimiter(limit_table, worker))
+            else:
+                from fortress.access.layer import build_access
+
+                self.access = build_access(config)
         if config.audit.enabled:
             from fortress.audit.layer import build_audit
 
@@ -195,8 +222,13 @@ class Runtime:
             # The supervisor is built below: a lambda reads it when observe asks.
             slots = lambda: self.supervisor.stats() if self.supervisor is not None else {}  # noqa: E731
             fleet = lambda: self.fleet.stats() if self.fleet is not None else {}  # noqa: E731
+            peers = None
+            if metrics_board is not None and worker is not None:
+                from fortress.observe.shared import WorkerMetrics
+
+                peers = WorkerMetrics(metrics_board, worker)
             self.observe = Observability(
-                config, self.router, stats=[*stats, self.connections.snapshot, slots, fleet]
+                config, self.router, stats=[*stats, self.connections.snapshot, slots, fleet], workers=peers
             )
         # Local replica processes (engine: llamacpp | vllm | sim); engine errors surface here.
         self.supervisor: Supervisor | None = None
@@ -357,7 +389,7 @@ class Runtime:
             except Exception as exc:  # the cache keeps its keys and retries on its own
                 parts.append(f"keys not resynced ({type(exc).__name__}: the store did not answer)")
         if (new.server.log_level, new.server.log_format) != (old.server.log_level, old.server.log_format):
-            setup_logging(applied)
+            setup_logging(applied, self.worker)
             parts.append(f"logs: {new.server.log_level}, {new.server.log_format}")
         restart = restart_only_changes(old, new)
         if reconciled.local_changed:
@@ -450,9 +482,11 @@ class Runtime:
         watch: StartWatcher | None = None,
         on_ready: OnReady | None = None,
         url: str = "",
+        on_started: Callable[[], None] | None = None,
     ) -> int:
         """Run until SIGINT/SIGTERM: start, run the local replicas, serve, stop. Returns the exit
-        status (1 when every local replica failed to start).
+        status (1 when every local replica failed to start). ``on_started`` is called once the
+        parts and replicas have started, right before uvicorn serves (a worker tells its master).
 
         A signal while starting cancels the start and stops what runs; while serving it stops
         uvicorn (in-flight requests finish), then everything else. A second signal kills the
@@ -511,6 +545,8 @@ class Runtime:
                     log.error("last output of %s:\n%s", slot.name, "\n".join(list(slot.tail)[-20:]))
                 return 1
             serving = True
+            if on_started is not None:
+                on_started()
             if hup_pending:
                 on_hup()
             if on_ready is not None:

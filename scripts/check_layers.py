@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "gateway": 6,  # the ASGI app and the relay
     "deploy": 7,  # the CDK app and the cost model generated from the config (beside the runtime)
     "runtime": 7,  # the one composition root
+    "workers": 7,  # the master of several gateway processes on one port (beside the runtime)
     "cli": 8,  # the fortress command
 }
 

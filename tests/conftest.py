@@ -16,6 +16,11 @@ pytest_plugins = ["conftest_services"]
 
 IN_CI = os.environ.get("CI") == "true"
 
+# The suite's gateways are single processes (admin API state, in-memory limits and metric values
+# are asserted per process): `auto` would start one worker per core. Worker tests ask for theirs
+# with --workers, which beats this.
+os.environ["FORTRESS__SERVER__WORKERS"] = "1"
+
 
 def embedded_llama() -> tuple[str, str]:
     """(llama-server binary, SmolLM2 GGUF path) or a test failure explaining what is missing."""

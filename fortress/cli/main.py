@@ -30,6 +30,7 @@ from fortress.cli.deploy import deploy_app
 from fortress.cli.fleet import fleet_app
 from fortress.cli.keys import keys_app
 from fortress.cli.up import hold_state_dir, up
+from fortress.cli.workers import WORKERS_OPTION, count_workers, parse_workers, run_workers, with_workers
 from fortress.sim.command import sim
 
 app = typer.Typer(
@@ -82,9 +83,10 @@ def _flags(
     standby: list[str],
     host: str | None,
     port: int | None,
+    workers: int | str | None = None,
 ) -> Any:
-    """``cfg`` with serve's command-line replicas and listener: at start, and again on every
-    reload of the file (SIGHUP), so a reload keeps them."""
+    """``cfg`` with serve's command-line replicas, listener and workers: at start, and again on
+    every reload of the file (SIGHUP), so a reload keeps them."""
     from fortress.config import ExternalReplicaConfig, PoolConfig, Tier
 
     extra = (
@@ -103,7 +105,7 @@ def _flags(
     if host is not None or port is not None:
         changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         cfg = cfg.replace(server=cfg.server.replace(**changes))
-    return cfg
+    return with_workers(cfg, workers)
 
 
 def _load(
@@ -113,12 +115,13 @@ def _load(
     standby: list[str],
     host: str | None,
     port: int | None,
+    workers: int | str | None = None,
 ):
     from fortress.config import LocalReplicaConfig
 
     cfg = load_cli_config(config)
     try:
-        cfg = _flags(cfg, replicas, secondary, standby, host, port)
+        cfg = _flags(cfg, replicas, secondary, standby, host, port, workers)
     except ValueError as exc:  # a --replica URL that is not http(s), a port out of range
         fail(str(exc), ExitCode.USAGE)
     # A pool with an aws fleet has no replicas listed: its instances are its replicas.
@@ -150,25 +153,37 @@ def serve(
     standby: list[str] = typer.Option([], "--standby", help="URL of a cold standby replica."),
     host: str | None = typer.Option(None, "--host", help="Listen address (default: 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", "-p", help="Listen port (default: 8080)."),
+    workers: str | None = WORKERS_OPTION,
 ) -> None:
     """Run the gateway in front of replicas that already run.
+
+    With server.workers (default auto: one per usable core) it runs that many gateway processes on the same port, under a master that restarts any that dies; SIGTERM drains them all.
 
     Example: [bold]fortress serve --replica http://127.0.0.1:8000 --secondary http://10.0.0.2:8000[/bold]
 
     or, with a config file: [bold]fortress serve -c fortress.yaml[/bold]
-    """
+
+    or, with four gateway processes: [bold]fortress serve -c fortress.yaml --workers 4[/bold]
+    """  # noqa: E501
     from fortress.routing.pool import NamingError
     from fortress.runtime import Runtime, StartError, bind, setup_logging
 
-    cfg = _load(config, replica, secondary, standby, host, port)
+    n_workers = parse_workers(workers)
+    cfg = _load(config, replica, secondary, standby, host, port, n_workers)
     with hold_state_dir(cfg):  # a second gateway on this state dir stops here (exit 3)
         setup_logging(cfg)
+        found, _ = find_cli_config(config)  # what SIGHUP reads again
+        count = count_workers(cfg, "serve")
+        if count > 1:
+            code = run_workers(
+                cfg, count, found, lambda c: _flags(c, replica, secondary, standby, host, port, n_workers)
+            )
+            raise typer.Exit(code)
         try:
-            found, _ = find_cli_config(config)  # what SIGHUP reads again
             runtime = Runtime(
                 cfg,
                 config_path=found,
-                overrides=lambda c: _flags(c, replica, secondary, standby, host, port),
+                overrides=lambda c: _flags(c, replica, secondary, standby, host, port, n_workers),
             )
             sock = bind(cfg.server.host, cfg.server.port)
         except (NamingError, StartError) as exc:

@@ -28,6 +28,7 @@ import typer
 from rich.markup import escape
 
 from fortress.cli.common import ExitCode, err_console, fail, find_cli_config
+from fortress.cli.workers import WORKERS_OPTION, count_workers, parse_workers, run_workers, with_workers
 
 # The snippets ask for a short answer: a first request should come back in seconds, not
 # after the model has written its whole context.
@@ -67,6 +68,7 @@ def up(
         "--show-key",
         help="Create and print the first API key even when stderr is not a terminal (a log file).",
     ),
+    workers: str | None = WORKERS_OPTION,
 ) -> None:
     """Start a model and the OpenAI-compatible gateway in front of it, on this machine.
 
@@ -81,12 +83,19 @@ def up(
     [bold]fortress up --engine vllm --model Qwen/Qwen2.5-7B-Instruct[/bold]  (a GPU machine)
 
     [bold]fortress up -c fortress.yaml[/bold]  (pools with engine: llamacpp / vllm / external)
+
+    [bold]fortress up -c remote.yaml --workers 4[/bold]  (only replicas by URL: four gateway processes)
     """  # noqa: E501
-    cfg = _config(config, replicas, model, engine, port)
+    n_workers = parse_workers(workers)
+    cfg = with_workers(_config(config, replicas, model, engine, port), n_workers)
     found, _ = find_cli_config(config)
     with hold_state_dir(cfg):
-        # A reload (SIGHUP) reads the file again and keeps the command line's --port.
-        keep = (lambda c: c) if port is None else (lambda c: c.replace(server=c.server.replace(port=port)))
+        # A reload (SIGHUP) reads the file again and keeps the command line's --port and --workers.
+        def keep(c: Any) -> Any:
+            if port is not None:
+                c = c.replace(server=c.server.replace(port=port))
+            return with_workers(c, n_workers)
+
         code = _run(cfg, quiet, show_key or sys.stderr.isatty(), found, keep)
     raise typer.Exit(code)
 
@@ -184,6 +193,20 @@ def _run(
     from fortress.runtime import Runtime, StartError, bind, setup_logging
 
     setup_logging(cfg)
+    count = count_workers(cfg, "up")
+    if count > 1:  # replicas by URL only (local ones allow one worker): the banner is worker 0's
+
+        def banner(index: int, sock: Any) -> dict[str, Any]:
+            if index:
+                return {}
+            url = _display_url(cfg.server.host, sock.getsockname()[1])
+
+            async def ready(runtime: Any, url: str) -> None:
+                await _ready(runtime, url, show_key, config_path)
+
+            return {"on_ready": ready, "url": url}
+
+        return run_workers(cfg, count, config_path, overrides, banner)
     try:
         runtime = Runtime(cfg, config_path=config_path, overrides=overrides)
     except (EngineError, SupervisorError, NamingError) as exc:

@@ -73,6 +73,23 @@ class Server(ConfigModel):
         description="IPs or CIDRs whose X-Forwarded-For is believed; empty: it never is",
     )
     websocket: WebSocketLimits = Field(default_factory=WebSocketLimits)
+    # Gateway processes on this machine, each a whole gateway on the same port (SO_REUSEPORT).
+    # auto: every usable core for `fortress serve`, 1 for `fortress up` (its local replicas are
+    # supervised once per machine).
+    workers: int | Literal["auto"] = Field(
+        "auto", description="gateway processes sharing the port: a number >= 1, or auto (the usable cores)"
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1):
+            raise ValueError("workers must be a number >= 1 or auto")
+        if isinstance(v, str) and not v.strip().isdigit():
+            raise ValueError(f"workers must be a number >= 1 or auto, not {v!r}")
+        return v
 
     @field_validator("header_timeout", "body_timeout", "keepalive_timeout", mode="before")
     @classmethod

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from fortress.core.context import RequestContext
 from fortress.observe.alarms import slot_down
+from fortress.observe.shared import WorkerMetrics
 from fortress.observe.system import GpuProbe, host_memory
 from fortress.observe.window import RecentTraffic
 from fortress.routing.pool import Pool, Router
@@ -259,10 +260,16 @@ class StateCollector(Collector):
         return []  # computed at scrape time; names are not known ahead
 
     def collect(self) -> Iterable[Metric]:
+        return self.families(machine=True)
+
+    def families(self, machine: bool) -> Iterable[Metric]:
+        """The series; without ``machine``, only those other workers sum (no GPUs, host
+        memory, engines or alarms: every worker sees the same)."""
         yield from self._replicas()
-        if self.engines:
+        if self.engines and machine:
             yield from self._engines()
-        yield from self._machine()
+        if machine:
+            yield from self._machine()
         if self.layer_stats is not None:
             stats = self.layer_stats()
             if "journal_seq" in stats:  # the audit layer reports
@@ -272,7 +279,7 @@ class StateCollector(Collector):
                 yield from _slots(stats["local_slots"])
             if "fleet" in stats:  # the fleet's controllers report
                 yield from _fleet(stats["fleet"])
-        if self.alarm_states is not None:
+        if self.alarm_states is not None and machine:
             firing = GaugeMetricFamily(
                 "fortress_alarm_firing", "1 while an alarm fires.", labels=["alarm", "severity"]
             )
@@ -474,6 +481,7 @@ class GatewayMetrics:
         gpus: GpuProbe | None = None,
         layer_stats: Callable[[], dict[str, Any]] | None = None,
         alarm_states: Callable[[], Iterable[tuple[str, str, str]]] | None = None,
+        workers: WorkerMetrics | None = None,
     ) -> None:
         # The *_created series double the output for no use on a dashboard or in an alarm.
         disable_created_metrics()
@@ -482,13 +490,50 @@ class GatewayMetrics:
         self.state = StateCollector(router, engines, gpus, layer_stats, alarm_states)
         self.registry.register(self.state)
         # process_cpu_seconds_total, process_resident_memory_bytes, ... of the gateway itself.
-        ProcessCollector(registry=self.registry)
+        self.process = ProcessCollector(registry=self.registry)
+        # server.workers > 1: the other workers' series, summed into this one's at scrape time.
+        self.workers = workers
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every series."""
+        """The Prometheus text exposition of every series (of every worker, with workers)."""
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry)
+        if self.workers is None:
+            return generate_latest(self.registry)
+        merged = self.workers.merged(self.registry.collect())
+        return generate_latest(_Families(merged))  # type: ignore[arg-type]
+
+    def publish(self) -> None:
+        """Publish this worker's summed series for the other workers (no-op without workers)."""
+        if self.workers is None:
+            return
+        r = self.requests
+        own: list[Metric] = []
+        for c in (
+            r.requests,
+            r.latency,
+            r.ttft,
+            r.itl,
+            r.tokens,
+            r.retries,
+            r.rate_limited,
+            r.upstream_errors,
+        ):
+            own.extend(c.collect())
+        own.extend(r.overhead.collect())
+        own.extend(self.process.collect())
+        own.extend(self.state.families(machine=False))
+        self.workers.publish(own)
+
+
+class _Families:
+    """A registry stand-in for ``generate_latest``: the merged families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self._families)
 
 
 # Series from the layers' stats() keys: (key, name, help, kind). A key a layer does not report

@@ -35,6 +35,7 @@ from fortress.observe.dashboard import Dashboard, replica_health
 from fortress.observe.logs import AccessLog
 from fortress.observe.metrics import GatewayMetrics
 from fortress.observe.notify import build_notifiers
+from fortress.observe.shared import WorkerMetrics
 from fortress.observe.system import GpuProbe, host_memory
 from fortress.observe.window import GaugeSeries, History, RecentTraffic
 from fortress.routing.pool import Router
@@ -63,6 +64,7 @@ class Observability:
         config: FortressConfig,
         router: Router,
         stats: Sequence[Callable[[], dict[str, Any]]] = (),
+        workers: WorkerMetrics | None = None,
     ) -> None:
         cfg = config.observe
         # The layers' stats() (audit, access, connections, the supervisor's slots), read at
@@ -98,6 +100,7 @@ class Observability:
             gpus=self.gpus,
             layer_stats=self.stats if stats else None,
             alarm_states=self.evaluator.states if self.evaluator is not None else None,
+            workers=workers,
         )
         self.dashboard = Dashboard(
             router,
@@ -149,6 +152,10 @@ class Observability:
         self._sampler = asyncio.create_task(self._sample_loop(), name="observe-sampler")
 
     async def stop(self) -> None:
+        try:
+            self.metrics.publish()  # the last counts of this worker, for the others
+        except Exception:
+            log.exception("publishing this worker's metrics failed")
         if self.access_log is not None:
             await self.access_log.shutdown()  # write the buffered lines
         if self._sampler is not None:
@@ -196,6 +203,7 @@ class Observability:
                 if now >= next_gpu:
                     next_gpu = now + SAMPLE_EVERY
                     self.sample(now)
+                self.metrics.publish()  # with workers: what the others sum into their /metrics
                 if self.access_log is not None and self.access_log.emf and now >= next_emf:
                     next_emf = now + EMF_GAUGES_EVERY
                     self.access_log.emit_gauges(self.gauges())
