@@ -291,6 +291,13 @@ class Master:
         for w in self.workers:
             w.due = None
         self._send(signal.Signals(signum))
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        # No worker is forked again: once the workers close theirs, new connections are refused
+        # at once (a load balancer moves on) instead of waiting in a queue nobody accepts from.
+        for w in self.workers:
+            w.sock.close()
 
     def _send(self, sig: signal.Signals) -> None:
         for w in self.workers:
@@ -330,6 +337,7 @@ class Master:
             self.status = code or 1
             self.stopping = 1
             self._send(signal.SIGTERM)
+            self._close_sockets()
             return
         lived = time.monotonic() - w.started_at
         if lived >= STABLE_AFTER:  # it had settled: this is a new failure, not a crash loop

@@ -177,7 +177,10 @@ def verify(
     config: Path | None = CONFIG_OPTION,
     gateway: str | None = _GATEWAY,
     anchors: Path | None = typer.Option(
-        None, "--anchors", help="Local anchors file to check too (default: <journal_dir>/anchors.jsonl)."
+        None,
+        "--anchors",
+        help="Local anchors file to check too (default: <journal_dir>/anchors.jsonl, and each "
+        "gateway worker's <journal_dir>-w<i>/anchors.jsonl).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -189,6 +192,8 @@ def verify(
 
     Example: [bold]fortress audit verify -c fortress.yaml[/bold]
     """
+    import tempfile
+
     import orjson
 
     from fortress.audit.chain import summarize
@@ -202,10 +207,25 @@ def verify(
         secret = load_secret(cfg, create=False)
     except SecretMissing as exc:
         fail(str(exc), ExitCode.USAGE)
+    combined = None
     if anchors is None:
-        default = journal_dir(cfg) / "anchors.jsonl"
-        anchors = default if default.exists() else None
-    report = run_verify(engine, secret, gateway, anchors)
+        # The journal's anchors, and each gateway worker's (server.workers > 1: <journal_dir>-w<i>).
+        base = journal_dir(cfg)
+        found = [base / "anchors.jsonl", *sorted(base.parent.glob(f"{base.name}-w*/anchors.jsonl"))]
+        found = [p for p in found if p.is_file()]
+        if len(found) == 1:
+            anchors = found[0]
+        elif found:
+            combined = tempfile.NamedTemporaryFile(prefix="fortress-anchors-", suffix=".jsonl")
+            for p in found:
+                combined.write(p.read_bytes().rstrip(b"\n") + b"\n")
+            combined.flush()
+            anchors = Path(combined.name)
+    try:
+        report = run_verify(engine, secret, gateway, anchors)
+    finally:
+        if combined is not None:
+            combined.close()
     if as_json:
         data = {
             "ok": report.ok,
