@@ -11,13 +11,11 @@ then a chat stream cut by its replica goes on from another one (``gateway/contin
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
 
 from fortress.config import FortressConfig
@@ -27,6 +25,7 @@ from fortress.core.layers import Capacity
 from fortress.gateway.conform import fix_chat_completion, openai_error
 from fortress.gateway.continuation import Continuation
 from fortress.gateway.sse import RESPONSES_DONE, StreamTap, first_event_model
+from fortress.gateway.upstream import ConnectFailed, ConnectionLost, Response, UpstreamError, UpstreamPool
 from fortress.gateway.watchdog import Watchdog
 from fortress.routing.outlier import Failure, OutlierDetector
 from fortress.routing.pool import Route, Router
@@ -37,6 +36,9 @@ log = logging.getLogger("fortress.relay")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
+# Request header lines sent to replicas besides Host, Content-Length and X-Request-Id.
+_JSON_HEAD = b"Content-Type: application/json\r\n"
+_STREAM_HEAD = b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -77,39 +79,22 @@ class Relay:
         self.capacity = capacity
         self.router = router
         self.outlier = outlier
-        t = config.timeouts
-        # Only the TCP connect is left to aiohttp; the other timeouts are the Watchdog's.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=t.connect, connect=None, sock_read=None
-        )
-        self.session: aiohttp.ClientSession | None = None
-        self.fresh_session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
         self.conform = config.server.conform_responses
         # Awaited once per request before its last byte goes out (the audit journal's commit).
         self.finish = finish
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.config.server.upstream_connections, ttl_dns_cache=300, keepalive_timeout=30
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=self._timeout,
-        )
-
-        # Never reuses a connection: for the one retry after a pooled connection turned out dead.
-        self.fresh_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=self._timeout,
+        # Only the TCP connect is timed by the pool; the other timeouts are the Watchdog's.
+        self.pool = UpstreamPool(
+            limit=self.config.server.upstream_connections,
+            keepalive_timeout=30.0,
+            connect_timeout=self.config.timeouts.connect,
         )
 
     async def stop(self) -> None:
-        for session in (self.session, self.fresh_session):
-            if session is not None:
-                await session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     async def handle(self, ctx: RequestContext, route: Route, body: bytes, send: Send) -> None:
         """Pick, relay, retry. Ends with a complete response sent to the client. ``body`` is
@@ -221,18 +206,22 @@ class Relay:
         fresh: bool = False,
         cont: Continuation | None = None,
     ) -> None:
-        assert self.session is not None
+        pool = self.pool
+        assert pool is not None
         t_up = perf_counter()
         ctx.overhead += t_up - ctx.t0 if ctx.attempts == 1 else 0.0
-        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        if ctx.stream:
-            headers["accept"] = "text/event-stream"
+        headers = b"".join(
+            (
+                _STREAM_HEAD if ctx.stream else _JSON_HEAD,
+                b"X-Request-Id: ",
+                ctx.request_id.encode("latin-1"),
+                b"\r\n",
+            )
+        )
         replica.in_flight += 1
         wd.expect(self.config.timeouts.first_byte, "first_byte")
         try:
-            session = self.fresh_session if fresh else self.session
-            assert session is not None
-            async with session.post(replica.url + ctx.path, data=body, headers=headers) as resp:
+            async with pool.post(replica.url, ctx.path, headers, body, fresh) as resp:
                 status = resp.status
                 if status >= 500:
                     text = await resp.read()
@@ -274,7 +263,7 @@ class Relay:
                     data = await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
                     ctx.status = status
-                    ctype = resp.headers.get("content-type", "application/json")
+                    ctype = resp.header("content-type", "application/json") or "application/json"
                     if status == 200:
                         data = self._inspect(ctx, replica, want, data)
                     elif status >= 400:  # a replica's own 4xx: relayed, in OpenAI's error format
@@ -315,12 +304,12 @@ class Relay:
                 ctx.cancelled_by = None
                 raise _Cut(err) from None
             await self._fail(ctx, send, ctx.responded, err)
-        except (aiohttp.ClientError, OSError) as exc:
-            err = errors.upstream_failed(f"Replica {replica.name} failed: {_describe(exc)}")
-            if not ctx.responded and not fresh and _stale(exc):
+        except UpstreamError as exc:
+            err = errors.upstream_failed(f"Replica {replica.name} failed: {exc.describe()}")
+            if not ctx.responded and not fresh and isinstance(exc, ConnectionLost) and exc.stale:
                 raise _Retry(err, same_replica=True) from None
-            kind = Failure.CONNECT if isinstance(exc, aiohttp.ClientConnectorError) else Failure.RESET
-            self.outlier.failure(replica, kind, _describe(exc))
+            kind = Failure.CONNECT if isinstance(exc, ConnectFailed) else Failure.RESET
+            self.outlier.failure(replica, kind, exc.describe())
             if not ctx.responded:
                 raise _Retry(err) from None
             if cont is not None and cont.can_continue():
@@ -344,7 +333,7 @@ class Relay:
         ctx: RequestContext,
         replica: Replica,
         want: str,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         send: Send,
         wd: Watchdog,
         cont: Continuation | None = None,
@@ -362,7 +351,7 @@ class Relay:
         chunks = ctx.chunks if resuming else 0
         checked = False
         mark = wd.mark
-        async for data in resp.content.iter_any():
+        async for data in resp.iter_any():
             mark()
             out = tap.feed(data)
             if out:
@@ -534,33 +523,6 @@ def _snippet(text: bytes, limit: int = 200) -> str:
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
         pass
     return text[:limit].decode("utf-8", "replace") or "(empty body)"
-
-
-def _stale(exc: BaseException) -> bool:
-    """A pooled keep-alive connection the replica had closed: it shows as a disconnect, or as
-    an OS error while the request was written ("Can not write request body"). Not the
-    replica's fault: it is tried again on a fresh connection before anything is held against
-    it (a replica that is really gone then refuses the connect and is ejected at once)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connect failed ({exc.os_error.strerror or exc.os_error})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed by replica"
-    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
-        return "connection reset by replica"
-    if isinstance(exc, aiohttp.ClientOSError):
-        # A connection the replica closed while the request was still being written (a killed
-        # process, seen on a loaded machine): aiohttp says so without an errno.
-        first = str(exc).split(" for http", 1)[0]
-        return f"connection closed by replica ({first})" if first else "connection closed by replica"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "response cut off"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _any_healthy(route: Route) -> bool:
