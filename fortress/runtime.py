@@ -36,6 +36,8 @@ import uvicorn
 
 from fortress.audit.journal import load_gateway_id
 from fortress.config import ConfigError, FortressConfig, LocalReplicaConfig, load_config
+from fortress.core.asgi import Send, respond_error
+from fortress.core.errors import GatewayError
 from fortress.core.layers import AccessLayer, AuditLayer
 from fortress.fleet.controller import Fleet
 from fortress.fleet.instances import FleetStore
@@ -163,6 +165,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class WorkerReplicaAdmin(ReplicaAdmin):
+    """``/admin/replicas`` in a gateway worker: each worker has its own router, so adding or
+    draining a replica through one would change a single worker's table. Refused (409), with
+    the way that reaches every worker: the config file and SIGHUP."""
+
+    async def handle(self, method: str, path: str, body: bytes, send: Send) -> bool:
+        changes = (path == "/admin/replicas" and method == "POST") or (
+            path.startswith("/admin/replicas/") and method == "DELETE"
+        )
+        if not changes:
+            return await super().handle(method, path, body, send)
+        await respond_error(
+            send,
+            GatewayError(
+                409,
+                "This gateway runs several workers (server.workers), each with its own replica table: "
+                "add or remove replicas in the config file and send SIGHUP to the gateway (every "
+                "worker reloads it).",
+                "invalid_request_error",
+                "not_supported_with_workers",
+            ),
+        )
+        return True
+
+
 class Runtime:
     """Every part of one Fortress process, built from one ``FortressConfig``.
 
@@ -261,7 +288,7 @@ class Runtime:
             audit=self.audit,
             observers=self.observe.observers if self.observe is not None else (),
             routes=self.observe.routes if self.observe is not None else None,
-            replica_admin=ReplicaAdmin(
+            replica_admin=(ReplicaAdmin if worker is None else WorkerReplicaAdmin)(
                 self.router, self.supervisor.status if self.supervisor is not None else None
             ),
             capacity=self.fleet,

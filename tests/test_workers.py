@@ -20,7 +20,9 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +35,7 @@ from helpers import Proc, alive, children_of, fortress_argv, free_port, http_get
 from fortress.access.plans import Plan
 from fortress.access.shared_limits import SharedLimiter, SharedLimitTable
 from fortress.config import UsagePlan, build_config, parse_config
+from fortress.observe.shared import add, decode, encode, to_families, to_metrics
 from fortress.workers import WorkersError, resolve_workers, worker_config
 
 AUDIT_HEADERS = {"x-llm-source": "tests", "x-llm-user": "alice", "x-llm-request-type": "chat"}
@@ -342,6 +345,15 @@ def test_metrics_sum_every_worker(cluster: Cluster, tmp_path: Path, gateways: li
     assert metric(text, "fortress_request_duration_seconds_count") == 40
     assert metric(text, "fortress_workers") == 2
     assert metric(text, "fortress_audit_journal_records_total") == 40
+    # Each worker has its own replica table: changing one through the admin API is refused.
+    req = urllib.request.Request(
+        gw.url + "/admin/replicas", data=json.dumps({"url": sim, "model": "m"}).encode(), method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=5)
+    assert refused.value.code == 409
+    assert json.loads(refused.value.read())["error"]["code"] == "not_supported_with_workers"
+    assert http_get(gw.url + "/admin/replicas")[0] == 200
     # A worker killed keeps its counts: its successor carries them on.
     os.kill(gw.workers()[1], signal.SIGKILL)
     wait_for(lambda: http_get(gw.url + "/ready", timeout=2)[0] == 200 and len(gw.workers()) == 2, timeout=30)
@@ -449,3 +461,28 @@ def test_the_shared_limiter_is_exact_across_processes_and_frees_a_dead_workers_s
     assert lim.admit_now("key_b", wide, 0, 0).ticket is None  # 3 in flight on worker 1
     asyncio.run(SharedLimiter(table, 1).start())
     assert lim.admit_now("key_b", wide, 0, 0).ticket is not None
+
+
+def test_snapshots_merge_counters_summed_shares_summed_and_views_kept() -> None:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def worker(requests: float, in_flight: float, state: float, shipper_ok: float) -> list[Any]:
+        c = CounterMetricFamily("fortress_requests", "r", labels=["model"])
+        c.add_metric(["m"], requests)
+        f = GaugeMetricFamily("fortress_replica_in_flight", "f", labels=["replica"])
+        f.add_metric(["m-1"], in_flight)
+        v = GaugeMetricFamily("fortress_replica_state", "v", labels=["replica", "state"])
+        v.add_metric(["m-1", "healthy"], state)
+        ok = GaugeMetricFamily("fortress_audit_shipper_ok", "o")
+        ok.add_metric([], shipper_ok)
+        return [c, f, v, ok]
+
+    mine = to_families(worker(3, 1, 1, 1))
+    other, incarnation = decode(encode(to_families(worker(4, 2, 0, 0)), 2))
+    assert incarnation == 2
+    add(mine, other)
+    values = {(m.name, s.name): s.value for m in to_metrics(mine) for s in m.samples}
+    assert values[("fortress_requests", "fortress_requests_total")] == 7
+    assert values[("fortress_replica_in_flight", "fortress_replica_in_flight")] == 3
+    assert values[("fortress_replica_state", "fortress_replica_state")] == 1  # this worker's view
+    assert values[("fortress_audit_shipper_ok", "fortress_audit_shipper_ok")] == 0  # the lowest

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 from prometheus_client.core import Metric
@@ -42,10 +43,11 @@ MIN_GAUGES = frozenset(
 )
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
-# (sample name, sorted label pairs) -> value, per family
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-# family name -> (type, help, samples)
-Families = dict[str, tuple[str, str, Samples]]
+# A sample's key: its name and sorted labels as a JSON array (any label value is safe in it);
+# snapshots map keys to values, so reading one is a single orjson.loads with no loop in Python.
+Samples = dict[str, float]
+# family name -> [type, help, samples]
+Families = dict[str, list[Any]]
 
 
 def shared(family: Metric) -> bool:
@@ -56,26 +58,20 @@ def shared(family: Metric) -> bool:
 def to_families(metrics: Iterable[Metric]) -> Families:
     """Collected families as plain data (published as JSON, merged by key)."""
     out: Families = {}
+    dumps = orjson.dumps
     for fam in metrics:
-        samples: Samples = {}
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        samples: Samples = {
+            dumps([s.name, sorted(s.labels.items())]).decode(): float(s.value) for s in fam.samples
+        }
         if fam.name in out:  # the same family from two collectors: keep both samples
             out[fam.name][2].update(samples)
         else:
-            out[fam.name] = (fam.type, fam.documentation, samples)
+            out[fam.name] = [fam.type, fam.documentation, samples]
     return out
 
 
 def encode(families: Families, incarnation: int) -> bytes:
-    doc = {
-        "incarnation": incarnation,
-        "families": [
-            [name, typ, doc, [[s, list(map(list, labels)), v] for (s, labels), v in samples.items()]]
-            for name, (typ, doc, samples) in families.items()
-        ],
-    }
-    return orjson.dumps(doc)
+    return orjson.dumps({"incarnation": incarnation, "families": families})
 
 
 def decode(data: bytes) -> tuple[Families, int]:
@@ -83,14 +79,7 @@ def decode(data: bytes) -> tuple[Families, int]:
     if not data:
         return {}, 0
     doc = orjson.loads(data)
-    fams: Families = {}
-    for name, typ, help_, samples in doc["families"]:
-        fams[name] = (
-            typ,
-            help_,
-            {(s, tuple((k, v) for k, v in labels)): float(v2) for s, labels, v2 in samples},
-        )
-    return fams, int(doc.get("incarnation", 1))
+    return doc["families"], int(doc.get("incarnation", 1))
 
 
 def add(into: Families, other: Families, *, cumulative_only: bool = False) -> None:
@@ -101,25 +90,28 @@ def add(into: Families, other: Families, *, cumulative_only: bool = False) -> No
             continue
         mine = into.get(name)
         if mine is None:
-            into[name] = (typ, help_, dict(samples))
+            into[name] = [typ, help_, dict(samples)]
             continue
         target = mine[2]
-        summed = typ in CUMULATIVE or name in SUM_GAUGES
-        for key, value in samples.items():
-            have = target.get(key)
-            if have is None:
-                target[key] = value
-            elif summed:
-                target[key] = have + value
-            elif name in MIN_GAUGES:
-                target[key] = min(have, value)
+        if typ in CUMULATIVE or name in SUM_GAUGES:
+            get = target.get
+            for key, value in samples.items():
+                target[key] = get(key, 0.0) + value
+        elif name in MIN_GAUGES:
+            for key, value in samples.items():
+                have = target.get(key)
+                target[key] = value if have is None else min(have, value)
+        else:
+            for key, value in samples.items():
+                target.setdefault(key, value)
 
 
 def to_metrics(families: Families) -> list[Metric]:
     out = []
     for name, (typ, help_, samples) in families.items():
         m = Metric(name, help_, typ)
-        for (sample, labels), value in samples.items():
+        for key, value in samples.items():
+            sample, labels = orjson.loads(key)
             m.add_sample(sample, dict(labels), value)
         out.append(m)
     return out
