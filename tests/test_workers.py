@@ -195,6 +195,24 @@ def test_a_plan_of_ten_admits_ten_across_two_workers_with_redis(
     )
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_max_concurrent_holds_across_two_workers(
+    backend: str, cluster: Cluster, tmp_path: Path, gateways: list[Gateway], request: pytest.FixtureRequest
+) -> None:
+    sim, _ = cluster.sim("m", "--ttft", "1.5")
+    extra = "  pair: {rate: null, burst: null, requests: {}, max_concurrent: 2}\n"
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        extra += f"limits: {{backend: redis, redis_url: '{url}', key_prefix: 'c{time.monotonic_ns()}:'}}\n"
+    config = tmp_path / "fortress.yaml"
+    config.write_text(config_text(tmp_path, sim, extra=extra))
+    key = keys_create(config, "pair")
+    gw = Gateway(tmp_path, config)
+    gateways.append(gw)
+    statuses = burst_of(gw.url, 8, {"authorization": f"Bearer {key}"})  # all at once: 8 threads
+    assert sorted(statuses) == [200, 200] + [429] * 6, statuses
+
+
 class Client(threading.Thread):
     """Requests in a loop on a fresh connection each; remembers the ids answered in full."""
 
