@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -504,3 +505,45 @@ def test_snapshots_merge_counters_summed_shares_summed_and_views_kept() -> None:
     assert values[("fortress_replica_in_flight", "fortress_replica_in_flight")] == 3
     assert values[("fortress_replica_state", "fortress_replica_state")] == 1  # this worker's view
     assert values[("fortress_audit_shipper_ok", "fortress_audit_shipper_ok")] == 0  # the lowest
+
+
+def test_a_busy_port_and_a_worker_that_cannot_start_fail_the_start(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            fortress_argv(
+                "serve",
+                "--replica",
+                "http://127.0.0.1:9",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "-c",
+                "/dev/null",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "FORTRESS__STATE_DIR": str(tmp_path / "a")},
+        )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    # Every worker fails at start (its journal cannot be made): the master stops, as one process would.
+    (tmp_path / "file").write_text("")
+    config = tmp_path / "fortress.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'b'}\nauth: {{enabled: false}}\n"
+        f"audit: {{journal_dir: {tmp_path / 'file' / 'j'}}}\n"
+        "pools: [{model: m, replicas: [{url: 'http://127.0.0.1:9'}]}]\n"
+    )
+    out = subprocess.run(
+        fortress_argv("serve", "-c", str(config), "--port", str(free_port()), "--workers", "2"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"worker \d exited 1 before it served: stopping every worker", out.stderr), out.stderr
