@@ -17,6 +17,7 @@ from time import perf_counter
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _Cycle
 
 from fortress.config import FortressConfig
 from fortress.core import errors
@@ -32,6 +33,9 @@ from fortress.routing.pool import Route, Router
 from fortress.routing.replica import Replica, State
 
 log = logging.getLogger("fortress.relay")
+
+_HOLD = object()  # _pump: the task must await something before more goes out
+_END = object()  # _pump: the replica's answer is complete
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -351,6 +355,11 @@ class Relay:
         chunks = ctx.chunks if resuming else 0
         checked = False
         mark = wd.mark
+        # Once the response has started, a plain stream to a uvicorn connection is pumped from
+        # the replica's read callback straight to the client's socket (_pump).
+        cycle = (
+            send.__self__ if cont is None and isinstance(getattr(send, "__self__", None), _Cycle) else None
+        )
         async for data in resp.iter_any():
             mark()
             out = tap.feed(data)
@@ -375,6 +384,9 @@ class Relay:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 # A slow client holds us in send(); that silence is not the replica's.
                 mark()
+                if cycle is not None and cycle.chunked_encoding and not tap.done:
+                    await self._pump(ctx, resp, tap, cycle, send, mark)
+                    break
         rest = tap.flush()
         ctx.usage = cont.usage if resuming and cont is not None else _usage(tap.usage)
         ctx.chunks = chunks + tap.chunks
@@ -389,6 +401,63 @@ class Relay:
             await self._fail(ctx, send, True, err, rest)
             return
         await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    async def _pump(
+        self,
+        ctx: RequestContext,
+        resp: Response,
+        tap: StreamTap,
+        cycle: _Cycle,
+        send: Send,
+        mark: Callable[[], None],
+    ) -> None:
+        """Relay the rest of a started stream from the replica's read callback: each piece
+        goes through the tap and, framed as an HTTP/1.1 chunk, straight to the client's
+        transport, without waking this task per event. The task wakes only for what needs
+        awaiting, through the ASGI ``send`` as before: the event with [DONE] (after the
+        request's record is committed), a client that stopped reading (uvicorn's drain), a
+        client gone. Returns at the end of the replica's answer; raises its error."""
+        loop = asyncio.get_running_loop()
+        transport = cycle.transport
+        flow = cycle.flow
+        try:
+            while True:
+                fut: asyncio.Future[object] = loop.create_future()
+                held: list[bytes] = []
+
+                def sink(data: bytes, fut: asyncio.Future[object] = fut, held: list[bytes] = held) -> None:
+                    mark()
+                    out = tap.feed(data)
+                    if not out:
+                        return
+                    ctx.bytes_out += len(out)
+                    if held or flow.write_paused or cycle.disconnected or (tap.done and not ctx.finished):
+                        held.append(out)
+                        if not fut.done():
+                            resp.unpump()
+                            fut.set_result(_HOLD)
+                        return
+                    transport.write(b"%x\r\n%b\r\n" % (len(out), out))
+
+                def end(err: Exception | None, fut: asyncio.Future[object] = fut) -> None:
+                    if not fut.done():
+                        fut.set_result(_END if err is None else err)
+
+                resp.pump(sink, end)
+                got = await fut
+                if got is _END:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                for out in held:
+                    if tap.done and not ctx.finished:
+                        ctx.usage = _usage(tap.usage)
+                        ctx.chunks = tap.chunks
+                        await self._finish(ctx)
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    mark()
+        finally:
+            resp.unpump()
 
     async def _close_finished(self, ctx: RequestContext, cont: Continuation, send: Send) -> None:
         """End a stream whose replica died after its last content: only [DONE] was missing."""

@@ -31,7 +31,7 @@ import contextlib
 import errno
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -113,8 +113,10 @@ class Response:
         "_chunks",
         "_conn",
         "_done",
+        "_end",
         "_error",
         "_paused",
+        "_sink",
         "_waiter",
         "raw_headers",
         "status",
@@ -130,6 +132,8 @@ class Response:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._sink: Callable[[bytes], None] | None = None
+        self._end: Callable[[UpstreamError | None], None] | None = None
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first header called ``name`` (case-insensitive), decoded as latin-1."""
@@ -154,23 +158,39 @@ class Response:
         self._buffered = 0
         return data
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    def iter_any(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive: everything buffered at each wake-up joined into
-        one piece (several SSE events that arrived together are handed over at once)."""
-        while True:
-            if self._chunks:
-                chunks = self._chunks
-                self._chunks = []
-                self._buffered = 0
-                if self._paused:
-                    self._resume()
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                continue
+        one piece (several SSE events that arrived together are handed over at once). An
+        iterator object rather than an async generator: a loop may leave it at any time
+        without a generator left for the event loop to finalize."""
+        return _Pieces(self)
+
+    def pump(self, sink: Callable[[bytes], None], end: Callable[[UpstreamError | None], None]) -> None:
+        """From now on hand each piece of the body to ``sink`` as it is read, in the
+        connection's read callback (no task switch per piece), and the end of the answer to
+        ``end`` (None, or the error). What is buffered goes to ``sink`` at once. ``unpump()``
+        (also from ``sink``) stops it: what arrives after is buffered again."""
+        self._sink = sink
+        self._end = end
+        if self._chunks:
+            chunks = self._chunks
+            self._chunks = []
+            self._buffered = 0
+            if self._paused:
+                self._resume()
+            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._end is end:  # not unpumped by sink
             if self._done:
-                return
-            if self._error is not None:
-                raise self._error
-            await self._wait()
+                self.unpump()
+                end(None)
+            elif self._error is not None:
+                self.unpump()
+                end(self._error)
+
+    def unpump(self) -> None:
+        """Back to buffering (see ``pump``)."""
+        self._sink = None
+        self._end = None
 
     def close(self) -> None:
         """Give the connection up: kept for reuse if the answer was complete, else closed."""
@@ -200,6 +220,10 @@ class Response:
     # -- fed by the connection ---------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
@@ -209,12 +233,48 @@ class Response:
 
     def _finish(self) -> None:
         self._done = True
+        end = self._end
+        if end is not None:
+            self.unpump()
+            end(None)
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if not self._done:
             self._error = error
+            end = self._end
+            if end is not None:
+                self.unpump()
+                end(error)
             self._wake()
+
+
+class _Pieces:
+    """``Response.iter_any()``'s iterator."""
+
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: Response) -> None:
+        self._resp = resp
+
+    def __aiter__(self) -> _Pieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        resp = self._resp
+        while True:
+            chunks = resp._chunks
+            if chunks:
+                resp._chunks = []
+                resp._buffered = 0
+                if resp._paused:
+                    resp._resume()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if resp._done:
+                raise StopAsyncIteration
+            if resp._error is not None:
+                raise resp._error
+            await resp._wait()
 
 
 class _Connection(asyncio.Protocol):
