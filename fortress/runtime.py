@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from fortress.observe.shared import MetricsBoard
 
 KEY_RESYNC_TIMEOUT = 10.0  # seconds a reload waits for the key store
+WORKER_READY_WAIT = 5.0  # seconds a gateway worker waits for healthy replicas before it accepts
 
 log = logging.getLogger("fortress.runtime")
 
@@ -571,6 +572,8 @@ class Runtime:
                     log.error("%s failed: %s; log: %s", slot.name, slot.detail, slot.log_path)
                     log.error("last output of %s:\n%s", slot.name, "\n".join(list(slot.tail)[-20:]))
                 return 1
+            if self.worker is not None:
+                await self._until_ready(WORKER_READY_WAIT)
             serving = True
             if on_started is not None:
                 on_started()
@@ -594,6 +597,16 @@ class Runtime:
             sock.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _until_ready(self, limit: float) -> None:
+        """Wait (at most ``limit`` seconds) until every model has a healthy replica. A worker
+        replacing a dead one waits for its first health checks before it accepts: the other
+        workers serve meanwhile, and connections the kernel gives it wait in its queue rather
+        than get a 503 from a router that has not checked a replica yet."""
+        for _ in range(int(limit / 0.02)):
+            if self.router.ready()[0]:
+                return
+            await asyncio.sleep(0.02)
 
     async def _announce(self, server: uvicorn.Server, on_ready: OnReady, url: str) -> None:
         """Call ``on_ready`` once the gateway listens and every model has a healthy replica (or
