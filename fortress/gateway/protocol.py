@@ -41,19 +41,27 @@ import contextlib
 import functools
 import http
 import logging
+import re
 import resource
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from fortress.config.server import Server
 from fortress.core.errors import error_body
 from fortress.gateway.websocket import WS_PATH
 
 log = logging.getLogger("fortress.gateway.protocol")
+
+# What uvicorn refuses in response header names and values (a name with a separator, a value
+# with a control character other than tab).
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Paths served on connections past max_connections: what operators and orchestrators need to
 # see and fix an overloaded gateway.
@@ -210,6 +218,100 @@ SERVER_BUSY = _answer(
 INVALID = _answer(400, "invalid_http", "The request is not valid HTTP/1.1.", "invalid_request_error")
 
 
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, but the response's head is written together with its
+    first body part: a whole non-streamed answer in one write (one system call, one TCP
+    segment) where uvicorn makes two. An application here always follows
+    ``http.response.start`` with a body part at once, so nothing waits on the head. Header
+    names and values are checked once per response (all names, then all values) rather than
+    twice per header."""
+
+    _head: bytes | None = None
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            self._head = self._build_head(message["status"], message.get("headers", ()))
+            return
+        if self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+        if kind != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            data = b""
+        elif self.chunked_encoding:
+            data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more:
+                data += b"0\r\n\r\n"
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            data = body
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data:
+            self.transport.write(data)
+        if not more:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+    def _build_head(self, status: int, extra: Any) -> bytes:
+        headers = [*self.default_headers, *extra]
+        if _BAD_NAME.search(b"".join(n for n, _ in headers)) or _BAD_VALUE.search(
+            b"".join(v for _, v in headers)
+        ):
+            raise RuntimeError("Invalid HTTP header name or value.")
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status,
+            )
+        content = [STATUS_LINE[status]]
+        closing = False
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value)
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+                self.keep_alive = False
+                closing = True
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive and not closing:
+            content.append(b"connection: close\r\n")
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        return b"".join(content)
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with timeouts, header limits and a connection cap.
 
@@ -363,10 +465,54 @@ class GuardedProtocol(HttpToolsProtocol):
             self.counters.busy_total += 1
             self._pending = (SERVER_BUSY, "over the connection cap")
             raise _Reject
-        super().on_headers_complete()
+        self._start_cycle()
         self._phase = _BODY
         self._body_t0 = self.loop.time()
         self._body_bytes = 0
+
+    def _start_cycle(self) -> None:
+        """uvicorn's ``on_headers_complete`` with the cycle that writes a response's head and
+        first body part in one write (``_Cycle``); the same scope, limits and pipelining."""
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope = self.scope
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed = httptools.parse_url(self.url)
+        raw_path = parsed.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed.query or b""
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = self.cycle
+        self.cycle = _Cycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # a pipelined request waits for the one before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
