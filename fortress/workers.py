@@ -193,7 +193,7 @@ class Worker:
         """Tell the master this worker serves (called in the worker, once)."""
         if self._ready_w >= 0:
             with contextlib.suppress(OSError):
-                os.write(self._ready_w, bytes([self.index % 256]))
+                os.write(self._ready_w, self.index.to_bytes(2, "little"))
             os.close(self._ready_w)
             self._ready_w = -1
 
@@ -258,11 +258,12 @@ class Master:
             while os.read(self._wake_r, 512):
                 pass
         with contextlib.suppress(OSError):
-            for index in os.read(self._ready_r, 512):
-                for w in self.workers:
-                    if w.index % 256 == index and w.pid and not w.served:
-                        w.served = True
-                        log.debug("worker %d (pid %d) serves", w.index, w.pid)
+            data = os.read(self._ready_r, 512)  # 2 bytes per worker that serves: its index
+            for at in range(0, len(data) - 1, 2):
+                w = self.workers[int.from_bytes(data[at : at + 2], "little")]
+                if w.pid and not w.served:
+                    w.served = True
+                    log.debug("worker %d (pid %d) serves", w.index, w.pid)
         pending, self._pending = self._pending, []
         for sig in pending:
             self._handle(sig)

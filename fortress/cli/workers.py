@@ -6,6 +6,7 @@ knows nothing of the runtime; the runtime knows nothing of workers but what it i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import typer
 
 from fortress.cli.common import ExitCode, fail
+
+log = logging.getLogger("fortress.workers")
 
 WORKERS_OPTION = typer.Option(
     None,
@@ -66,12 +69,21 @@ def run_workers(
     """
     from fortress.routing.pool import NamingError, Router
     from fortress.runtime import Runtime, setup_logging
+    from fortress.store.db import database_url
     from fortress.workers import Master, bind_workers, prepare_worker_state, worker_config
 
     try:
         Router(cfg)  # names clash: fail here, once, with the usage status
     except NamingError as exc:
         fail(str(exc), ExitCode.USAGE)
+    if cfg.auth.enabled and not cfg.auth.secret and not database_url(cfg).startswith("sqlite"):
+        # The workers are handed the machine's secret outright, so the access layer's own
+        # warning about it stays silent: say it once here.
+        log.warning(
+            "auth.secret is not set: keys are hashed with %s/secret. Gateways sharing this database "
+            "must share that secret (set auth.secret / FORTRESS__AUTH__SECRET on each).",
+            cfg.state_dir,
+        )
     try:
         prepare_worker_state(cfg, count)
         socks = bind_workers(cfg.server.host, cfg.server.port, count)
