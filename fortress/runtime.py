@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 KEY_RESYNC_TIMEOUT = 10.0  # seconds a reload waits for the key store
 WORKER_READY_WAIT = 5.0  # seconds a gateway worker waits for healthy replicas before it accepts
+DUPLICATE_SIGNAL = 1.0  # seconds within which a worker takes a second SIGTERM/SIGINT as the first
 
 log = logging.getLogger("fortress.runtime")
 
@@ -527,10 +528,17 @@ class Runtime:
         assert main is not None
         serving = False
         signals = 0
+        first_signal = 0.0
 
         def on_signal(sig: signal.Signals) -> None:
-            nonlocal signals
+            nonlocal signals, first_signal
+            now = time.monotonic()
+            if self.worker is not None and signals and now - first_signal < DUPLICATE_SIGNAL:
+                # The same stop twice: systemd signals every process of the unit, and the
+                # master sends its own on. Only a later one means "now".
+                return
             signals += 1
+            first_signal = first_signal or now
             if signals > 1:  # asked twice: do not wait for drains or slow replicas
                 log.warning("%s again: killing the replicas now", sig.name)
                 kill_all_now()

@@ -303,7 +303,11 @@ def test_sigterm_drains_every_worker(cluster: Cluster, tmp_path: Path, gateways:
         t.start()
     time.sleep(0.8)  # every stream has started (first token at 0.2 s, then one each 0.1 s)
     started = time.monotonic()
+    # As systemd stops a unit (KillMode=control-group): every process gets SIGTERM, the workers
+    # once from it and once from their master. They drain all the same.
     gw.proc.p.send_signal(signal.SIGTERM)
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
     time.sleep(0.3)
     # While they drain, the port refuses new connections at once (a load balancer moves on).
     assert all(gw.proc.p.poll() is None and alive(pid) for pid in workers)
