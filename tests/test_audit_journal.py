@@ -186,6 +186,43 @@ async def test_reader_never_reads_past_durable(journal: Journal) -> None:
     assert [r["seq"] for r, _ in reader.read(0, 100, (first, size))] == [1, 2, 3, 4, 5]
 
 
+async def test_recent_records_are_the_files_and_hand_over_to_the_reader(tmp_path: Path) -> None:
+    """What the shipper takes from memory is what the files hold, and the reader goes on exactly
+    where memory left off, across batches, partial batches and segment rotations."""
+    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=2, segment_bytes=4096)
+    j.keep_recent = 60
+    j.open()
+    try:
+        await fill(j, 20)  # one record per batch
+        for w in range(8):  # batches of several records
+            await asyncio.gather(*(j.append(sample(100 * w + i)) for i in range(10)))
+        assert j.durable_seq == 100 and len(list_segments(j.dir)) >= 4
+        assert j._recent_count <= 60  # bounded: the shipper can fall behind
+        on_disk = JournalReader(j.dir).read(0, 10**9, j.durable)
+        assert j.recent(0, 10) is None  # the oldest batches were let go: read the file
+        kept = j.recent(50, 10**9)
+        assert kept is not None
+        low = kept[0][0][0]["seq"] - 1
+        assert low <= 50 and j.recent(low - 1, 1) is None
+        for after in range(low, 100):
+            for limit in (1, 3, 7, 10**9):
+                got = j.recent(after, limit)
+                assert got is not None
+                entries, (seg, end) = got
+                want = on_disk[after : after + limit]
+                assert [(r, b) for r, b in entries] == [(r, b) for r, b in want]
+                last, body = entries[-1][0]["seq"], entries[-1][1]
+                data = (j.dir / f"seg-{seg:016d}.log").read_bytes()
+                assert end == data.index(body + b"\n") + len(body) + 1  # right after its line
+                reader = JournalReader(j.dir)
+                reader.position(seg, end, last)
+                assert reader.read(last, 10**9, j.durable) == on_disk[last:]
+        # Asking from a seq lets the batches up to it go.
+        assert j.recent(100, 10) is None and j._recent_count == 0
+    finally:
+        j.close()
+
+
 async def test_one_process_per_journal(journal: Journal) -> None:
     other = Journal(journal.dir, "gw-test", SECRET)
     with pytest.raises(JournalError, match="in use"):

@@ -10,7 +10,7 @@ import pytest
 from audit_support import SECRET, fill, sample, sql, sqlite_url
 from sqlalchemy import func, select
 
-from fortress.audit.journal import Journal, list_segments
+from fortress.audit.journal import Entry, Journal, list_segments
 from fortress.audit.query import verify
 from fortress.audit.shipper import Shipper
 from fortress.audit.sql import SqlSink
@@ -228,3 +228,42 @@ async def test_ship_interval_gathers_trickling_records_into_few_transactions(tmp
     j.close()
     sh.stop()
     assert stored(url, g) == list(range(1, n + 2))
+
+
+async def test_ships_from_memory_and_from_the_files_when_behind(tmp_path: Path) -> None:
+    """A backlog from before the shipper started and records it fell behind on come from the
+    files, the rest from the journal's memory: all of them once, in order, the chain intact."""
+    g = gid()
+    url = sqlite_url(tmp_path / "a.db")
+    j = Journal(tmp_path / "j", g, SECRET, group_commit_ms=1, segment_bytes=16 * 1024)
+    j.open()
+    await fill(j, 150)  # nothing kept in memory before a shipper asks for it
+    sh = Shipper(j, SqlSink(url, g), batch=40, anchor_every=0.05)
+    sh.start()
+    assert j.keep_recent >= 4 * 40
+    j.keep_recent = 30  # smaller than a batch: the shipper falls behind the memory now and then
+    sources = {"memory": 0, "files": 0}
+    recent, read = j.recent, sh.reader.read
+
+    def from_memory(after: int, limit: int) -> tuple[list[Entry], tuple[int, int]] | None:
+        got = recent(after, limit)
+        sources["memory"] += got is not None and bool(got[0])
+        return got
+
+    def from_files(after: int, limit: int, durable: tuple[int, int]) -> list[Entry]:
+        got = read(after, limit, durable)
+        sources["files"] += bool(got)
+        return got
+
+    j.recent, sh.reader.read = from_memory, from_files  # type: ignore[method-assign]
+    for _ in range(30):
+        await asyncio.gather(*(j.append(sample(i)) for i in range(15)))
+        await asyncio.sleep(0.01)
+    n = 150 + 30 * 15
+    await wait_for(lambda: sh.store_pos >= n)
+    j.close()
+    sh.stop()
+    assert stored(url, g) == list(range(1, n + 1))
+    assert sources["memory"] and sources["files"], sources
+    report = verify(SqlSink(url, g).connect(), SECRET, gateway=g, anchors_file=j.dir / "anchors.jsonl")
+    assert report.ok, report.problems

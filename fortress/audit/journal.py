@@ -12,6 +12,11 @@ writes and syncs them together: N concurrent requests cost one fsync, and a lone
 pays no extra wait (like PostgreSQL's ``commit_delay`` with ``commit_siblings``). Waiters are
 woken with one ``loop.call_soon_threadsafe`` per batch; the event loop never blocks on disk.
 
+**Hand-off to the shipper.** With ``keep_recent`` set (the shipper sets it), each committed
+record is also kept in memory, as the parsed dict and its JSON bytes, until the shipper has
+taken it or the bound is reached: the shipper reads the file back only when it is behind that
+window (a backlog, an outage, a restart), never to re-parse what this process just wrote.
+
 **Disk space.** The writer thread reads the free space of the journal's file system (statvfs)
 at most once per ``space_every`` seconds, before a batch or while idle, never on the event loop;
 ``low_space`` says it is below ``min_free_bytes``. The audit layer then refuses new requests
@@ -26,6 +31,7 @@ from the last record. One process at a time owns a journal directory (``flock``)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -52,6 +58,8 @@ _Pending = tuple[dict[str, Any], "asyncio.Future[int]", asyncio.AbstractEventLoo
 _Waiter = tuple["asyncio.Future[int]", asyncio.AbstractEventLoop, int | None]
 Entry = tuple[dict[str, Any], bytes]
 """A record read back from the journal, parsed and as its JSON bytes."""
+_Kept = tuple[int, list[Entry], int, int]
+"""A committed batch kept for the shipper: first seq, entries, segment (first seq), start byte."""
 
 
 DiskUsage = Callable[[Path], tuple[int, int]]
@@ -202,6 +210,11 @@ class Journal:
         self._size = 0
         self._lock_fd = -1
         self._thread: threading.Thread | None = None
+        # Committed records kept for the shipper (``recent``); 0: none kept.
+        self.keep_recent = 0
+        self._recent: collections.deque[_Kept] = collections.deque()
+        self._recent_count = 0
+        self._recent_lock = threading.Lock()
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -364,6 +377,7 @@ class Journal:
         self._check_space()
         seq, prev = self.head_seq, self.head_hash
         lines: list[bytes] = []
+        entries: list[Entry] = []
         done: list[_Waiter] = []
         gid = self.gateway_id
         secret = self.secret
@@ -378,6 +392,7 @@ class Journal:
             seq += 1
             prev = rec["hash"]
             lines.append(frame(body))
+            entries.append((rec, body))
             done.append((fut, loop, seq))
         if not lines:
             return
@@ -405,8 +420,46 @@ class Journal:
         self.durable_seq = seq
         self.durable = (self._seg_first, self._size)
         self._settle(done)
+        if self.keep_recent:
+            self._keep(entries, start)
         if self.on_commit is not None:
             self.on_commit(seq)
+
+    def _keep(self, entries: list[Entry], start: int) -> None:
+        first = entries[0][0]["seq"]
+        with self._recent_lock:
+            recent = self._recent
+            recent.append((first, entries, self._seg_first, start))
+            self._recent_count += len(entries)
+            while self._recent_count > self.keep_recent and len(recent) > 1:
+                # The shipper is far behind: it reads these from the file.
+                self._recent_count -= len(recent.popleft()[1])
+
+    def recent(self, after: int, limit: int) -> tuple[list[Entry], tuple[int, int]] | None:
+        """Up to ``limit`` committed records from seq ``after + 1`` on, from memory, with where
+        the last one's line ends (segment, byte); None when the memory does not start there
+        (read the file). Batches up to ``after`` are let go."""
+        with self._recent_lock:
+            recent = self._recent
+            while recent and recent[0][0] + len(recent[0][1]) - 1 <= after:
+                self._recent_count -= len(recent.popleft()[1])
+            if not recent or not recent[0][0] <= after + 1:
+                return None
+            out: list[Entry] = []
+            skip = after + 1 - recent[0][0]
+            for batch in recent:
+                entries = batch[1]
+                taken = entries[skip : skip + limit - len(out)]
+                out += taken
+                used = skip + len(taken)  # of this batch's records
+                if len(out) >= limit:
+                    break
+                skip = 0
+            # The last batch used: its lines up to the last one taken, each its JSON and 10 bytes
+            # (CRC, space, newline), follow its start in the file.
+            _, _, seg, start = batch
+            end = start + sum(len(body) + 10 for _, body in entries[:used])
+        return out, (seg, end)
 
     def _rotate(self, first_seq: int) -> None:
         if self._fd >= 0:
@@ -484,6 +537,11 @@ class JournalReader:
                 break
             self._first, self._pos = nxt[0], 0
         return out
+
+    def position(self, first: int, pos: int, last: int) -> None:
+        """Go on after the record with seq ``last``, whose line ends at byte ``pos`` of the
+        segment starting at seq ``first`` (the records were taken from ``Journal.recent``)."""
+        self._first, self._pos, self._last = first, pos, last
 
     def _seek(self, after: int) -> None:
         segs = list_segments(self.dir)

@@ -4,8 +4,8 @@ One thread (SQLAlchemy and SQLite are synchronous; keeping them off the event lo
 request path free of database latency). It wakes after a journal commit, waits until
 ``audit.ship_interval`` has passed since its last store transaction (so that a busy gateway
 pays one transaction per interval, not one per group commit: each has a fixed cost in the
-gateway's CPU), reads what is durable from the journal in batches of ``audit.ship_batch``
-records and:
+gateway's CPU), takes what is durable from the journal in batches of ``audit.ship_batch``
+records (from the journal's memory while it keeps up, else from its files) and:
 
 * inserts them into the store in one transaction with its offset (``shipper_offsets``), and an
   anchor (the chain head) every ``audit.anchor_every`` seconds, also appended to
@@ -93,6 +93,8 @@ class Shipper:
     # lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Room for a few batches: enough to ship from memory while the store keeps up.
+        self.journal.keep_recent = max(4 * self.batch, 4096)
         self.journal.on_commit = self.wake
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
         self._thread.start()
@@ -205,7 +207,12 @@ class Shipper:
         """Ship one batch of durable records; return how many were read."""
         archive = self.archive
         after = self.store_pos if archive is None else min(self.store_pos, archive.accepted)
-        entries = self.reader.read(after, self.batch, self.journal.durable)
+        kept = self.journal.recent(after, self.batch)
+        if kept is not None:
+            entries, (seg, end) = kept
+            self.reader.position(seg, end, entries[-1][0]["seq"])  # where the file would go on
+        else:
+            entries = self.reader.read(after, self.batch, self.journal.durable)
         if not entries:
             self.caught_up.set()
             return 0

@@ -36,33 +36,33 @@ def insert_ignoring_duplicates(engine: Engine, table: Any) -> Insert:
     raise ValueError(f"the audit store supports SQLite and PostgreSQL, not {engine.dialect.name}")
 
 
-def _fast_insert(engine: Engine) -> tuple[str, bool]:
-    """A driver-level ``INSERT ... ON CONFLICT DO NOTHING`` for ``audit_records`` and whether
-    booleans go as ints. SQLAlchemy's per-row parameter processing costs more than SQLite's
-    insert itself; rows are prepared here as plain tuples instead."""
+def _fast_insert(engine: Engine) -> str:
+    """A driver-level ``INSERT ... ON CONFLICT DO NOTHING`` for ``audit_records``. SQLAlchemy's
+    per-row parameter processing costs more than SQLite's insert itself; rows are prepared here
+    as plain tuples instead."""
     quote = engine.dialect.identifier_preparer.quote
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     cols = ", ".join(quote(c) for c in COLUMNS)
     marks = ", ".join([mark] * len(COLUMNS))
-    sql = f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
-    return sql, engine.dialect.name == "sqlite"
+    return f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING"
 
 
 _BODY = COLUMNS.index("body")
-_STREAM = COLUMNS.index("stream")
 _VALUES = operator.itemgetter(*COLUMNS)
 
 
-def _row(rec: dict[str, Any], bool_as_int: bool) -> tuple[Any, ...]:
+def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """A record's values in column order. ``stream`` stays a bool: sqlite3 binds it as 0/1 and
+    PostgreSQL as a boolean."""
     try:
-        row = list(_VALUES(rec))
+        row: tuple[Any, ...] = _VALUES(rec)
     except KeyError:
-        row = [rec.get(c) for c in COLUMNS]
+        row = tuple(rec.get(c) for c in COLUMNS)
     body = row[_BODY]
-    row[_BODY] = orjson.dumps(body).decode() if body is not None else None
-    if bool_as_int and row[_STREAM] is not None:
-        row[_STREAM] = int(row[_STREAM])
-    return tuple(row)
+    if body is None:
+        return row  # the common case (body_capture: none): the itemgetter's tuple as it is
+    # Sorted like the journal's JSON, whether the record was parsed from it or kept in memory.
+    return (*row[:_BODY], orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode(), *row[_BODY + 1 :])
 
 
 class SqlSink:
@@ -76,7 +76,7 @@ class SqlSink:
         self.fault = fault
         self.engine: Engine | None = None
         self._insert: Insert | None = None
-        self._fast: tuple[str, bool] | None = None
+        self._fast: str | None = None
         self._offset_insert: Insert | None = None
         self._anchor_insert: Insert | None = None
 
@@ -123,8 +123,7 @@ class SqlSink:
             if records:
                 last = records[-1]["seq"]
                 assert self._fast is not None
-                sql, bool_as_int = self._fast
-                conn.exec_driver_sql(sql, [_row(r, bool_as_int) for r in records])
+                conn.exec_driver_sql(self._fast, list(map(_row, records)))
                 if self.fault is not None:
                     self.fault("inserted")
                 moved = conn.execute(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -61,6 +62,13 @@ class _ClientGone(Exception):
         if scope is not None and scope.get("fortress.timeout") == "body":
             return cls(408, "request body not received in time")
         return cls(499, "client disconnected during upload")
+
+
+def _client_left(ctx: RequestContext, task: asyncio.Task[Any]) -> None:
+    """The client of a request being relayed went away: its task is cancelled as such."""
+    if ctx.cancelled_by is None:
+        ctx.cancelled_by = "client_disconnect"
+        task.cancel()
 
 
 def _log_internal(exc: BaseException) -> None:
@@ -257,7 +265,14 @@ class Gateway:
         self, ctx: RequestContext, route: Route, body: bytes, receive: Receive, send: Send
     ) -> None:
         task = asyncio.current_task()
-        watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, ctx, task))
+        # The gateway's own connections say when their client leaves (a callback); any other
+        # server's receive() is watched by a task for http.disconnect.
+        watch = getattr(getattr(receive, "__self__", None), "watch_disconnect", None)
+        watcher: asyncio.Task[None] | None = None
+        if watch is not None and task is not None:
+            watch(functools.partial(_client_left, ctx, task))
+        else:
+            watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, ctx, task))
         try:
             await self.relay.handle(ctx, route, body, send)
         except asyncio.CancelledError:
@@ -270,7 +285,10 @@ class Gateway:
             await self.relay.record_end(ctx)
         finally:
             ctx.cancelled_by = ctx.cancelled_by or "done"
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            elif watch is not None:
+                watch(None)
 
     @staticmethod
     async def _watch_disconnect(

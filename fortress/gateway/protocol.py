@@ -44,6 +44,7 @@ import logging
 import re
 import resource
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -227,6 +228,25 @@ class _Cycle(RequestResponseCycle):
     twice per header."""
 
     _head: bytes | None = None
+    _on_disconnect: Callable[[], None] | None = None
+
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (once, from the protocol's callback) if the client goes away before
+        the response is complete; None stops watching. What the application would otherwise
+        learn from a task waiting in ``receive()`` for ``http.disconnect``, without that task."""
+        if callback is not None and self.disconnected:  # gone already
+            callback()
+            return
+        self._on_disconnect = callback
+
+    def disconnect(self) -> None:
+        """The client is gone (or must be treated so): no more writes, the application told."""
+        self.disconnected = True
+        self.message_event.set()
+        callback = self._on_disconnect
+        if callback is not None:
+            self._on_disconnect = None
+            callback()
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -363,7 +383,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.counters.open -= 1
         self._phase = _DONE
         self._cancel_timers()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if isinstance(cycle, _Cycle) and cycle.disconnected:
+            cycle.disconnect()
 
     def _should_upgrade_to_ws(self) -> bool:
         if self.ws_protocol_class is None:
@@ -626,8 +649,10 @@ class GuardedProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             transport.close()  # an answer now would land inside that response
             return
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True  # the application may no longer write
+        if isinstance(cycle, _Cycle) and not cycle.response_complete:
+            cycle.disconnect()  # the application may no longer write
+        elif cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
             cycle.message_event.set()
         transport.write(answer)
         self.flow.resume_reading()  # keep draining the input while lingering
