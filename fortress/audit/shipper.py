@@ -93,8 +93,8 @@ class Shipper:
     # lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # Room for a few batches: enough to ship from memory while the store keeps up.
-        self.journal.keep_recent = max(4 * self.batch, 4096)
+        # Room for a few batches (a few MB): enough to ship from memory while the store keeps up.
+        self.journal.keep_recent = min(max(4 * self.batch, 4096), 16384)
         self.journal.on_commit = self.wake
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
         self._thread.start()
