@@ -81,6 +81,7 @@ bench: setup
 	bash scripts/system-deps.sh nginx:nginx-light wrk:wrk redis-server:redis-server
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/gateway_layers.py
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
