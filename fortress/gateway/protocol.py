@@ -55,6 +55,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from fortress.config.server import Server
 from fortress.core.errors import error_body
+from fortress.gateway.deadlines import Deadline, Deadlines
 from fortress.gateway.websocket import WS_PATH
 
 log = logging.getLogger("fortress.gateway.protocol")
@@ -340,14 +341,16 @@ class GuardedProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits]
     counters: ClassVar[ConnectionStats]
+    # The connections' header, body and keep-alive timeouts (coarse: see gateway/deadlines.py).
+    deadlines: ClassVar[Deadlines]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._phase = _HEAD
         self._counted = False  # this connection is in counters.open
         self._restricted = False  # past max_connections: operational paths only
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        self._head_timer: Deadline | None = None
+        self._body_timer: Deadline | None = None
         self._head_raw = 0  # bytes received while the current head is incomplete
         self._body_t0 = 0.0
         self._body_bytes = 0
@@ -374,7 +377,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._counted = True
         self._restricted = counters.open > limits.max_connections
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(limits.header_timeout, self._head_expired)
+        self._head_timer = self.deadlines.call_later(limits.header_timeout, self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._counted:
@@ -456,7 +459,7 @@ class GuardedProtocol(HttpToolsProtocol):
             elif self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # While a response is still going out (a long stream), bytes of a next request
                 # (or a stray CRLF after a body) wait: their clock starts when it is done.
-                self._head_timer = self.loop.call_later(limits.header_timeout, self._head_expired)
+                self._head_timer = self.deadlines.call_later(limits.header_timeout, self._head_expired)
         elif phase == _BODY and self._body_timer is None:
             self._arm_body_timer()
 
@@ -559,10 +562,26 @@ class GuardedProtocol(HttpToolsProtocol):
             self.flow.resume_reading()
             self._linger_close()
             return
-        super().on_response_complete()
+        self._response_complete()
         if self._phase == _HEAD and self._head_timer is None and not self.transport.is_closing():
             # Bytes of the next request arrived while this response went out: now they count.
-            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_expired)
+            self._head_timer = self.deadlines.call_later(self.limits.header_timeout, self._head_expired)
+
+    def _response_complete(self) -> None:
+        """uvicorn's ``on_response_complete`` with the keep-alive timeout on the coarse timers
+        (one per response: a loop timer each would cost more than the rest of this)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.timeout_keep_alive_task = self.deadlines.call_later(  # type: ignore[assignment]
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _too_large(self) -> None:
         self.counters.too_large_headers_total += 1
@@ -595,7 +614,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _arm_body_timer(self) -> None:
         delay = max(self._body_deadline() - self.loop.time(), 0.05)
-        self._body_timer = self.loop.call_later(delay, self._body_expired)
+        self._body_timer = self.deadlines.call_later(delay, self._body_expired)
 
     def _body_expired(self) -> None:
         self._body_timer = None
@@ -690,5 +709,9 @@ async def _quiet_on_disconnect(
 def guarded_protocol(limits: ConnectionLimits, stats: ConnectionStats | None = None) -> type[GuardedProtocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits`` and counting into
     ``stats`` (a fresh ``ConnectionStats`` by default; read it with the class's ``stats()``)."""
-    attrs = {"limits": limits, "counters": stats if stats is not None else ConnectionStats()}
+    attrs = {
+        "limits": limits,
+        "counters": stats if stats is not None else ConnectionStats(),
+        "deadlines": Deadlines(),
+    }
     return cast(type[GuardedProtocol], type("GuardedProtocol", (GuardedProtocol,), attrs))

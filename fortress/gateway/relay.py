@@ -25,6 +25,7 @@ from fortress.core.context import RequestContext
 from fortress.core.layers import Capacity
 from fortress.gateway.conform import fix_chat_completion, openai_error
 from fortress.gateway.continuation import Continuation
+from fortress.gateway.deadlines import Deadlines
 from fortress.gateway.sse import RESPONSES_DONE, StreamTap, first_event_model
 from fortress.gateway.upstream import ConnectFailed, ConnectionLost, Response, UpstreamError, UpstreamPool
 from fortress.gateway.watchdog import Watchdog
@@ -84,6 +85,9 @@ class Relay:
         self.router = router
         self.outlier = outlier
         self.pool: UpstreamPool | None = None
+        # The requests' upstream timeouts (first byte, idle, total): coarse timers, one loop
+        # timer for all of them.
+        self.deadlines = Deadlines()
         self.conform = config.server.conform_responses
         # Awaited once per request before its last byte goes out (the audit journal's commit).
         self.finish = finish
@@ -99,6 +103,7 @@ class Relay:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        self.deadlines.close()
 
     async def handle(self, ctx: RequestContext, route: Route, body: bytes, send: Send) -> None:
         """Pick, relay, retry. Ends with a complete response sent to the client. ``body`` is
@@ -112,7 +117,7 @@ class Relay:
                 return
             # The index was rebuilt when the woken replicas joined: route by the new one.
             route = self.router.route(route.name) or route
-        wd = Watchdog(ctx, self.config.timeouts.total)
+        wd = Watchdog(ctx, self.config.timeouts.total, self.deadlines)
         tried: tuple[Replica, ...] = ()
         last_error: errors.GatewayError | None = None
         again: Replica | None = None

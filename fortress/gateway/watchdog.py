@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fortress.core.context import RequestContext
+from fortress.gateway.deadlines import Deadline, Deadlines
 
 
 class Watchdog:
@@ -12,12 +13,14 @@ class Watchdog:
 
     ``mark()`` is all the per-chunk work (one clock read); the timer re-arms itself lazily
     instead of being rescheduled on every chunk. On expiry it cancels the request's task and
-    records why in ``ctx.cancelled_by``.
+    records why in ``ctx.cancelled_by``. The timer is one of the relay's coarse ``Deadlines``
+    (it fires up to their resolution late), not a loop timer per request.
     """
 
-    __slots__ = ("_handle", "ctx", "deadline", "last", "loop", "phase", "task", "window")
+    __slots__ = ("_handle", "ctx", "deadline", "deadlines", "last", "loop", "phase", "task", "window")
 
-    def __init__(self, ctx: RequestContext, total: float) -> None:
+    def __init__(self, ctx: RequestContext, total: float, deadlines: Deadlines) -> None:
+        self.deadlines = deadlines
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
         self.ctx = ctx
@@ -26,7 +29,7 @@ class Watchdog:
         self.last = now
         self.window = total
         self.phase = "total"
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Deadline | None = None
 
     def expect(self, window: float, phase: str) -> None:
         """From now on, expect progress within ``window`` seconds (else expire as ``phase``)."""
@@ -37,7 +40,7 @@ class Watchdog:
         if self._handle is None or self._handle.when() > due:
             if self._handle is not None:
                 self._handle.cancel()
-            self._handle = self.loop.call_at(due, self._fire)
+            self._handle = self.deadlines.call_at(due, self._fire)
 
     def mark(self) -> None:
         self.last = self.loop.time()
@@ -51,7 +54,7 @@ class Watchdog:
         now = self.loop.time()
         due = min(self.last + self.window, self.deadline)
         if now + 1e-3 < due:
-            self._handle = self.loop.call_at(due, self._fire)
+            self._handle = self.deadlines.call_at(due, self._fire)
             return
         self._handle = None
         if self.ctx.cancelled_by is None and self.task is not None:
