@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -79,8 +80,25 @@ def _log_internal(exc: BaseException) -> None:
         log.error("request failed inside the gateway (logged once a minute per kind)", exc_info=exc)
 
 
+_request_id_format = ""
+_request_ids = itertools.count()
+
+
+def _new_request_id_prefix() -> None:
+    # 48 random bits per process (again in a forked child) and a counter: ids stay unique across
+    # processes and restarts without a getrandom() system call per request.
+    global _request_id_format, _request_ids
+    _request_id_format = "req-" + os.urandom(6).hex() + "%012x"
+    _request_ids = itertools.count()
+
+
+_new_request_id_prefix()
+os.register_at_fork(after_in_child=_new_request_id_prefix)
+
+
 def new_request_id() -> str:
-    return "req-" + os.urandom(12).hex()
+    """``req-`` and 24 hex digits: this process's random prefix, then its request counter."""
+    return _request_id_format % next(_request_ids)
 
 
 class Gateway:
