@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from services import RedisServer
 
 from fortress.access.limits import CONCURRENCY, OK, QUOTA, RATE, MemoryLimiter, Ticket
-from fortress.access.plans import Plan, format_reset, period_bounds
+from fortress.access.plans import Plan, format_reset, period_bounds, reset_header
 from fortress.access.redis_limits import LimiterUnavailable, RedisLimiter
 from fortress.config import UsagePlan
 
@@ -245,6 +245,17 @@ def test_reset_durations_look_like_openai() -> None:
     assert format_reset(1.5) == "1.5s"
     assert format_reset(360) == "6m0s"
     assert format_reset(3723) == "1h2m3s"
+
+
+@given(
+    st.floats(min_value=-10, max_value=40 * 86400, allow_nan=False)
+    | st.sampled_from([0.9995, 1.0, 59.9999, 60.0])
+)
+@settings(max_examples=2000)
+def test_cached_reset_header_is_format_reset(seconds: float) -> None:
+    # The cache is keyed by what the text shows; a value seen before must give the same text.
+    assert reset_header(seconds) == format_reset(seconds).encode()
+    assert reset_header(seconds) == format_reset(seconds).encode()
 
 
 def test_headers_name_the_limit_closest_to_running_out() -> None:

@@ -24,7 +24,16 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fortress.access.plans import INPUT, METRICS, OUTPUT, REQUESTS, PeriodClock, Plan, format_reset
+from fortress.access.plans import (
+    INPUT,
+    METRICS,
+    OUTPUT,
+    REQUESTS,
+    PeriodClock,
+    Plan,
+    format_reset,
+    reset_header,
+)
 
 OK, QUOTA, RATE, CONCURRENCY = 0, 1, 2, 3
 REASONS = ("ok", "quota", "rate", "concurrency")
@@ -171,17 +180,13 @@ class Decision:
                 tok = (limit, left, bounds[i][1] - now)
         out: list[tuple[bytes, bytes]] = []
         if best is not None:
-            out += [
-                (b"x-ratelimit-limit-requests", b"%d" % best[0]),
-                (b"x-ratelimit-remaining-requests", b"%d" % best[1]),
-                (b"x-ratelimit-reset-requests", format_reset(best[2]).encode()),
-            ]
+            out.append((b"x-ratelimit-limit-requests", b"%d" % best[0]))
+            out.append((b"x-ratelimit-remaining-requests", b"%d" % best[1]))
+            out.append((b"x-ratelimit-reset-requests", reset_header(best[2])))
         if tok is not None:
-            out += [
-                (b"x-ratelimit-limit-tokens", b"%d" % tok[0]),
-                (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]),
-                (b"x-ratelimit-reset-tokens", format_reset(tok[2]).encode()),
-            ]
+            out.append((b"x-ratelimit-limit-tokens", b"%d" % tok[0]))
+            out.append((b"x-ratelimit-remaining-tokens", b"%d" % tok[1]))
+            out.append((b"x-ratelimit-reset-tokens", reset_header(tok[2])))
         if self.reason != OK:
             out.append((b"retry-after", b"%d" % max(1, math.ceil(self.retry_after))))
         return out

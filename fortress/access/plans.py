@@ -176,3 +176,27 @@ def format_reset(seconds: float) -> str:
     h, rest = divmod(total, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m}m{s}s" if h else f"{m}m{s}s"
+
+
+_RESETS: dict[int, bytes] = {}
+
+
+def reset_header(seconds: float) -> bytes:
+    """``format_reset`` as header bytes, cached by what the text shows (milliseconds below a
+    minute, seconds above): consecutive requests mostly share a value, and the f-strings cost
+    more than the rest of a request's rate-limit headers."""
+    if seconds <= 0:
+        return b"0s"
+    # Disjoint key ranges per branch of format_reset: 1000 ms is "1000ms" below 1 s, "1s" at 1 s.
+    if seconds < 1:
+        key = math.ceil(seconds * 1000)
+    elif seconds < 60:
+        key = 10_000 + math.ceil(seconds * 1000)
+    else:
+        key = 100_000 + math.ceil(seconds)
+    text = _RESETS.get(key)
+    if text is None:
+        if len(_RESETS) >= 4096:
+            _RESETS.clear()  # bounded; a rebuild costs one format per distinct value
+        text = _RESETS[key] = format_reset(seconds).encode()
+    return text
