@@ -14,6 +14,7 @@ store and in a local file) catch a cut-off tail.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -37,9 +38,26 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps({k: v for k, v in record.items() if k != "hash"}, option=_SORT)
 
 
+_KEYED: dict[bytes, hmac.HMAC] = {}
+
+
+def _hmac_hex(secret: bytes, data: bytes) -> str:
+    """HMAC-SHA-256 of ``data``, hex, from a copy of an HMAC already keyed with ``secret``: a
+    one-shot ``hmac.digest`` looks the digest up by name and derives the keyed pads again for
+    every record, which costs more than hashing the record itself."""
+    base = _KEYED.get(secret)
+    if base is None:
+        if len(_KEYED) >= 16:
+            _KEYED.clear()  # a gateway has one secret; tests and tools a few
+        base = _KEYED[secret] = hmac.new(secret, digestmod=hashlib.sha256)
+    h = base.copy()
+    h.update(data)
+    return h.hexdigest()
+
+
 def chain_hash(secret: bytes, prev_hash: str, canon: bytes) -> str:
     """HMAC-SHA-256(secret, prev_hash + canonical bytes), hex."""
-    return hmac.digest(secret, prev_hash.encode() + canon, "sha256").hex()
+    return _hmac_hex(secret, prev_hash.encode() + canon)
 
 
 def seal(secret: bytes, record: dict[str, Any], prev_hash: str) -> bytes:
@@ -50,7 +68,7 @@ def seal(secret: bytes, record: dict[str, Any], prev_hash: str) -> bytes:
     record["prev_hash"] = prev_hash
     record.pop("hash", None)
     canon = orjson.dumps(record, option=_SORT)
-    h = hmac.digest(secret, prev_hash.encode() + canon, "sha256").hex()
+    h = _hmac_hex(secret, prev_hash.encode() + canon)
     record["hash"] = h
     return canon[:-1] + b',"hash":"' + h.encode() + b'"}'
 
@@ -61,7 +79,7 @@ def is_sealed(secret: bytes, record: Mapping[str, Any], seq: int | None = None) 
     if seq is not None:
         body["seq"] = seq
     canon = orjson.dumps(body, option=_SORT)
-    expected = hmac.digest(secret, str(record.get("prev_hash", "")).encode() + canon, "sha256").hex()
+    expected = _hmac_hex(secret, str(record.get("prev_hash", "")).encode() + canon)
     return hmac.compare_digest(expected, str(record.get("hash", "")))
 
 
