@@ -271,7 +271,7 @@ pools:
     replicas: [{{url: "{launch.url}"}}]
 """
         )
-        gw_argv = [sys.executable, "-m", "fortress.cli.main", "serve", "-c", str(config)]
+        gw_argv = [sys.executable, "-m", "fortress.cli.main", "serve", "-c", str(config), "--workers", "1"]
         with (
             started(list(launch.argv), tmp / "llama.log", server_core),
             started(gw_argv, tmp / "gateway.log", gateway_core),

@@ -106,7 +106,18 @@ class World:
         path.write_text(config + f"state_dir: {self.tmp / f'state-{port}'}\n")
         log = open(self.tmp / f"gw-{port}.log", "wb")
         proc = subprocess.Popen(
-            [PYTHON, "-m", "fortress.cli.main", "serve", "-c", str(path), "--port", str(port)],
+            [
+                PYTHON,
+                "-m",
+                "fortress.cli.main",
+                "serve",
+                "-c",
+                str(path),
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

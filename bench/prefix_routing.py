@@ -170,7 +170,8 @@ pools:
 {reps}
 """
     )
-    gw_argv = [sys.executable, "-m", "fortress.cli.main", "serve", "-c", str(config)]
+    # One worker: the prefix table is a process's own (docs/operations.md#workers).
+    gw_argv = [sys.executable, "-m", "fortress.cli.main", "serve", "-c", str(config), "--workers", "1"]
     procs = [started(list(x.argv), tmp / f"llama-{balancer}-{i}.log", None) for i, x in enumerate(launches)]
     for p in procs:
         p.__enter__()

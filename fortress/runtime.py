@@ -294,6 +294,7 @@ class Runtime:
                 self.router, self.supervisor.status if self.supervisor is not None else None
             ),
             capacity=self.fleet,
+            worker=worker,
         )
         self.server: uvicorn.Server | None = None
         self._running: list[Any] = []  # started parts, in start order

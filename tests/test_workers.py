@@ -551,3 +551,41 @@ def test_a_busy_port_and_a_worker_that_cannot_start_fail_the_start(tmp_path: Pat
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"worker \d exited 1 before it served: stopping every worker", out.stderr), out.stderr
+
+
+def test_websocket_connections_of_every_worker_are_listed(
+    cluster: Cluster, tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    """Each worker names its registry rows apart (host:port/w<i>): a worker's first connection
+    clears only its own name's stale rows, not the other worker's live ones."""
+    from websockets.asyncio.client import connect
+
+    sim, _ = cluster.sim("m")
+    config = tmp_path / "fortress.yaml"
+    config.write_text(config_text(tmp_path, sim, auth=False))
+    gw = Gateway(tmp_path, config)
+    gateways.append(gw)
+    ws_url = gw.url.replace("http://", "ws://") + "/v1/ws"
+
+    def listing() -> list[dict[str, Any]]:
+        return list(json.loads(http_get(gw.url + "/admin/connections", timeout=5)[1])["connections"])
+
+    async def hold(n: int) -> set[str]:
+        conns = [await connect(ws_url, additional_headers=AUDIT_HEADERS) for _ in range(n)]
+        try:
+            # Rows are written in the background: wait until every worker's are in the store.
+            wait_until = time.monotonic() + 15
+            rows = listing()
+            while len(rows) < n and time.monotonic() < wait_until:
+                await asyncio.sleep(0.2)
+                rows = listing()
+            assert len(rows) == n, rows
+            return {str(r["gateway"]) for r in rows}
+        finally:
+            for c in conns:
+                await c.close()
+
+    gateways_named = asyncio.run(hold(12))
+    host = socket.gethostname()
+    # Twelve connections over two workers (the kernel's spread): both names hold some.
+    assert gateways_named == {f"{host}:{gw.port}/w0", f"{host}:{gw.port}/w1"}, gateways_named

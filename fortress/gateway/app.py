@@ -116,6 +116,7 @@ class Gateway:
         routes: Mapping[str, Handler] | None = None,
         replica_admin: ReplicaAdmin | None = None,
         capacity: Capacity | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -131,8 +132,10 @@ class Gateway:
         self.max_body = config.server.max_body_bytes
         self.admin_token = config.server.admin_token
         # /v1/ws: each message's request goes through self.completion like a POST; its
-        # registry writer starts with the first connection (rows named host:port).
-        registry = ConnectionRegistry(database_url(config), f"{socket.gethostname()}:{config.server.port}")
+        # registry writer starts with the first connection (rows named host:port, and /w<i> in
+        # worker i of several: each worker clears its own name's rows when it starts).
+        name = f"{socket.gethostname()}:{config.server.port}" + ("" if worker is None else f"/w{worker}")
+        registry = ConnectionRegistry(database_url(config), name)
         self.websocket = WebSocketEndpoint(
             self.completion,
             access=access,
