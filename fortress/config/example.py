@@ -7,6 +7,7 @@ EXAMPLE_CONFIG = """\
 server:
   host: 127.0.0.1          # address the gateway listens on
   port: 8080
+  workers: auto            # gateway processes on the port: auto = the usable cores for serve, 1 for up
   max_body_bytes: 4194304  # larger requests get 413
   log_level: info
   header_timeout: 10       # seconds to send the request line and headers (else 408)
