@@ -15,6 +15,12 @@ Method
   shared queue, one turn at a time. Every request is a stream with ``max_tokens``
   ``--max-tokens`` and temperature 0, and carries the conversation id in ``x-session-id``.
   The workload is the same for each balancer (seeded), apart from the model's answers.
+* **Documents** (``--doc-chars N``): each conversation's first turn also carries a document of
+  about N characters of its own, so the prefix a conversation's turns share is mostly its own
+  history rather than its app's system prompt: the workload session affinity is for (many
+  turns per conversation, ``--turns``). With a long shared system prompt and few turns, most
+  of what is cacheable is shared across conversations, which only prefix routing keeps
+  together.
 * **Phases**: for each balancer (``least_outstanding``, ``session``, ``prefix``) fresh
   replicas (cold caches) and a fresh ``fortress serve`` with one pool of them using that
   balancer; the workload runs; everything stops. Time to first token (TTFT: request sent to
@@ -86,6 +92,13 @@ def workload(args: argparse.Namespace) -> list[Conversation]:
             f"Question {t} about {rng.choice(TOPICS)}: what about my {rng.choice(WORDS)}?"
             for t in range(args.turns)
         ]
+        if args.doc_chars:
+            # A document of the conversation's own in its first turn: the prefix its later
+            # turns share is mostly theirs alone (a session's history, not an app's prompt).
+            doc = [f"My document number {c}:"]
+            while sum(len(x) + 1 for x in doc) < args.doc_chars:
+                doc.append(" ".join(rng.choice(WORDS) for _ in range(12)) + ".")
+            questions[0] = "\n".join(doc) + "\n\n" + questions[0]
         convs.append(Conversation(f"conv-{c}", c % args.apps, systems[c % args.apps], questions))
     return convs
 
@@ -218,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads per replica [1]")
     ap.add_argument("--apps", type=int, default=3, help="distinct system prompts [3]")
     ap.add_argument("--system-chars", type=int, default=5000, help="system prompt length [5000]")
+    ap.add_argument(
+        "--doc-chars",
+        type=int,
+        default=0,
+        help="a document of this many characters of each conversation's own in its first turn [0: none]",
+    )
     ap.add_argument("--conversations", type=int, default=12, help="conversations [12]")
     ap.add_argument("--turns", type=int, default=4, help="turns per conversation [4]")
     ap.add_argument("--concurrency", type=int, default=4, help="clients at once [4]")
@@ -232,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.conversations, args.turns = 6, 3
     shown = [a for a in argv if a != "--write-docs"]
+    if args.json:  # the file's own path says nothing to a reader of the docs
+        shown = ["FILE" if a == args.json else a.replace(args.json, "FILE") for a in shown]
     command = " ".join(["python bench/prefix_routing.py", *map(shlex.quote, shown)])
     t0 = time.monotonic()
     results: dict[str, list[Row]] = {}
@@ -244,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         f"```\n{command}\n```\n",
         f"{args.replicas} llama-server replicas (embedded SmolLM2-135M, ctx {args.ctx_size}, "
         f"{args.parallel} slots, {args.threads} thread), {args.apps} system prompts of ~{args.system_chars} "
-        f"chars, {args.conversations} conversations x {args.turns} turns, {args.concurrency} clients; "
+        f"chars, {args.conversations} conversations x {args.turns} turns"
+        + (f" (each with a document of ~{args.doc_chars} chars)" if args.doc_chars else "")
+        + f", {args.concurrency} clients; "
         f"run time {time.monotonic() - t0:.0f} s.\n",
         "| balancer | requests | per replica | replicas ejected | P50 TTFT | P90 TTFT "
         "| least_outstanding P90 / this P90 |",
@@ -282,7 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         body = f"Measured {when} on {machine_line()}.\n\n" + "\n".join(lines).replace(
             command, command + " --write-docs"
         )
-        print(write_section("prefix-routing", body, "## Prefix-aware and session routing", after="autoscale"))
+        if args.doc_chars:  # the documents workload keeps a section of its own
+            title = "## Prefix-aware and session routing: conversations with documents of their own"
+            print(write_section("prefix-routing-documents", body, title, after="prefix-routing"))
+        else:
+            print(
+                write_section(
+                    "prefix-routing", body, "## Prefix-aware and session routing", after="autoscale"
+                )
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0 if ok else 1
