@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,33 @@ async def test_ships_from_memory_and_from_the_files_when_behind(tmp_path: Path) 
     assert sources["memory"] and sources["files"], sources
     report = verify(SqlSink(url, g).connect(), SECRET, gateway=g, anchors_file=j.dir / "anchors.jsonl")
     assert report.ok, report.problems
+
+
+async def test_stop_ships_a_record_committed_while_the_last_pass_read(tmp_path: Path) -> None:
+    """A pass that read the journal before the last commit and returns after stop() was asked
+    must not be the last one: stop() ships everything the closed journal holds."""
+    g = gid()
+    url = sqlite_url(tmp_path / "a.db")
+    j = Journal(tmp_path / "j", g, SECRET, group_commit_ms=0)
+    j.open()
+    sh = Shipper(j, SqlSink(url, g))
+    entered, go = threading.Event(), threading.Event()
+    read = sh.reader.read
+
+    def slow_first_read(after: int, limit: int, durable: tuple[int, int]) -> list[Entry]:
+        if not entered.is_set():  # the first pass: its view of the journal is from before seq 1
+            entered.set()
+            go.wait(10)
+        return read(after, limit, durable)
+
+    sh.reader.read = slow_first_read  # type: ignore[method-assign]
+    sh.start()
+    assert await asyncio.to_thread(entered.wait, 10)
+    await j.append(sample(0))
+    j.close()
+    stopper = threading.Thread(target=sh.stop)
+    stopper.start()
+    await wait_for(lambda: sh._stopping)
+    go.set()  # the stale pass returns nothing, with the stop already asked
+    await asyncio.to_thread(stopper.join, 15)
+    assert stored(url, g) == [1]

@@ -133,6 +133,9 @@ class Shipper:
         backoff = self.backoff_min
         while True:
             self._event.clear()
+            # A stop asked while this pass ships gets one more pass: what this one read of the
+            # journal may predate the last commits (stop() follows the journal's close).
+            stopping = self._stopping
             try:
                 if not self._ready:
                     self._open()
@@ -152,7 +155,7 @@ class Shipper:
             if moved >= self.batch:
                 continue  # a backlog: ship the next full batch at once
             if self._stopping:
-                if moved:
+                if moved or not stopping:
                     continue
                 self._finish()
                 return
