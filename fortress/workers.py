@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fortress.access import limits
 from fortress.access.shared_limits import SharedLimitTable
 from fortress.audit.journal import load_gateway_id
 from fortress.audit.layer import journal_dir
@@ -391,10 +390,6 @@ class Master:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         _die_with_parent(self._pid)
-        # Redis concurrency slots are named with a per-process nonce drawn when limits.py is
-        # imported: in the master, before the fork, so every worker would name its slots alike
-        # (and count and free each other's). Draw this worker's own.
-        limits._GATEWAY = os.urandom(6).hex()
         os.close(self._wake_r)
         os.close(self._wake_w)
         os.close(self._ready_r)

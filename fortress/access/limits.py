@@ -347,6 +347,16 @@ _ids = itertools.count()
 _GATEWAY = os.urandom(6).hex()
 
 
+def _new_nonce() -> None:
+    # A forked worker draws its own: slots named alike in two processes would count and free
+    # each other's.
+    global _GATEWAY
+    _GATEWAY = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_nonce)
+
+
 def new_slot() -> str:
     """A concurrency-slot id unique across gateways (process nonce + counter)."""
     return f"{_GATEWAY}:{next(_ids)}"
