@@ -21,8 +21,11 @@ The same upstream, load and CPU accounting as ``bench/gateway_overhead.py``,
   Nothing is pinned: the workers, nginx and wrk share both cores as the scheduler sees fit
   (pinning would keep the two workers from using both cores).
 * **Load**: ``wrk -t1 -c64`` (non-streamed POSTs, the key and audit headers where needed),
-  unpinned. Rounds alternate between the gateways, the order rotating each round, so that
-  1-worker and 2-worker gateways see the same machine noise; after each measurement the
+  unpinned. Rounds alternate between the gateways so that 1-worker and 2-worker gateways see
+  the same machine noise: in each round the configurations come in rotating order, and each
+  configuration's 1-worker and 2-worker gateways run back to back, which of them first
+  alternating (on a shared virtual machine the speed of a core drifts within seconds, so the
+  two measurements that are compared should be close in time). After each measurement the
   script waits until the gateway is idle again (the audit shipper may still be storing).
 * **Per measurement**: wrk's requests and req/s; the wall time W of the window; the CPU time
   (from ``/proc/<pid>/task/*/schedstat``, all threads) of the gateway (the process started and
@@ -40,23 +43,31 @@ the more requests are served: a 2-worker gateway cannot reach twice the requests
 while wrk and nginx run beside it (with 1 worker the machine still has spare CPU; with 2 it
 has none). The raw ratio (req/s with 2 workers / req/s with 1) is reported, but the question
 is "with the whole machine for the gateway (the load generator elsewhere), what do N workers
-give?". A worker is one event loop: it can use at most one core. So N workers on C cores can
-use at most ``min(N, C)`` cores, and with the load elsewhere each of them is CPU-bound at
+give?". A worker is one event loop: it can use about one core (a little more where a
+thread of its own, such as the audit shipper, runs beside the loop). So N workers on C cores
+can use ``min(N, C)`` cores, or what they were seen to use if more (``G_N``, the gateway's CPU s
+per wall s, counts the helper threads), and with the load elsewhere they are CPU-bound at
 saturation. Hence, per round and gateway::
 
     cpu_per_request_N = gateway CPU s (master + workers, window + tail) / requests completed
-    capacity_N        = min(N, C) / cpu_per_request_N        [req/s]
-                      = req/s_N * min(N, C) / (gateway CPU s / wall s)    (tail ~ 0)
-    normalized ratio  = capacity_2 / capacity_1 = 2 * cpu_per_request_1 / cpu_per_request_2
+    cores_N           = min(C, max(N, G_N))        the cores N workers use, the machine theirs
+    capacity_N        = cores_N / cpu_per_request_N                      [req/s]
+                      = req/s_N * cores_N / G_N                          (tail ~ 0)
+    normalized ratio  = capacity_2 / capacity_1
+                      ~ 2 * cpu_per_request_1 / cpu_per_request_2        (when G_1 <= 1)
 
-that is, requests per gateway-core-second times the cores N workers can use. The ratio falls
-short of 2 exactly as far as a request costs more CPU with 2 workers than with 1 (the shared
-usage-plan table, the metrics board, contention between the two cores). It assumes the
-gateway is CPU-bound: the report shows how much of the CPU it could have each gateway used
-(``gateway CPU s / wall`` over ``min(N, C - (wrk + nginx + other processes' CPU s) / wall)``,
-the cores left to it by the load generator and whatever else ran), which must be near 100 % for
-the capacity to mean anything, and warns when it is under 85 %. Ratios are taken per round
-(the 1-worker and 2-worker measurements of the same configuration in the same round) and the
+that is, requests per gateway-core-second times the cores N workers can use. With one worker
+the machine had CPU to spare (wrk and nginx take well under a core), so G_1 is what one worker
+uses when nothing holds it back and capacity_1 is about its req/s; with two, the machine was
+full, and capacity_2 gives them the CPU wrk and nginx took. The ratio falls short of 2 as far
+as a request costs more CPU with 2 workers than with 1 (the shared usage-plan table, the metrics
+board, contention between the two cores). It assumes the gateway is CPU-bound: the report shows
+how much of the CPU it could have each gateway used (``G_N`` over ``min(N, C - (wrk + nginx +
+other processes' CPU s) / wall)``, the cores left to it by the load generator and whatever else
+ran), which must be near 100 % for the capacity to mean anything (above 100 %: helper threads),
+and warns when it is under 85 %: a gateway that waits (on a lock, say) would not turn the
+CPU the load generator took into requests. Ratios are taken per round (the 1-worker and
+2-worker measurements of the same configuration in the same round) and the
 median over rounds is reported.
 
 Target: normalized ratio ≥ 1.8 for every configuration measured. Checks: no wrk errors or
@@ -110,12 +121,19 @@ LAYERS: dict[str, dict[str, bool]] = {
     "access-memory": {"auth": True, "audit": True},
 }
 DEFAULT_CONFIGS = "relay,access-memory"
+WHAT = {
+    "relay": "the defaults with keys and audit off",
+    "keys": "relay + API key and usage plan (memory backend: shared-memory table with 2 workers)",
+    "audit": "relay + audit trail",
+    "access-memory": "relay + API key, usage plan (memory backend: shared-memory table with 2 "
+    "workers) and audit trail",
+}
 
 
 @dataclass
 class Plan:
-    rounds: int = 5
-    round_s: float = 5.0
+    rounds: int = 8
+    round_s: float = 4.0
     warmup_s: float = 2.0
     conns: int = 64
 
@@ -185,6 +203,7 @@ def measure(
     others = max(0.0, busy - gw_cpu - nginx_cpu - wrk_cpu - own) / wall  # cores
     cpu_per_request = (gw_cpu + tail) / r.requests if r.requests else float("inf")
     usable = min(g.workers, cores)
+    whole = min(cores, max(g.workers, gw_cpu / wall))  # cores_N: the machine theirs
     return {
         "requests": r.requests,
         "rps": r.rps,
@@ -201,7 +220,8 @@ def measure(
         "other_share": others / cores,
         "cpu_per_request_us": cpu_per_request * 1e6,
         "load_cpu_per_request_us": (wrk_cpu + nginx_cpu) / r.requests * 1e6 if r.requests else 0.0,
-        "capacity_rps": usable / cpu_per_request,
+        "cores_whole_machine": whole,
+        "capacity_rps": whole / cpu_per_request,
     }
 
 
@@ -230,6 +250,17 @@ def start_gateways(
         argv = [fortress_bin, "serve", "-c", str(path), "--port", str(g.port), "--workers", str(g.workers)]
         g.pid = procs.start(f"gateway-{g.config}-w{g.workers}", argv, None).pid
     return gws
+
+
+def round_order(gws: list[Gateway], configs: list[str], i: int) -> list[Gateway]:
+    """Round ``i``: the configurations rotated; each one's two gateways back to back, which
+    first alternating from round to round and from configuration to configuration."""
+    out = []
+    for k in range(len(configs)):
+        j = (i + k) % len(configs)
+        pair = sorted((g for g in gws if g.config == configs[j]), key=lambda g: g.workers)
+        out += pair if (i + j) % 2 == 0 else pair[::-1]
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for g in gws:
             one(g, plan.warmup_s)
         for i in range(plan.rounds):
-            order = gws[i % len(gws) :] + gws[: i % len(gws)]
+            order = round_order(gws, configs, i)
             go.step(f"round {i + 1}/{plan.rounds}: {' → '.join(g.name for g in order)}")
             for g in order:
                 m = one(g, plan.round_s)
@@ -416,9 +447,10 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "`fortress serve --workers 1` and `--workers 2` side by side, unpinned, in front of nginx "
         f"answering a ~600-byte `chat.completion`; wrk (`-t1 -c{plan['conns']}`, non-streamed "
         f"`POST /v1/chat/completions`, unpinned) on the same {cores} cores. {plan['rounds']} rounds "
-        f"of {plan['round_s']:g} s per gateway in rotating order; figures are medians over rounds. "
-        "Configurations: `relay` = the defaults with keys and audit off; `access-memory` = + API "
-        "key, usage plan (memory backend: shared-memory table with 2 workers) and audit trail. "
+        f"of {plan['round_s']:g} s per gateway (configurations in rotating order, each one's 1-worker "
+        "and 2-worker gateways back to back, which first alternating); figures are medians over "
+        "rounds. "
+        "Configurations: " + "; ".join(f"`{c}` = {WHAT[c]}" for c in r["configs"]) + ". "
         f"Run time {r['seconds']:.0f} s; other processes used {other * 100:.1f} % of the machine's "
         "CPU meanwhile"
         + (
@@ -430,13 +462,15 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "",
         "**Normalized capacity** (the load generator accounted for): wrk and nginx run on the "
         "same 2 cores and take CPU the workers could use. With the whole machine for the gateway, "
-        "N workers can use min(N, cores) cores, so capacity_N = min(N, cores) / (gateway CPU s "
-        "per request), the gateway's CPU (master + workers, including work left over after the "
-        "window) over the requests wrk completed. capacity_2 / capacity_1 = 2 x CPU/request(1) / "
-        "CPU/request(2): it falls short of 2 by what a request costs more with 2 workers. It "
-        "assumes the gateway is CPU-bound: 'CPU used' shows its CPU over what the load generator "
-        "and other processes left it, min(N, cores - (wrk + nginx + others' CPU)/wall). Ratios "
-        "are paired per round (the median and range over rounds).",
+        "N workers use cores_N = min(cores, max(N, G_N)) cores, where G_N is the gateway's CPU s "
+        "per wall s in the run (a worker is one event loop, about one core; more where its own "
+        "threads, such as the audit shipper, were seen to use more). capacity_N = cores_N / "
+        "(gateway CPU s per request), the gateway's CPU (master + workers, including work left "
+        "over after the window) over the requests wrk completed; capacity_2 / capacity_1 is about "
+        "2 x CPU/request(1) / CPU/request(2): it falls short of 2 by what a request costs more "
+        "with 2 workers. It assumes the gateway is CPU-bound: 'CPU used' is G_N over what the "
+        "load generator and other processes left it, min(N, cores - (wrk + nginx + others' "
+        "CPU)/wall). Ratios are paired per round (the median and range over rounds).",
         "",
         "| target | measured | result |",
         "| --- | --- | --- |",
