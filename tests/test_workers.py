@@ -589,3 +589,26 @@ def test_websocket_connections_of_every_worker_are_listed(
     host = socket.gethostname()
     # Twelve connections over two workers (the kernel's spread): both names hold some.
     assert gateways_named == {f"{host}:{gw.port}/w0", f"{host}:{gw.port}/w1"}, gateways_named
+
+
+def test_a_worker_killed_holding_a_limits_lock_is_taken_over() -> None:
+    """The slot locks are semaphores (no system call when free), which the kernel does not
+    release for a killed holder: the next worker takes the lock over once it has waited
+    ``STALE`` and found the recorded holder gone; the key's limits go on working."""
+    from fortress.access import shared_limits
+
+    plan = Plan.compile("p", UsagePlan(rate=None, burst=None, requests={"day": 5}))
+    table = SharedLimitTable.create(2, capacity=64)
+    lim = SharedLimiter(table, 0)
+    slot = lim._slot("key_k")
+    pid = os.fork()
+    if pid == 0:  # a worker killed in the middle of an admission, the key's lock held
+        table.lock(1 + slot)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    t0 = time.monotonic()
+    decisions = [lim.admit_now("key_k", plan, 0, 0) for _ in range(7)]
+    waited = time.monotonic() - t0
+    assert shared_limits.STALE <= waited < shared_limits.STALE + 2, waited
+    assert table.takeovers == 1
+    assert [d.ticket is not None for d in decisions] == [True] * 5 + [False] * 2
