@@ -241,6 +241,26 @@ def test_the_longest_match_wins():
     assert r.pick(route, View(prompt=base + "\nuser: next")) is reps["m-3"]
 
 
+def test_a_short_shared_start_does_not_draw_every_new_conversation():
+    # Every conversation starts with the same short system prompt (one block) and then a long
+    # document of its own: following the one-block match would put them all on one replica.
+    r = router("prefix", "    prefix: {block_chars: 128}\n")
+    route = r.route("m")
+    short = "system: be brief and exact, answer from the document only." + " " * 80
+    docs = [chat(f"document {i}: " + f"words of document {i} " * 60, system=short) for i in range(6)]
+    firsts = [r.pick(route, View(prompt=d)) for d in docs]
+    for rep in firsts:
+        rep.in_flight += 1  # the first turns are still running
+    assert len({x.name for x in firsts}) == 3  # spread: placed as new prompts, not by the shared start
+    # A later turn of each conversation (its document matched: most of the prompt) sticks.
+    for d, first in zip(docs, firsts, strict=True):
+        assert r.pick(route, View(prompt=d + "\nassistant: ok\nuser: and then?")) is first
+    # With min_match 0 the shared start alone decides, as before.
+    r0 = router("prefix", "    prefix: {block_chars: 128, min_match: 0, max_imbalance: 10}\n")
+    route0 = r0.route("m")
+    assert len({r0.pick(route0, View(prompt=d)).name for d in docs}) == 1
+
+
 def app(i: int) -> str:
     """A distinct system prompt per app, distinct from its first block on."""
     return f"system: You are the assistant of desk {i}. " + "Follow the desk's rules. " * 80

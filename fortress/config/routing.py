@@ -163,8 +163,10 @@ class PrefixRouting(ConfigModel):
     blocks. The balancer remembers which replicas served which chains (at most ``entries``
     chains, least recently used first out) and sends a request to the replica with the longest
     matching chain, unless that replica has more than ``max_imbalance`` requests in flight more
-    than the least loaded one. A prompt no candidate holds goes to the replica serving the
-    fewest hot prefixes (ones that came back within a minute), then the least loaded.
+    than the least loaded one, and unless the match covers less than ``min_match`` of the
+    prompt's blocks. A prompt no candidate holds (or holds enough of) goes to the replica
+    serving the fewest hot prefixes (ones that came back within a minute), then the least
+    loaded.
     """
 
     block_chars: int = Field(256, ge=16, le=65536)
@@ -172,6 +174,12 @@ class PrefixRouting(ConfigModel):
     entries: int = Field(100_000, ge=1, le=10_000_000, description="block chains remembered")
     max_imbalance: int = Field(
         4, ge=0, description="in flight a warm replica may carry above the least loaded one"
+    )
+    # A match on a small part of the prompt (a short system prompt every conversation shares)
+    # says little about where the rest is cached: following it would send every new
+    # conversation to the one replica that served the first.
+    min_match: float = Field(
+        0.5, ge=0, le=1, description="share of the prompt's blocks a match must cover to be followed"
     )
 
 

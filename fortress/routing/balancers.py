@@ -156,7 +156,10 @@ class PrefixAware(LeastOutstanding):
 
     Candidates with more than ``max_imbalance`` requests in flight above the least loaded one
     are passed over (the warm replica spills when it is overloaded); among the rest, the
-    longest match wins, then the fewer in flight. A prompt that matches nothing on them (a
+    longest match wins, then the fewer in flight, if it covers at least ``min_match`` of the
+    prompt's blocks (the way SGLang's cache-aware router thresholds its match rate: a short
+    system prompt every conversation shares would otherwise draw every new conversation to
+    the replica that served the first one). A prompt that matches nothing (enough) on them (a
     new prefix, or a spill) is *placed*: on the candidate holding the fewest hot prefixes
     (first blocks that came back within ``HOT_SECONDS``), then with the fewest in flight, so
     each hot prefix gets replicas of its own while there are enough. The chosen replica is
@@ -176,6 +179,7 @@ class PrefixAware(LeastOutstanding):
         self.block_chars = cfg.block_chars
         self.max_blocks = cfg.max_blocks
         self.max_imbalance = cfg.max_imbalance
+        self.min_match = cfg.min_match
         self.table = PrefixTable(cfg.entries)
         self.hot = HotPrefixes()
         self.clock = clock
@@ -202,6 +206,8 @@ class PrefixAware(LeastOutstanding):
                     continue
                 if n > best_len or (n == best_len and best is not None and r.in_flight < best.in_flight):
                     best, best_len = r, n
+            if best is not None and best_len < self.min_match * len(chains):
+                best = None  # a shared start (a short system prompt) only: placed as new
         if best is None:
             best = self._place(within)
         if matched:  # its first block was seen before: a prefix that comes back, hot where it runs now
