@@ -261,8 +261,10 @@ def test_a_killed_worker_is_replaced_and_no_answered_request_loses_its_record(
     victim = before[0]
     os.kill(victim, signal.SIGKILL)  # mid-traffic: records committed, some not yet shipped
     wait_for(lambda: len(gw.workers()) == 2 and victim not in gw.workers(), timeout=30, what="a new worker")
-    replaced = [p for p in gw.workers() if p not in before]
-    assert len(replaced) == 1
+    now = gw.workers()
+    replaced = [p for p in now if p not in before]
+    # (Seen failing twice in about twenty runs of this file, cause not found: say what was seen.)
+    assert len(replaced) == 1, f"before {before}, victim {victim}, now {now}:\n{gw.proc.output()[-2000:]}"
     at_restart = done()
     wait_for(lambda: done() >= at_restart + 100, timeout=60, what="traffic after the restart")
     for c in clients:
