@@ -260,11 +260,17 @@ def test_a_killed_worker_is_replaced_and_no_answered_request_loses_its_record(
     wait_for(lambda: done() >= 100, timeout=60, what="traffic")
     victim = before[0]
     os.kill(victim, signal.SIGKILL)  # mid-traffic: records committed, some not yet shipped
-    wait_for(lambda: len(gw.workers()) == 2 and victim not in gw.workers(), timeout=30, what="a new worker")
+
+    def respawned() -> bool:
+        # One reading of the children: two readings could see the victim still alive in the
+        # first (two workers) and already gone in the second (not the victim), with no new one.
+        now = gw.workers()
+        return len(now) == 2 and victim not in now
+
+    wait_for(respawned, timeout=30, what="a new worker")
     now = gw.workers()
     replaced = [p for p in now if p not in before]
-    # (Seen failing twice in about twenty runs of this file, cause not found: say what was seen.)
-    assert len(replaced) == 1, f"before {before}, victim {victim}, now {now}:\n{gw.proc.output()[-2000:]}"
+    assert len(replaced) == 1, f"before {before}, victim {victim}, now {now}"
     at_restart = done()
     wait_for(lambda: done() >= at_restart + 100, timeout=60, what="traffic after the restart")
     for c in clients:
@@ -380,8 +386,14 @@ def test_metrics_sum_every_worker(cluster: Cluster, tmp_path: Path, gateways: li
     assert json.loads(refused.value.read())["error"]["code"] == "not_supported_with_workers"
     assert http_get(gw.url + "/admin/replicas")[0] == 200
     # A worker killed keeps its counts: its successor carries them on.
-    os.kill(gw.workers()[1], signal.SIGKILL)
-    wait_for(lambda: http_get(gw.url + "/ready", timeout=2)[0] == 200 and len(gw.workers()) == 2, timeout=30)
+    victim = gw.workers()[1]
+    os.kill(victim, signal.SIGKILL)
+
+    def respawned() -> bool:
+        now = gw.workers()  # one reading: the victim may still be listed just after the kill
+        return len(now) == 2 and victim not in now and http_get(gw.url + "/ready", timeout=2)[0] == 200
+
+    wait_for(respawned, timeout=30)
     assert burst_of(gw.url, 10, {}).count(200) == 10
     wait_for(lambda: every_worker_says("fortress_requests_total", 50), timeout=10, what="50 in /metrics")
     assert every_worker_says("fortress_worker_restarts_total", 1)
