@@ -1028,18 +1028,27 @@ def machine() -> dict[str, str]:
     }
 
 
+def pin_load(gw_core: int, load_core: int, what: str = "gateway") -> None:
+    """Run this script (a load generator too) on the load core; warn if that is the gateway's."""
+    if gw_core == load_core or len(os.sched_getaffinity(0)) < 2:
+        print(f"warning: {what} and load share a core; figures will be pessimistic", file=sys.stderr)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {load_core})
+
+
+def require_tools(*tools: str) -> tuple[str, str]:
+    """Exit with how to get them when a tool is missing; return nginx's and fortress's paths."""
+    for tool in tools:
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            raise SystemExit(f"{tool} not found: `make bench` installs nginx-light and wrk")
+    return shutil.which("nginx") or "/usr/sbin/nginx", str(Path(sys.executable).parent / "fortress")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     gw_core, load_core = args.gateway_core, args.load_core
-    if gw_core == load_core or len(os.sched_getaffinity(0)) < 2:
-        print("warning: gateway and load share a core; figures will be pessimistic", file=sys.stderr)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {load_core})  # this script is a load generator too
-    for tool in ("nginx", "wrk", "taskset"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            raise SystemExit(f"{tool} not found: `make bench` installs nginx-light and wrk")
-    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    fortress_bin = str(Path(sys.executable).parent / "fortress")
+    pin_load(gw_core, load_core)
+    nginx_bin, fortress_bin = require_tools("nginx", "wrk", "taskset")
 
     workdir = Path(tempfile.mkdtemp(prefix="fortress-bench-"))
     procs = Procs(workdir)

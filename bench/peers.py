@@ -68,7 +68,6 @@ for LiteLLM a package index to install it from.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -325,15 +324,8 @@ def settle(pids: list[int], limit: float = 15.0) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     gw_core, load_core = args.gateway_core, args.load_core
-    if gw_core == load_core or len(os.sched_getaffinity(0)) < 2:
-        print("warning: proxies and load share a core; figures will be pessimistic", file=sys.stderr)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {load_core})  # this script is a load generator too
-    for tool in ("nginx", "wrk", "taskset"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            raise SystemExit(f"{tool} not found: `make bench` installs nginx-light and wrk")
-    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    fortress_bin = str(Path(sys.executable).parent / "fortress")
+    go.pin_load(gw_core, load_core, "proxies")
+    nginx_bin, fortress_bin = go.require_tools("nginx", "wrk", "taskset")
 
     litellm: dict[str, Any] = {"version": LITELLM_VERSION, "skipped": None}
     exe: Path | None = None

@@ -268,11 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     if cores != 2:
         print(f"warning: {cores} usable cores; this benchmark is meant for 2", file=sys.stderr)
-    for tool in ("nginx", "wrk"):
-        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
-            raise SystemExit(f"{tool} not found: `make bench` installs nginx-light and wrk")
-    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    fortress_bin = str(Path(sys.executable).parent / "fortress")
+    nginx_bin, fortress_bin = go.require_tools("nginx", "wrk")
     configs = args.configs.split(",")
     if not configs or not set(configs) <= set(LAYERS):
         raise SystemExit(f"--configs: choose from {', '.join(LAYERS)}")
