@@ -249,6 +249,22 @@ class _Cycle(RequestResponseCycle):
             self._on_disconnect = None
             callback()
 
+    def write_chunk(self, data: bytes) -> bool:
+        """Write ``data`` as one part of a started chunked response at once, from a callback
+        (the relay's stream pump: no task switch per event). False, and nothing written, when it
+        must go through ``send()`` instead: the client stopped reading (``send`` waits for it),
+        is gone, or the response is not chunked or not started."""
+        if (
+            self.flow.write_paused
+            or self.disconnected
+            or not self.chunked_encoding
+            or self._head is not None
+            or self.response_complete
+        ):
+            return False
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()

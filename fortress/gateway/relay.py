@@ -17,7 +17,6 @@ from time import perf_counter
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _Cycle
 
 from fortress.config import FortressConfig
 from fortress.core import errors
@@ -360,11 +359,10 @@ class Relay:
         chunks = ctx.chunks if resuming else 0
         checked = False
         mark = wd.mark
-        # Once the response has started, a plain stream to a uvicorn connection is pumped from
-        # the replica's read callback straight to the client's socket (_pump).
-        cycle = (
-            send.__self__ if cont is None and isinstance(getattr(send, "__self__", None), _Cycle) else None
-        )
+        # Once the response has started, a plain stream to one of the gateway's own connections
+        # is pumped from the replica's read callback straight to the client (_pump, the
+        # connection's write_chunk).
+        write = getattr(getattr(send, "__self__", None), "write_chunk", None) if cont is None else None
         async for data in resp.iter_any():
             mark()
             out = tap.feed(data)
@@ -389,8 +387,8 @@ class Relay:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 # A slow client holds us in send(); that silence is not the replica's.
                 mark()
-                if cycle is not None and cycle.chunked_encoding and not tap.done:
-                    await self._pump(ctx, resp, tap, cycle, send, mark)
+                if write is not None and not tap.done:
+                    await self._pump(ctx, resp, tap, write, send, mark)
                     break
         rest = tap.flush()
         ctx.usage = cont.usage if resuming and cont is not None else _usage(tap.usage)
@@ -412,19 +410,17 @@ class Relay:
         ctx: RequestContext,
         resp: Response,
         tap: StreamTap,
-        cycle: _Cycle,
+        write: Callable[[bytes], bool],
         send: Send,
         mark: Callable[[], None],
     ) -> None:
         """Relay the rest of a started stream from the replica's read callback: each piece
-        goes through the tap and, framed as an HTTP/1.1 chunk, straight to the client's
-        transport, without waking this task per event. The task wakes only for what needs
+        goes through the tap and straight to the client's connection (``write``: the
+        protocol's ``write_chunk``), without waking this task per event. The task wakes only for what needs
         awaiting, through the ASGI ``send`` as before: the event with [DONE] (after the
         request's record is committed), a client that stopped reading (uvicorn's drain), a
         client gone. Returns at the end of the replica's answer; raises its error."""
         loop = asyncio.get_running_loop()
-        transport = cycle.transport
-        flow = cycle.flow
         try:
             while True:
                 fut: asyncio.Future[object] = loop.create_future()
@@ -436,13 +432,12 @@ class Relay:
                     if not out:
                         return
                     ctx.bytes_out += len(out)
-                    if held or flow.write_paused or cycle.disconnected or (tap.done and not ctx.finished):
+                    if held or (tap.done and not ctx.finished) or not write(out):
                         held.append(out)
                         if not fut.done():
                             resp.unpump()
                             fut.set_result(_HOLD)
                         return
-                    transport.write(b"%x\r\n%b\r\n" % (len(out), out))
 
                 def end(err: Exception | None, fut: asyncio.Future[object] = fut) -> None:
                     if not fut.done():
