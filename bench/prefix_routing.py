@@ -103,9 +103,9 @@ def workload(args: argparse.Namespace) -> list[Conversation]:
     return convs
 
 
-# One request: TTFT (s), the replica that served it, its app (system prompt), its turn, and when
-# it was sent (s since the phase's workload started).
-Row = tuple[float, str, int, int, float]
+# One request: TTFT (s), the replica that served it, its app (system prompt), its turn, when it
+# was sent (s since the phase's workload started), and its conversation.
+Row = tuple[float, str, int, int, float, str]
 
 
 async def turn(
@@ -136,7 +136,7 @@ async def turn(
                 answer.append(text)
     conv.messages.append({"role": "assistant", "content": "".join(answer) or "(no answer)"})
     n = len(conv.messages) // 2 - 1
-    return (first or time.perf_counter()) - t0, replica, conv.app, n, t0 - t_start
+    return (first or time.perf_counter()) - t0, replica, conv.app, n, t0 - t_start, conv.cid
 
 
 async def play(gw: str, convs: list[Conversation], args: argparse.Namespace) -> list[Row]:
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="6 conversations of 3 turns: a first figure")
     ap.add_argument(
-        "--json", metavar="FILE", help="write every request as JSON (TTFT, replica, app, turn, sent at)"
+        "--json",
+        metavar="FILE",
+        help="write every request as JSON (TTFT, replica, app, turn, sent at, conversation id)",
     )
     ap.add_argument("--write-docs", action="store_true", help="replace its section of docs/benchmarks.md")
     args = ap.parse_args(argv)

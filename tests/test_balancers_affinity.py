@@ -14,7 +14,16 @@ import pytest
 
 from fortress.config import ConfigError, parse_config
 from fortress.core.context import RequestContext
-from fortress.routing.affinity import HOT_SECONDS, HotPrefixes, PrefixTable, block_chains, session_key
+from fortress.routing.affinity import (
+    HOT_SECONDS,
+    HotPrefixes,
+    PrefixTable,
+    SessionHomes,
+    block_chains,
+    key_hash,
+    rank,
+    session_key,
+)
 from fortress.routing.balancers import LeastOutstanding, PrefixAware, SessionAffinity
 from fortress.routing.pool import Router
 from fortress.routing.replica import State
@@ -88,8 +97,11 @@ def test_an_ejected_replica_moves_only_its_keys():
     assert 0.2 < len(moved) / len(keys) < 0.47, len(moved)  # ... about a third of them
     # Its moved keys spread over both survivors rather than piling onto one.
     assert set(after[k] for k in moved) == {"m-1", "m-3"}
-    gone.state = State.HEALTHY  # back: its keys come back to it
-    assert {k: r.pick(route, View(k)).name for k in keys} == before
+    gone.state = State.HEALTHY  # back: the moved sessions stay where their caches now are ...
+    assert {k: r.pick(route, View(k)).name for k in keys} == after
+    # ... and new sessions reach it again, as their hash says.
+    fresh = [f"new-{i}" for i in range(300)]
+    assert "m-2" in {r.pick(route, View(k)).name for k in fresh}
 
 
 def test_a_retry_goes_to_the_keys_next_choice():
@@ -116,6 +128,69 @@ def test_a_hot_key_spills_within_the_bound():
     assert max(loads.values()) <= ceil(1.25 * 60 / 3)
     assert loads[home.name] == max(loads.values())  # the key's home still takes the most
     assert min(loads.values()) > 0, loads  # and the others took the spill
+
+
+def _session_router(settings: str = "") -> tuple[Router, list[float]]:
+    r = router("session", settings)
+    now = [1000.0]
+    r.pools[0].balancer.clock = lambda: now[0]
+    return r, now
+
+
+def _keys_ranking_first(name: str, n: int) -> list[str]:
+    """``n`` session keys whose rendezvous order puts replica ``name`` first."""
+    reps = list(router("session").all_replicas())
+    out = [k for k in (f"k-{i}" for i in range(2000)) if rank(key_hash(k), reps)[0].name == name]
+    assert len(out) >= n
+    return out[:n]
+
+
+def test_sessions_are_placed_within_the_bound_on_active_sessions():
+    # Six conversations whose keys all hash to m-1 first, one request each, none overlapping in
+    # flight: by hash alone all six would share m-1's slots and cache.
+    r, now = _session_router()
+    route = r.route("m")
+    keys = _keys_ranking_first("m-1", 6)
+    homes = {}
+    for k in keys:
+        homes[k] = r.pick(route, View(k)).name
+        now[0] += 1.0
+    share = Counter(homes.values())
+    assert share["m-1"] == max(share.values())  # the hash's choice still takes the most ...
+    assert max(share.values()) <= ceil(1.25 * 6 / 3), share  # ... within the bound
+    assert len(share) == 3, share
+    for k in keys:  # and each keeps its replica afterwards
+        assert {r.pick(route, View(k)).name for _ in range(50)} == {homes[k]}
+
+
+def test_a_paused_session_keeps_its_replica_and_idle_sessions_stop_counting():
+    r, now = _session_router("    session: {ttl: 900}\n")
+    route = r.route("m")
+    keys = _keys_ranking_first("m-1", 4)
+    homes = {k: r.pick(route, View(k)).name for k in keys}
+    spilled = [k for k in keys if homes[k] != "m-1"]
+    assert spilled  # the bound sent some of them elsewhere
+    now[0] += HOT_SECONDS + 1  # everyone paused: nobody counts as active any more ...
+    for k in spilled:  # ... yet a session that comes back within the ttl finds its replica
+        assert r.pick(route, View(k)).name == homes[k]
+    late = _keys_ranking_first("m-1", 40)[20:24]  # new sessions: m-1 has room again
+    assert r.pick(route, View(late[0])).name == "m-1"
+    now[0] += 901  # past the ttl: a spilled session is placed afresh, by its hash first
+    assert r.pick(route, View(spilled[0])).name == "m-1"
+
+
+def test_session_homes_expire_are_bounded_and_forget_a_replica():
+    homes = SessionHomes(ttl=10, entries=3)
+    homes.set(1, "a", 0.0)
+    homes.set(2, "b", 1.0)
+    assert homes.get(1, 9.0) == "a"  # a use renews it
+    assert homes.get(2, 11.5) is None  # 10.5 s unused
+    assert homes.get(1, 18.0) == "a"
+    for key in (3, 4, 5):
+        homes.set(key, "c", 18.0)
+    assert len(homes) == 3 and homes.get(1, 18.0) is None  # least recently used out
+    homes.forget("c")
+    assert len(homes) == 0
 
 
 def test_without_a_key_the_session_balancer_is_least_outstanding():

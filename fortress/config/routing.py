@@ -132,14 +132,18 @@ class SessionAffinity(ConfigModel):
     ``source: header`` reads the key from the request header ``header``; ``source: cookie``
     reads the cookie ``cookie``, and when a request has none the gateway makes a key and sets
     the cookie on the answer (``Max-Age`` = ``ttl``, HttpOnly, SameSite=Lax). Keys map to
-    replicas by consistent hashing with bounded loads: a replica takes a key's request only
-    while its requests in flight stay within ``load_factor`` times the pool's average.
+    replicas by consistent hashing with bounded loads: a new session goes to the first replica
+    in its key's order whose requests in flight and active sessions stay within
+    ``load_factor`` times the pool's average, and its requests stay there (``ttl`` after the
+    last one) while that replica's requests in flight stay within the bound.
     """
 
     source: Literal["header", "cookie"] = "header"
     header: str = Field("x-session-id", pattern=_TOKEN, max_length=128)
     cookie: str = Field("fortress-session", pattern=_TOKEN, max_length=128)
-    ttl: float = Field(900.0, gt=0, description="seconds the gateway's session cookie lives")
+    ttl: float = Field(
+        900.0, gt=0, description="seconds the session cookie lives, and a session's replica is remembered"
+    )
     load_factor: float = Field(
         1.25, ge=1.0, le=10.0, description="a replica takes at most ceil(load_factor x average) in flight"
     )

@@ -24,6 +24,7 @@ OWNERS_PER_CHAIN = 4
 # is free for another one soon after its traffic stops.
 HOT_SECONDS = 60.0
 HOT_ENTRIES = 4096  # (prefix, replica) pairs kept: placement needs the hot ones only
+HOME_ENTRIES = 65536  # sessions whose replica is remembered (about 100 bytes each)
 
 
 def key_hash(key: str) -> int:
@@ -175,6 +176,51 @@ class HotPrefixes:
             self.count[name] = n
         else:
             self.count.pop(name, None)
+
+
+class SessionHomes:
+    """Each session's replica (by the key's hash), kept ``ttl`` seconds after its last request.
+
+    At most ``entries``, least recently used out; expired entries leave as they reach the
+    front, so a lookup and an update cost a dict operation each.
+    """
+
+    def __init__(self, ttl: float, entries: int = HOME_ENTRIES) -> None:
+        self.ttl = ttl
+        self.entries = entries
+        self._homes: OrderedDict[int, tuple[str, float]] = OrderedDict()  # hash → (replica, last use)
+
+    def __len__(self) -> int:
+        return len(self._homes)
+
+    def get(self, key: int, now: float) -> str | None:
+        """The replica of session ``key``, or None (new, or expired); a hit counts as a use."""
+        entry = self._homes.get(key)
+        if entry is None:
+            return None
+        if now - entry[1] > self.ttl:
+            del self._homes[key]
+            return None
+        self._homes[key] = (entry[0], now)
+        self._homes.move_to_end(key)
+        return entry[0]
+
+    def set(self, key: int, name: str, now: float) -> None:
+        """Session ``key`` now lives on ``name``."""
+        homes = self._homes
+        homes[key] = (name, now)
+        homes.move_to_end(key)
+        cutoff = now - self.ttl
+        while homes:
+            first = next(iter(homes))
+            if len(homes) <= self.entries and homes[first][1] >= cutoff:
+                break
+            del homes[first]
+
+    def forget(self, name: str) -> None:
+        """Drop the sessions of replica ``name`` (it left the pool)."""
+        for key in [k for k, v in self._homes.items() if v[0] == name]:
+            del self._homes[key]
 
 
 def session_key(

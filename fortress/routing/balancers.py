@@ -15,9 +15,10 @@ Strategies (docs/routing.md):
 
 - ``least_outstanding``: power of two choices on requests in flight; the default.
 - ``session``: the request's session key picks the replica by consistent hashing with bounded
-  loads (rendezvous hashing: the candidates ranked by a hash of key and replica name; the first
-  whose requests in flight stay within ``load_factor`` x the average takes it). Only a leaving
-  replica's keys move; a hot key spills to its next choices. No key: least outstanding.
+  loads (rendezvous hashing: the candidates ranked by a hash of key and replica name; a new
+  session goes to the first whose requests in flight and active sessions stay within
+  ``load_factor`` x the average, and stays there). Only a leaving replica's sessions move; a hot
+  key spills to its next choices. No key: least outstanding.
 - ``prefix``: the replica most likely to hold the prompt's prefix in its KV cache, from a table
   of the block chains each replica served (``affinity.PrefixTable``), unless it is loaded more
   than ``max_imbalance`` above the least loaded one. No match: the least loaded replica among
@@ -34,7 +35,7 @@ from math import ceil
 from typing import Protocol
 
 from fortress.config import PoolConfig, Routing
-from fortress.routing.affinity import HotPrefixes, PrefixTable, block_chains, key_hash, rank
+from fortress.routing.affinity import HotPrefixes, PrefixTable, SessionHomes, block_chains, key_hash, rank
 from fortress.routing.replica import Replica, State
 
 Tiers = tuple[list[Replica], ...]  # a route's replicas per tier, highest first
@@ -125,30 +126,83 @@ class LeastOutstanding(TieredBalancer):
 class SessionAffinity(LeastOutstanding):
     """Consistent hashing with bounded loads on the request's session key.
 
-    A key's replica is its first in rendezvous order (a hash of key and replica name, so the
-    same in every gateway process) whose requests in flight, this one included, stay within
-    ``ceil(load_factor x average)`` over the candidates; the least loaded candidate always
-    does, so a choice always exists. A replica leaving the candidates (ejected, unhealthy,
-    draining, already tried) moves only the keys it had.
+    A session's *home* is where its last placed request went; its requests stay there while it
+    is a candidate and its requests in flight, this one included, stay within
+    ``ceil(load_factor x average)`` over the candidates (a hot key's overflow goes to the next
+    candidate in the key's rendezvous order that is within that bound, and the home stays).
+
+    A session without a home (new, or its home left the candidates: ejected, unhealthy,
+    draining, already tried) is *placed*: on the first candidate in rendezvous order (a hash of
+    key and replica name, the same in every gateway process) that keeps both bounds, the one
+    on requests in flight and the same one on *active sessions* (sessions with a request in
+    the last ``HOT_SECONDS``, this one counted), the bounded-loads rule of Mirrokni, Thorup
+    and Zadimoghaddam with sessions as the balls. Counting sessions, not only requests in
+    flight, is what keeps conversations from piling onto one replica's slots and cache while
+    their requests happen not to overlap. When no candidate keeps both (one is least loaded
+    in flight, another in sessions), the fewest in flight takes it. Homes are kept for
+    ``session.ttl`` (at most ``HOME_ENTRIES``), so a conversation that pauses comes back to its
+    cache; a replica that leaves moves only the sessions it was home to, and they stay where
+    they moved (their caches are there now).
     """
 
-    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
+    def __init__(
+        self,
+        pool: PoolConfig,
+        routing: Routing,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(pool, routing, rng)
         self.load_factor = pool.session.load_factor
+        self.homes = SessionHomes(pool.session.ttl)
+        self.active = HotPrefixes()  # (session hash, replica) → last request: sessions per replica
+        self.clock = clock
 
     def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
         key = view.session_key if view is not None else None
         if not key or len(candidates) == 1:
             return super().choose(candidates, view)
+        n = len(candidates)
         total = 1  # this request
         for r in candidates:
             total += r.in_flight
-        cap = ceil(self.load_factor * total / len(candidates))
-        ranked = rank(key_hash(key), candidates)
+        cap = ceil(self.load_factor * total / n)
+        h = key_hash(key)
+        now = self.clock()
+        home = self.homes.get(h, now)
+        ranked = rank(h, candidates)
+        chosen: Replica | None = None
+        if home is not None:
+            for r in candidates:
+                if r.name == home:
+                    chosen = r
+                    break
+        if chosen is not None:
+            if chosen.in_flight + 1 > cap:  # a hot key: this request spills, the home stays
+                for r in ranked:
+                    if r.in_flight + 1 <= cap:
+                        return r
+            self.active.touch(h, chosen.name, now)
+            return chosen
+        self.active.expire(now)
+        count = self.active.count
+        sessions = 1  # this one
+        for r in candidates:
+            sessions += count.get(r.name, 0)
+        scap = ceil(self.load_factor * sessions / n)
         for r in ranked:
-            if r.in_flight + 1 <= cap:
-                return r
-        return min(ranked, key=lambda r: r.in_flight)  # not reached: the least loaded fits
+            if r.in_flight + 1 <= cap and count.get(r.name, 0) + 1 <= scap:
+                chosen = r
+                break
+        else:
+            chosen = min(ranked, key=lambda r: (r.in_flight, count.get(r.name, 0)))
+        self.homes.set(h, chosen.name, now)
+        self.active.touch(h, chosen.name, now)
+        return chosen
+
+    def forget(self, name: str) -> None:
+        self.homes.forget(name)
+        self.active.forget(name)
 
 
 class PrefixAware(LeastOutstanding):
