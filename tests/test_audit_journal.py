@@ -77,6 +77,50 @@ async def test_lone_append_does_not_wait_for_company(tmp_path: Path) -> None:
         j.close()
 
 
+async def test_group_commit_stops_waiting_when_nobody_else_is_coming(tmp_path: Path) -> None:
+    # A group-commit delay of an hour, and appends that would wait for company (a batch of
+    # several came before): they commit as soon as no other record is on its way.
+    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=3_600_000)
+    on_the_way = [0]
+    j.on_the_way = lambda: on_the_way[0]
+    j.open()
+    try:
+
+        async def record(i: int) -> int:
+            on_the_way[0] -= 1  # what AuditTrail.record does before it appends
+            return await j.append(sample(i))
+
+        for round_ in range(3):
+            on_the_way[0] = 8  # eight requests begun
+            got = await asyncio.wait_for(asyncio.gather(*(record(round_ * 8 + i) for i in range(8))), 60)
+            assert sorted(got) == list(range(round_ * 8 + 1, round_ * 8 + 9))
+        assert j.fsyncs <= 3 * 8
+        check_chain(read_all(j))
+    finally:
+        j.close()
+
+
+async def test_group_commit_waits_while_a_record_is_still_on_its_way(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=300)
+    on_the_way = [0]
+    j.on_the_way = lambda: on_the_way[0]
+    j.open()
+    try:
+        await j.append(sample(0))
+        j._last_batch = 2  # as after a batch of several: the next append gathers company
+        on_the_way[0] = 1  # another request is still on its way: this one waits for it
+        t0 = time.monotonic()
+        await j.append(sample(2))
+        assert time.monotonic() - t0 >= 0.25  # the group-commit delay, not at once
+        on_the_way[0] = 0
+        j._last_batch = 2
+        t0 = time.monotonic()
+        await j.append(sample(3))
+        assert time.monotonic() - t0 < 0.25  # nobody else coming: no wait
+    finally:
+        j.close()
+
+
 async def test_append_returns_only_after_fsync(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = os.fdatasync

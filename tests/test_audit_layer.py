@@ -170,6 +170,30 @@ async def test_layer_lifecycle(tmp_path: Path) -> None:
     assert report.ok, report.problems
 
 
+async def test_requests_on_their_way_to_the_journal_are_counted(tmp_path: Path) -> None:
+    layer = build_audit(config(tmp_path))
+    await layer.start()
+    try:
+        assert layer.journal is not None and layer.journal.on_the_way is not None
+        a, b, c = finished_ctx(request_id="a"), finished_ctx(request_id="b"), finished_ctx(request_id="c")
+        for ctx in (a, b, c):
+            layer.begin(ctx)
+        layer.begin(a)  # counted once per request
+        assert layer.journal.on_the_way() == 3
+        await layer.record(a)  # handed over: no longer on its way
+        assert layer.journal.on_the_way() == 2
+        layer.end(a)  # already recorded: nothing more
+        layer.end(b)  # ended without a record (never reached the journal)
+        assert layer.journal.on_the_way() == 1
+        await layer.record(finished_ctx(request_id="ws"))  # a record nobody began (a WebSocket message)
+        assert layer.journal.on_the_way() == 1
+        await layer.record(c)
+        layer.end(c)
+        assert layer.journal.on_the_way() == 0
+    finally:
+        await layer.stop()
+
+
 async def test_record_before_start_fails_loudly(tmp_path: Path) -> None:
     from fortress.audit.journal import JournalError
 

@@ -192,6 +192,10 @@ class Journal:
         self._space_at = -1e9
         # Called from the writer thread after each fsync with the last durable seq.
         self.on_commit: Callable[[int], None] | None = None
+        # How many records are still on their way (requests begun, not yet appended); 0 ends a
+        # group-commit wait at once: nobody else is coming, waiting would only add latency and
+        # leave the CPU idle. None: always wait the full ``group_commit_ms``.
+        self.on_the_way: Callable[[], int] | None = None
         self.fsyncs = 0
         self.appended = 0
         self.head_seq = 0
@@ -308,7 +312,9 @@ class Journal:
             if not self._queue:
                 self._since = time.monotonic()
             self._queue.append((record, fut, loop))
-            if self._phase == _IDLE or (self._phase == _GATHER and len(self._queue) >= self.max_batch):
+            if self._phase == _IDLE or (
+                self._phase == _GATHER and (len(self._queue) >= self.max_batch or self._nobody_coming())
+            ):
                 self._cv.notify()
         return await fut
 
@@ -322,11 +328,18 @@ class Journal:
                     if not cv.wait(self.space_every):
                         break  # idle for a while: look at the disk (outside the lock)
                 if self._queue:
-                    if self.delay > 0 and (len(self._queue) > 1 or self._last_batch > 1):
-                        # Others are appending too: give them until `delay` after the first arrival.
+                    if (
+                        self.delay > 0
+                        and (len(self._queue) > 1 or self._last_batch > 1)
+                        and not self._nobody_coming()
+                    ):
+                        # Others are appending too: give them until `delay` after the first
+                        # arrival, or until no other record is on its way.
                         self._phase = _GATHER
                         deadline = self._since + self.delay
                         while len(self._queue) < self.max_batch and not self._closing:
+                            if self._nobody_coming():
+                                break
                             left = deadline - time.monotonic()
                             if left <= 0:
                                 break
@@ -344,6 +357,10 @@ class Journal:
             except Exception as exc:  # never let the thread die with waiters hanging
                 log.exception("audit journal write failed")
                 self._settle([(f, lp, None) for _, f, lp in batch], JournalError(str(exc)))
+
+    def _nobody_coming(self) -> bool:
+        on_the_way = self.on_the_way
+        return on_the_way is not None and on_the_way() <= 0
 
     def _check_space(self, force: bool = False) -> None:
         """Refresh ``disk_free`` / ``low_space`` if the last reading is ``space_every`` old."""

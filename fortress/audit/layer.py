@@ -105,6 +105,9 @@ class AuditTrail:
         self.refused = 0  # requests answered 503 because the journal's disk was low
         self.unrecorded = 0  # gateway-refused requests left without a record for the same reason
         self.write_failures = 0  # requests that failed because the journal could not write
+        # Requests begun whose record is not appended yet: the journal's group commit stops
+        # waiting for more when this is 0 (``Journal.on_the_way``).
+        self.on_the_way = 0
         self._failure_logged = float("-inf")  # loop time of the last ERROR about it
 
     async def start(self) -> None:
@@ -114,6 +117,18 @@ class AuditTrail:
     async def stop(self) -> None:
         """Write what is queued, ship what is left (bounded), flush the archive, close."""
         await asyncio.to_thread(self._stop)
+
+    def begin(self, ctx: RequestContext) -> None:
+        """Count ``ctx`` as on its way to the journal until ``record`` or ``end``."""
+        if not ctx.unrecorded:
+            ctx.unrecorded = True
+            self.on_the_way += 1
+
+    def end(self, ctx: RequestContext) -> None:
+        """Stop counting ``ctx`` if it never reached ``record``."""
+        if ctx.unrecorded:
+            ctx.unrecorded = False
+            self.on_the_way -= 1
 
     def check_headers(self, ctx: RequestContext) -> None:
         """Raise a 400 naming the audit headers that are missing or longer than
@@ -164,6 +179,9 @@ class AuditTrail:
         below its floor, a request the gateway refused before any replica saw it (this layer's
         503, a 401, a 429) is left unrecorded and counted, so a flood of refused requests cannot
         eat the reserve kept for the records of admitted ones."""
+        if ctx.unrecorded:
+            ctx.unrecorded = False
+            self.on_the_way -= 1
         journal = self.journal
         if journal is None:
             raise JournalError("the audit layer is not started")
@@ -243,6 +261,7 @@ class AuditTrail:
             min_free_bytes=a.min_free_bytes,
             disk_usage=self.disk_usage,
         )
+        journal.on_the_way = lambda: self.on_the_way
         journal.open(floor)
         store.gateway_id = journal.gateway_id
         archive = None

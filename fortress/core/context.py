@@ -77,6 +77,7 @@ class RequestContext:
         "t0",
         "ticket",
         "ttfb",
+        "unrecorded",
         "usage",
         "want_usage",
     )
@@ -109,6 +110,7 @@ class RequestContext:
         # Response headers added by earlier layers (OpenAI rate-limit headers, for example).
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.finished = False  # the record of this request has been handed to the audit layer
+        self.unrecorded = False  # counted by the audit layer as on its way to the journal
         self.responded = False  # the response has started: no other replica may answer now
         self._prefix: tuple[int, str] | None = None  # (the limit it was cut at, the text)
         # The session key by the pool's `session:` settings, set by the gateway for pools whose

@@ -51,6 +51,13 @@ class AuditLayer(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
+    def begin(self, ctx: RequestContext) -> None:
+        """A request whose record will follow has started (the journal's group commit stops
+        waiting once every such request has handed its record over)."""
+
+    def end(self, ctx: RequestContext) -> None:
+        """The request is over: if it never handed a record over, stop counting it."""
+
     def check_headers(self, ctx: RequestContext) -> None:
         """Raise a 400 ``GatewayError`` naming the required audit headers that are missing."""
 

@@ -206,9 +206,14 @@ class Gateway:
         client = scope.get("client")
         ctx = RequestContext(request_id or new_request_id(), path, t0, client[0] if client else None)
         ctx.headers = headers
+        audit = self.audit
+        if audit is not None:
+            audit.begin(ctx)
         try:
             await self._complete(ctx, scope, receive, send, content_length)
         finally:
+            if audit is not None:
+                audit.end(ctx)
             for observe in self.observers:
                 try:
                     observe(ctx)
