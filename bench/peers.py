@@ -126,6 +126,22 @@ class Proxy:
     requests: int = 0  # completed by wrk, warm-up included
     errors: int = 0  # wrk's socket errors + non-2xx answers, warm-up included
     answer: str = ""  # what the smoke request showed
+    # CPU µs per request by thread (the event loop, then the threads by their OS names), per round
+    threads: list[dict[str, float]] = field(default_factory=list)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of ``pid`` by name: ``event loop`` for the main thread,
+    else the OS name (Fortress names its own threads: ``audit-journal``, ``audit-shipper``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+            name = "event loop" if task.name == str(pid) else (task / "comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
 
 
 # -- LiteLLM --------------------------------------------------------------------------------
@@ -428,7 +444,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             url = f"http://127.0.0.1:{p.port}{go.PATH}"
             core = gw_core if p is not direct else load_core
             b0 = go.machine_busy(core)
+            t0 = thread_cpu(p.pid) if p is fa else {}
             r = go.run_wrk(url, body, secs, plan.conns, load_core, workdir, p.watch, p.headers)
+            if p is fa and r.requests:
+                t1 = thread_cpu(p.pid)
+                p.threads.append({k: (v - t0.get(k, 0.0)) / r.requests * 1e6 for k, v in t1.items()})
             others = max(0.0, go.machine_busy(core) - b0 - r.cpu_s)  # wrk's too on the load core
             p.requests += r.requests
             p.errors += r.errors
@@ -441,6 +461,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for p in proxies:
             wrk(p, plan.warmup_s)
             p.others_on_core.clear()
+            p.threads.clear()
         for i in range(plan.rounds):
             order = proxies[i % len(proxies) :] + proxies[: i % len(proxies)]
             go.step(f"round {i + 1}/{plan.rounds}: {' → '.join(p.name for p in order)}")
@@ -613,6 +634,19 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         )
     else:
         reading += f". LiteLLM was not measured ({ll['skipped']})."
+    split = ps["fortress-all"].get("threads") or []
+    if split:
+        names = sorted({k for row in split for k in row}, key=lambda k: (k != "event loop", k))
+        parts = [
+            f"{k} {_us(float(statistics.median(row.get(k, 0.0) for row in split)))}"
+            for k in names
+            if statistics.median(row.get(k, 0.0) for row in split) >= 0.05
+        ]
+        lines += [
+            "Where Fortress-all's CPU per request goes, by thread (median over rounds; "
+            "`/proc/<pid>/task/*/schedstat`): " + ", ".join(parts) + ".",
+            "",
+        ]
     lines += [reading, ""]
     return "\n".join(lines), checks
 

@@ -121,6 +121,13 @@ async def test_group_commit_waits_while_a_record_is_still_on_its_way(tmp_path: P
         j.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names through /proc are Linux's")
+async def test_the_writer_thread_has_its_name_at_the_os_level(journal: Journal) -> None:
+    await journal.append(sample(0))  # the thread has run
+    names = {p.read_text().strip() for p in Path(f"/proc/{os.getpid()}/task").glob("*/comm")}
+    assert "audit-journal" in names, names  # what `top -H` and `ps -L` show
+
+
 async def test_append_returns_only_after_fsync(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = os.fdatasync

@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 
 from fortress.audit.chain import GENESIS, seal
+from fortress.core.threads import name_os_thread
 
 log = logging.getLogger("fortress.audit.journal")
 
@@ -319,6 +320,7 @@ class Journal:
         return await fut
 
     def _run(self) -> None:
+        name_os_thread()  # `top -H` shows it by name
         cv = self._cv
         while True:
             batch: list[_Pending] | None = None

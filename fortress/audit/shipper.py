@@ -38,6 +38,7 @@ from fortress.audit.archive import ArchiveSink
 from fortress.audit.journal import Journal, JournalReader
 from fortress.audit.sql import SqlSink
 from fortress.core.backoff import pause_after_failure
+from fortress.core.threads import name_os_thread
 from fortress.store.db import describe_error
 
 log = logging.getLogger("fortress.audit.shipper")
@@ -130,6 +131,7 @@ class Shipper:
     # the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()  # `top -H` shows it by name
         backoff = self.backoff_min
         while True:
             self._event.clear()

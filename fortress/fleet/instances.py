@@ -44,6 +44,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, select, update
 
 from fortress.core.backoff import pause_after_failure
+from fortress.core.threads import name_os_thread
 from fortress.fleet.providers.base import FAILED, PREEMPTED, READY, STARTING, TERMINATED
 from fortress.store import tables
 from fortress.store.db import describe_error, get_engine, migrate
@@ -332,6 +333,7 @@ class FleetStore:
     # -- the writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()
         backoff = self.backoff_min
         while True:
             self._wake.clear()

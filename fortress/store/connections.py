@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 
 from fortress.core.backoff import pause_after_failure
+from fortress.core.threads import name_os_thread
 from fortress.store.db import describe_error, get_engine, migrate
 from fortress.store.tables import ws_connections
 
@@ -119,6 +120,7 @@ class ConnectionRegistry:
     # -- the writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()
         delay = 0.5
         while True:
             self._wake.wait(None if not self._stopping else 0)
