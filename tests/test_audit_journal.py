@@ -124,8 +124,13 @@ async def test_group_commit_waits_while_a_record_is_still_on_its_way(tmp_path: P
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names through /proc are Linux's")
 async def test_the_writer_thread_has_its_name_at_the_os_level(journal: Journal) -> None:
     await journal.append(sample(0))  # the thread has run
-    names = {p.read_text().strip() for p in Path(f"/proc/{os.getpid()}/task").glob("*/comm")}
+    names = thread_names()
     assert "audit-journal" in names, names  # what `top -H` and `ps -L` show
+
+
+def thread_names() -> set[str]:
+    """The OS names of this process's threads."""
+    return {p.read_text().strip() for p in Path(f"/proc/{os.getpid()}/task").glob("*/comm")}
 
 
 async def test_append_returns_only_after_fsync(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
