@@ -178,6 +178,22 @@ def cpu_of(pids: list[int]) -> dict[int, float]:
     return {p: go.cpu_time(p) for p in pids}
 
 
+def sleeps_of(pids: list[int]) -> int:
+    """Voluntary context switches so far of every thread of ``pids``: each is a thread that
+    went to sleep (an idle event loop, or a worker waiting for another's limits lock)."""
+    total = 0
+    for pid in pids:
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            for line in text.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def measure(
     g: Gateway, body: bytes, secs: float, conns: int, nginx_pids: list[int], workdir: Path, cores: int
 ) -> dict[str, Any]:
@@ -185,11 +201,13 @@ def measure(
     pids = g.pids()
     url = f"http://127.0.0.1:{g.port}{go.PATH}"
     gw0, ng0 = cpu_of(pids), sum(go.cpu_time(p) for p in nginx_pids)
+    sleeps0 = sleeps_of(pids)
     wrk0, own0, busy0 = children_cpu(), self_cpu(), go.machine_busy()
     t0 = time.perf_counter()
     r = go.run_wrk(url, body, secs, conns, None, workdir, pids, g.headers)
     wall = time.perf_counter() - t0
     gw1, ng1 = cpu_of(pids), sum(go.cpu_time(p) for p in nginx_pids)
+    sleeps = sleeps_of(pids) - sleeps0
     wrk_cpu, own, busy = children_cpu() - wrk0, self_cpu() - own0, go.machine_busy() - busy0
     pr.settle(pids)  # the gateway's leftover work (audit shipping) is part of the cost
     gw2 = cpu_of(pids)
@@ -219,6 +237,7 @@ def measure(
         "gateway_used": (gw_cpu / wall) / max(1e-9, min(usable, cores - load - others)),
         "other_share": others / cores,
         "cpu_per_request_us": cpu_per_request * 1e6,
+        "sleeps_per_request": sleeps / r.requests if r.requests else 0.0,
         "load_cpu_per_request_us": (wrk_cpu + nginx_cpu) / r.requests * 1e6 if r.requests else 0.0,
         "cores_whole_machine": whole,
         "capacity_rps": whole / cpu_per_request,
@@ -466,7 +485,10 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "2 x CPU/request(1) / CPU/request(2): it falls short of 2 by what a request costs more "
         "with 2 workers. It assumes the gateway is CPU-bound: 'CPU used' is G_N over what the "
         "load generator and other processes left it, min(N, cores - (wrk + nginx + others' "
-        "CPU)/wall). Ratios are paired per round (the median and range over rounds).",
+        "CPU)/wall). Ratios are paired per round (the median and range over rounds). 'Sleeps "
+        "/ request': the gateway's voluntary context switches (all threads) over the requests: "
+        "a thread that went to sleep, an event loop with nothing to do or a worker waiting for "
+        "another's limits lock.",
         "",
         "| target | measured | result |",
         "| --- | --- | --- |",
@@ -474,8 +496,8 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
         "",
         "| gateway | req/s | gateway CPU / request | wrk + nginx CPU / request | cores: gateway + "
         "wrk + nginx | gateway CPU used of what it could have | capacity (whole machine) | "
-        "worker CPU split | others |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "worker CPU split | sleeps / request | others |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     warn_used = []
     for name, g in gws.items():
@@ -493,7 +515,8 @@ def report(r: dict[str, Any], command: str) -> tuple[str, list[tuple[str, str, s
             f"| {name} | {med(rd, 'rps'):,.0f} | **{statistics.median(cpu):.0f} µs** "
             f"[{min(cpu):.0f}-{max(cpu):.0f}] | {med(rd, 'load_cpu_per_request_us'):.0f} µs | "
             f"{med(rd, 'gateway_cores'):.2f} + {med(rd, 'load_cores'):.2f} | {used * 100:.0f} % | "
-            f"{med(rd, 'capacity_rps'):,.0f} req/s | {split} | {med(rd, 'other_share') * 100:.0f} % |"
+            f"{med(rd, 'capacity_rps'):,.0f} req/s | {split} | {med(rd, 'sleeps_per_request'):.3f} | "
+            f"{med(rd, 'other_share') * 100:.0f} % |"
         )
     lines.append("")
     reading = []
