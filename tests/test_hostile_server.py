@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,55 @@ def test_an_idle_keepalive_connection_is_closed(limited: int) -> None:
 
 
 # -- header limits -----------------------------------------------------------------------------
+
+
+def chat_request(rid: str, *extra: str) -> bytes:
+    return head("POST", "/v1/chat/completions", f"x-request-id: {rid}", *extra, length=len(CHAT)) + CHAT
+
+
+def split_responses(raw: bytes) -> list[tuple[int, dict[str, str], Any]]:
+    """The sized responses one after another in ``raw``."""
+    out = []
+    while raw:
+        head_part, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep, raw[:200]
+        headers = response(head_part + sep)[1]
+        length = int(headers["content-length"])
+        out.append(response(head_part + sep + rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+def requests_total(port: int, status: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SLACK) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fortress_requests_total{") and f'status="{status}"' in line
+    )
+
+
+def test_pipelined_requests_are_answered_in_order(limited: int) -> None:
+    with connect(limited) as sock:
+        # Three requests in one write; the last asks to close, so the server ends the connection.
+        sock.sendall(chat_request("p-1") + chat_request("p-2") + chat_request("p-3", "connection: close"))
+        answers = split_responses(read_until_closed(sock))
+    assert [h["x-request-id"] for _, h, _ in answers] == ["p-1", "p-2", "p-3"]
+    for status, _, body in answers:
+        assert status == 200 and body["object"] == "chat.completion"
+
+
+def test_a_half_closed_client_is_recorded_as_gone(limited: int) -> None:
+    before = requests_total(limited, "499")
+    with connect(limited) as sock:
+        sock.sendall(chat_request("half-closed"))
+        sock.shutdown(socket.SHUT_WR)  # the request is complete; the client sends nothing more
+        assert read_until_closed(sock) == b""  # gone, as behind nginx: nothing is sent
+    wait_for(lambda: requests_total(limited, "499") >= before + 1, 10, what="the 499 counted")
+    with connect(limited) as sock:  # the gateway is none the worse for it
+        status, _, body = request(sock, chat_request("after"))
+    assert status == 200 and body["object"] == "chat.completion"
 
 
 def test_100_headers_pass_and_101_get_431(limited: int) -> None:
