@@ -330,11 +330,7 @@ class Journal:
                     if not cv.wait(self.space_every):
                         break  # idle for a while: look at the disk (outside the lock)
                 if self._queue:
-                    if (
-                        self.delay > 0
-                        and (len(self._queue) > 1 or self._last_batch > 1)
-                        and not self._nobody_coming()
-                    ):
+                    if self.delay > 0 and (len(self._queue) > 1 or self._last_batch > 1):
                         # Others are appending too: give them until `delay` after the first
                         # arrival, or until no other record is on its way.
                         self._phase = _GATHER

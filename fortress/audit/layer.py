@@ -179,9 +179,7 @@ class AuditTrail:
         below its floor, a request the gateway refused before any replica saw it (this layer's
         503, a 401, a 429) is left unrecorded and counted, so a flood of refused requests cannot
         eat the reserve kept for the records of admitted ones."""
-        if ctx.unrecorded:
-            ctx.unrecorded = False
-            self.on_the_way -= 1
+        self.end(ctx)  # handed over: no longer on its way
         journal = self.journal
         if journal is None:
             raise JournalError("the audit layer is not started")

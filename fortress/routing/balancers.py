@@ -62,8 +62,15 @@ class Balancer(Protocol):
 class TieredBalancer:
     """The tier walk every strategy shares; subclasses implement ``choose``."""
 
-    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
+    def __init__(
+        self,
+        pool: PoolConfig,
+        routing: Routing,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rng = rng
+        self.clock = clock  # what strategies that remember recent traffic age it by
         self.fail_open = routing.when_all_unhealthy == "fail_open"
         self.panic = pool.outlier.panic_threshold / 100.0
 
@@ -145,18 +152,11 @@ class SessionAffinity(LeastOutstanding):
     they moved (their caches are there now).
     """
 
-    def __init__(
-        self,
-        pool: PoolConfig,
-        routing: Routing,
-        rng: random.Random,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
         super().__init__(pool, routing, rng)
         self.load_factor = pool.session.load_factor
         self.homes = SessionHomes(pool.session.ttl)
         self.active = HotPrefixes()  # (session hash, replica) → last request: sessions per replica
-        self.clock = clock
 
     def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
         key = view.session_key if view is not None else None
@@ -170,7 +170,6 @@ class SessionAffinity(LeastOutstanding):
         h = key_hash(key)
         now = self.clock()
         home = self.homes.get(h, now)
-        ranked = rank(h, candidates)
         chosen: Replica | None = None
         if home is not None:
             for r in candidates:
@@ -179,11 +178,12 @@ class SessionAffinity(LeastOutstanding):
                     break
         if chosen is not None:
             if chosen.in_flight + 1 > cap:  # a hot key: this request spills, the home stays
-                for r in ranked:
+                for r in rank(h, candidates):
                     if r.in_flight + 1 <= cap:
                         return r
             self.active.touch(h, chosen.name, now)
             return chosen
+        ranked = rank(h, candidates)
         self.active.expire(now)
         count = self.active.count
         sessions = 1  # this one
@@ -221,13 +221,7 @@ class PrefixAware(LeastOutstanding):
     by least outstanding.
     """
 
-    def __init__(
-        self,
-        pool: PoolConfig,
-        routing: Routing,
-        rng: random.Random,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, pool: PoolConfig, routing: Routing, rng: random.Random) -> None:
         super().__init__(pool, routing, rng)
         cfg = pool.prefix
         self.block_chars = cfg.block_chars
@@ -236,7 +230,6 @@ class PrefixAware(LeastOutstanding):
         self.min_match = cfg.min_match
         self.table = PrefixTable(cfg.entries)
         self.hot = HotPrefixes()
-        self.clock = clock
 
     def choose(self, candidates: list[Replica], view: RequestView | None) -> Replica:
         if view is None:
