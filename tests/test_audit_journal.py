@@ -80,9 +80,10 @@ async def test_lone_append_does_not_wait_for_company(tmp_path: Path) -> None:
 async def test_group_commit_stops_waiting_when_nobody_else_is_coming(tmp_path: Path) -> None:
     # A group-commit delay of an hour, and appends that would wait for company (a batch of
     # several came before): they commit as soon as no other record is on its way.
-    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=3_600_000)
     on_the_way = [0]
-    j.on_the_way = lambda: on_the_way[0]
+    j = Journal(
+        tmp_path / "j", "gw-test", SECRET, group_commit_ms=3_600_000, on_the_way=lambda: on_the_way[0]
+    )
     j.open()
     try:
 
@@ -101,9 +102,8 @@ async def test_group_commit_stops_waiting_when_nobody_else_is_coming(tmp_path: P
 
 
 async def test_group_commit_waits_while_a_record_is_still_on_its_way(tmp_path: Path) -> None:
-    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=300)
     on_the_way = [0]
-    j.on_the_way = lambda: on_the_way[0]
+    j = Journal(tmp_path / "j", "gw-test", SECRET, group_commit_ms=300, on_the_way=lambda: on_the_way[0])
     j.open()
     try:
         await j.append(sample(0))

@@ -176,6 +176,7 @@ class Journal:
         min_free_bytes: int = 0,
         disk_usage: DiskUsage = statvfs_usage,
         space_every: float = 1.0,
+        on_the_way: Callable[[], int] | None = None,
     ) -> None:
         self.dir = Path(directory).expanduser()
         self.gateway_id = gateway_id
@@ -196,7 +197,7 @@ class Journal:
         # How many records are still on their way (requests begun, not yet appended); 0 ends a
         # group-commit wait at once: nobody else is coming, waiting would only add latency and
         # leave the CPU idle. None: always wait the full ``group_commit_ms``.
-        self.on_the_way: Callable[[], int] | None = None
+        self.on_the_way = on_the_way
         self.fsyncs = 0
         self.appended = 0
         self.head_seq = 0

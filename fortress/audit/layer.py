@@ -258,8 +258,8 @@ class AuditTrail:
             a.segment_bytes,
             min_free_bytes=a.min_free_bytes,
             disk_usage=self.disk_usage,
+            on_the_way=lambda: self.on_the_way,
         )
-        journal.on_the_way = lambda: self.on_the_way
         journal.open(floor)
         store.gateway_id = journal.gateway_id
         archive = None
