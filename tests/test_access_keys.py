@@ -100,6 +100,48 @@ async def test_cache_follows_creates_rotations_and_revocations(db_url: str) -> N
         await cache.stop()
 
 
+async def test_cache_remembers_digests_only_of_keys_that_matched(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's HMAC is computed once, not per request; unknown keys are never kept (a flood of
+    them cannot grow the table); a key that leaves the cache is forgotten in the clear too."""
+    store = KeyStore(migrate(db_url), SECRET)
+    cache = KeyCache(store, 10)
+    key, rec = store.create("a", "default", [])
+    other, _ = store.create("b", "default", [])
+    await cache.sync()
+    import fortress.access.keys as keys_module
+
+    calls = 0
+    real = keys_module.hmac.digest
+
+    def counting(*args: object) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keys_module.hmac, "digest", counting)
+    for _ in range(50):
+        assert cache.lookup(key.encode()) is not None
+    assert calls == 1
+    for i in range(100):
+        assert cache.lookup(b"fk_00000000_%032d" % i) is None
+    assert calls == 101 and set(cache._digests) == {key.encode()}
+    assert cache.lookup(other.encode()) is not None
+    await asyncio.to_thread(store.revoke, rec["id"])
+    assert await cache.sync()
+    assert key.encode() not in cache._digests
+    assert cache.lookup(key.encode()) is None
+    assert cache.lookup(other.encode()) is not None
+    monkeypatch.setattr(keys_module, "DIGESTS", 2)
+    keys = [store.create(f"k{i}", "default", [])[0].encode() for i in range(3)]
+    await cache.sync()
+    for k in keys:
+        assert cache.lookup(k) is not None
+    assert len(cache._digests) <= 2
+    assert all(cache.lookup(k) is not None for k in keys)
+
+
 async def test_cache_catches_rows_committed_out_of_order(db_url: str) -> None:
     """A write whose updated_at is older than what the cache has seen is still picked up."""
     store = KeyStore(migrate(db_url), SECRET)

@@ -555,6 +555,82 @@ async def test_counters_of_the_cap(caplog) -> None:
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")], caplog.text
 
 
+async def test_bodies_reach_the_app_whole_in_any_framing_and_100_continue() -> None:
+    """The cycle hands the body over as it comes: a 1 MiB chunked upload (past the read
+    back-pressure mark, so reading pauses and resumes), a sized one after ``Expect:
+    100-continue`` (the interim answer is sent when the app first reads), and keep-alive."""
+    got: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        size, parts = 0, 0
+        while True:
+            message = await receive()
+            assert message["type"] == "http.request"
+            size += len(message["body"])
+            parts += 1
+            if not message["more_body"]:
+                break
+        got.append(size)
+        body = b"%d" % size
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async with serving(app, ConnectionLimits(max_body_bytes=8 << 20)) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(256):
+            writer.write(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        status, _, body = response(
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK) + await reader.readexactly(7)
+        )
+        assert (status, body) == (200, 1 << 20)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        raw += await reader.readexactly(1)
+        assert response(raw)[0] == 200 and raw.endswith(b"5")
+        writer.close()
+    assert got == [1 << 20, 5]
+
+
+@pytest.mark.parametrize("failure", ["raises", "silent", "half"])
+async def test_an_app_that_fails_gets_an_openai_500_or_a_close(failure: str, caplog) -> None:
+    """What the application does wrong is logged; the client gets a 500 in OpenAI's format if
+    nothing was sent yet, else the connection is closed (never a half answer on keep-alive)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        if failure == "raises":
+            raise ValueError("boom")
+        if failure == "half":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]}
+            )
+            await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+
+    async with serving(app, ConnectionLimits()) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("GET", "/"))
+        raw = await asyncio.wait_for(reader.read(), SLACK)  # until the server closes
+        writer.close()
+    if failure == "half":
+        assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"12345")
+    else:
+        assert_openai_error(raw, 500, "internal_error")
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1, logged
+
+
 def test_the_default_cap_follows_the_open_file_limit() -> None:
     server = parse_config("server: {upstream_connections: 100, reserved_connections: 10}\n", env={}).server
     assert ConnectionLimits.from_config(server, nofile=20_000).max_connections == 20_000 - 100 - 10 - 256

@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 
 from fortress.audit.chain import GENESIS, seal
+from fortress.core.loops import running_loop
 from fortress.core.threads import name_os_thread
 
 log = logging.getLogger("fortress.audit.journal")
@@ -306,7 +307,7 @@ class Journal:
 
     async def append(self, record: dict[str, Any]) -> int:
         """Journal ``record`` (adds gateway_id, seq, prev_hash, hash); return its seq once synced."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         with self._cv:
             if self._closing or self._thread is None:

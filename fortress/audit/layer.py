@@ -26,6 +26,7 @@ from fortress.audit.sql import SqlSink
 from fortress.config import FortressConfig
 from fortress.core.context import RequestContext
 from fortress.core.errors import GatewayError
+from fortress.core.loops import running_loop
 from fortress.core.secret import load_secret
 from fortress.store.db import database_url, describe_error
 
@@ -192,7 +193,7 @@ class AuditTrail:
             # Nothing is answered that is not recorded: the request ends with this 503 instead
             # of its answer (or with an error event, a stream that has started), unrecorded.
             self.write_failures += 1
-            now = asyncio.get_running_loop().time()
+            now = running_loop().time()
             if now - self._failure_logged >= 60.0:
                 self._failure_logged = now
                 log.error("audit journal cannot write: %s; requests fail until it can", exc)

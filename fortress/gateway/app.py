@@ -30,6 +30,7 @@ from fortress.core.admin import admin_allowed
 from fortress.core.asgi import Handler, Receive, Scope, Send, respond_error, respond_json
 from fortress.core.context import RequestContext
 from fortress.core.layers import AccessLayer, AuditLayer, Capacity, Observer
+from fortress.core.loops import current_task, running_loop
 from fortress.gateway.admin import ReplicaAdmin
 from fortress.gateway.relay import Relay
 from fortress.gateway.websocket import WS_PATH, WebSocketEndpoint, WebSocketSettings
@@ -290,7 +291,7 @@ class Gateway:
     async def _relay(
         self, ctx: RequestContext, route: Route, body: bytes, receive: Receive, send: Send
     ) -> None:
-        task = asyncio.current_task()
+        task = current_task()
         # The gateway's own connections say when their client leaves (a callback); any other
         # server's receive() is watched by a task for http.disconnect.
         watch = getattr(getattr(receive, "__self__", None), "watch_disconnect", None)
@@ -298,7 +299,7 @@ class Gateway:
         if watch is not None and task is not None:
             watch(functools.partial(_client_left, ctx, task))
         else:
-            watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, ctx, task))
+            watcher = running_loop().create_task(self._watch_disconnect(receive, ctx, task))
         try:
             await self.relay.handle(ctx, route, body, send)
         except asyncio.CancelledError:

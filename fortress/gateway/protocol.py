@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import http
 import logging
 import re
@@ -49,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import httptools
-from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from fortress.config.server import Server
@@ -220,16 +219,89 @@ SERVER_BUSY = _answer(
 INVALID = _answer(400, "invalid_http", "The request is not valid HTTP/1.1.", "invalid_request_error")
 
 
-class _Cycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, but the response's head is written together with its
-    first body part: a whole non-streamed answer in one write (one system call, one TCP
-    segment) where uvicorn makes two. An application here always follows
-    ``http.response.start`` with a body part at once, so nothing waits on the head. Header
-    names and values are checked once per response (all names, then all values) rather than
-    twice per header."""
+class _Cycle:
+    """One request and its response on a connection: the ASGI ``receive`` and ``send`` the
+    application gets, and the task that runs it.
 
-    _head: bytes | None = None
-    _on_disconnect: Callable[[], None] | None = None
+    What uvicorn's ``RequestResponseCycle`` does, with less per request (measured: about half
+    of the server side's CPU per request with a trivial application): slots instead of a
+    dict, no ``asyncio.Event`` (``receive`` waits on a future only when the body is not there
+    yet, which for a small request it always is), one coroutine around the application
+    instead of two. And the response's head is written together with its first body part: a
+    whole non-streamed answer in one write (one system call, one TCP segment) where uvicorn
+    makes two. An application here always follows ``http.response.start`` with a body part at
+    once, so nothing waits on the head. Header names and values are checked once per response
+    (all names, then all values) rather than twice per header.
+    """
+
+    __slots__ = (
+        "_head",
+        "_on_disconnect",
+        "_waiter",
+        "body",
+        "body_size",
+        "chunked_encoding",
+        "delivered",
+        "disconnected",
+        "expected_content_length",
+        "flow",
+        "keep_alive",
+        "more_body",
+        "on_response",
+        "protocol",
+        "response_complete",
+        "response_started",
+        "scope",
+        "transport",
+        "waiting_for_100_continue",
+    )
+
+    def __init__(
+        self, protocol: GuardedProtocol, scope: Any, keep_alive: bool, expect_100_continue: bool
+    ) -> None:
+        self.scope = scope
+        self.protocol = protocol
+        self.transport: asyncio.Transport = protocol.transport
+        self.flow = protocol.flow
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        self.disconnected = False
+        # Request body: parts not yet handed to the application, and whether more will come.
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.more_body = True
+        self.delivered = False  # the last part of the body went to the application
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+        self.on_response: Callable[[], None] = protocol.on_response_complete
+        self._head: bytes | None = None
+        self._on_disconnect: Callable[[], None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- the protocol's side ---------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """A part of the request body arrived."""
+        self.body.append(data)
+        self.body_size += len(data)
+        if self.body_size > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        self.wake()
+
+    def finish(self) -> None:
+        """The request body is complete."""
+        self.more_body = False
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake a ``receive`` waiting for the body (or for the end)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Call ``callback`` (once, from the protocol's callback) if the client goes away before
@@ -243,11 +315,76 @@ class _Cycle(RequestResponseCycle):
     def disconnect(self) -> None:
         """The client is gone (or must be treated so): no more writes, the application told."""
         self.disconnected = True
-        self.message_event.set()
+        self.wake()
         callback = self._on_disconnect
         if callback is not None:
             self._on_disconnect = None
             callback()
+
+    # -- the application's side ------------------------------------------------------------
+
+    async def run(self, app: Any) -> None:
+        """Run ``app`` for this request. A failure is logged and answered 500 if nothing was
+        sent yet (else the connection is closed); a ``CancelledError`` the application raises
+        itself because the client is gone (not a cancellation of its task) ends the request
+        quietly instead of as a logged traceback."""
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and self.disconnected:
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    return
+            log.error("Exception in ASGI application", exc_info=exc)
+            if not self.response_started:
+                await self._send_500()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                log.error("ASGI callable should return None, but returned %r.", result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                log.error("ASGI callable returned without starting response.")
+                await self._send_500()
+            elif not self.response_complete and not self.disconnected:
+                log.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
+
+    async def _send_500(self) -> None:
+        body = error_body("The gateway failed on this request.", "server_error", "internal_error")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+        ]
+        await self.send({"type": "http.response.start", "status": 500, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def receive(self) -> Any:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.body and (self.more_body or self.delivered):
+            # Nothing to hand over yet (or all of it was): wait for more, the end, or the client
+            # leaving, as uvicorn does.
+            if not self.disconnected and not self.response_complete:
+                self.flow.resume_reading()
+                waiter = self._waiter = self.protocol.loop.create_future()
+                await waiter
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.body = []
+        if self.body_size > HIGH_WATER_LIMIT:
+            self.flow.resume_reading()
+        self.body_size = 0
+        if not self.more_body:
+            self.delivered = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     def write_chunk(self, data: bytes) -> bool:
         """Write ``data`` as one part of a started chunked response at once, from a callback
@@ -306,19 +443,21 @@ class _Cycle(RequestResponseCycle):
             if self.expected_content_length != 0:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
-            self.message_event.set()
+            self.wake()
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
 
     def _build_head(self, status: int, extra: Any) -> bytes:
-        headers = [*self.default_headers, *extra]
+        protocol = self.protocol
+        defaults = protocol.server_state.default_headers
+        headers = [*defaults, *extra] if defaults else list(extra)
         if _BAD_NAME.search(b"".join(n for n, _ in headers)) or _BAD_VALUE.search(
             b"".join(v for _, v in headers)
         ):
             raise RuntimeError("Invalid HTTP header name or value.")
-        if self.access_log:
-            self.access_logger.info(
+        if protocol.access_log:
+            protocol.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d',
                 get_client_addr(self.scope),
                 self.scope["method"],
@@ -402,10 +541,18 @@ class GuardedProtocol(HttpToolsProtocol):
         self.counters.open -= 1
         self._phase = _DONE
         self._cancel_timers()
+        # uvicorn's connection_lost, for this protocol's cycle.
+        self.connections.discard(self)
+        self.flow.resume_writing()
+        if exc is None:
+            self._unset_keepalive_if_required()  # cancels the keep-alive timer, closes
+        self.parser = None  # type: ignore[assignment]
         cycle = self.cycle
-        super().connection_lost(exc)
-        if isinstance(cycle, _Cycle) and cycle.disconnected:
-            cycle.disconnect()
+        if cycle is not None:
+            if not cycle.response_complete:
+                cycle.disconnect()
+            else:
+                cycle.wake()
 
     def _should_upgrade_to_ws(self) -> bool:
         if self.ws_protocol_class is None:
@@ -538,17 +685,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self.logger.warning("Exceeded concurrency limit.")
         existing = self.cycle
         self.cycle = _Cycle(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
-            on_response=self.on_response_complete,
+            self, scope, http_version != "1.0" and parser.should_keep_alive(), self.expect_100_continue
         )
         if existing is None or existing.response_complete:
             self._start_asgi_task(self.cycle, app)
@@ -558,14 +695,20 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        super().on_body(body)
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return  # an upgrade has no cycle
+        cycle.feed(body)
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        super().on_message_complete()
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return  # an upgrade has no cycle
+        cycle.finish()
 
     def on_response_complete(self) -> None:
         if self._phase == _BODY and not self.transport.is_closing():
@@ -684,11 +827,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             transport.close()  # an answer now would land inside that response
             return
-        if isinstance(cycle, _Cycle) and not cycle.response_complete:
+        if cycle is not None and not cycle.response_complete:
             cycle.disconnect()  # the application may no longer write
-        elif cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
-            cycle.message_event.set()
         transport.write(answer)
         self.flow.resume_reading()  # keep draining the input while lingering
         self._linger_close()
@@ -705,21 +845,14 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # -- the application -------------------------------------------------------------------
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        super()._start_asgi_task(cycle, functools.partial(_quiet_on_disconnect, app, cycle))
+    def _start_asgi_task(self, cycle: _Cycle, app: Any) -> None:  # type: ignore[override]
+        task = self.loop.create_task(cycle.run(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
 
-async def _quiet_on_disconnect(
-    app: Any, cycle: RequestResponseCycle, scope: Any, receive: Any, send: Any
-) -> None:
-    """Run ``app``; a ``CancelledError`` it raises itself because the client is gone (not a
-    cancellation of its task) ends the request quietly instead of as a logged traceback."""
-    try:
-        await app(scope, receive, send)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not cycle.disconnected or (task is not None and task.cancelling()):
-            raise
+def _nothing() -> None:
+    pass
 
 
 def guarded_protocol(limits: ConnectionLimits, stats: ConnectionStats | None = None) -> type[GuardedProtocol]:

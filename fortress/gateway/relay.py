@@ -22,6 +22,7 @@ from fortress.config import FortressConfig
 from fortress.core import errors
 from fortress.core.context import RequestContext
 from fortress.core.layers import Capacity
+from fortress.core.loops import current_task, running_loop
 from fortress.gateway.conform import fix_chat_completion, openai_error
 from fortress.gateway.continuation import Continuation
 from fortress.gateway.deadlines import Deadlines
@@ -298,7 +299,7 @@ class Relay:
             if reason is None or reason == "client_disconnect":
                 raise
             # One of our timeouts fired: this task's cancel was ours, so take it back.
-            task = asyncio.current_task()
+            task = current_task()
             if task is not None:
                 task.uncancel()
             err = errors.upstream_timeout(
@@ -420,7 +421,7 @@ class Relay:
         awaiting, through the ASGI ``send`` as before: the event with [DONE] (after the
         request's record is committed), a client that stopped reading (uvicorn's drain), a
         client gone. Returns at the end of the replica's answer; raises its error."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         try:
             while True:
                 fut: asyncio.Future[object] = loop.create_future()

@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from fortress.core.loops import running_loop
+
 HIGH_WATER = 256 * 1024  # bytes of an answer buffered before reading from the replica pauses
 _SWEEP_EVERY = 10.0
 
@@ -200,7 +202,7 @@ class Response:
             conn.abandon()
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         self._waiter = waiter = loop.create_future()
         try:
             await waiter
@@ -502,7 +504,7 @@ class UpstreamPool:
         if origin is None:
             origin = self._origins[url] = _Origin(url)
         key = (origin.host, origin.port, origin.ssl)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         conn = None if fresh else self._take(key, loop.time())
         if conn is None:
             conn = await self._acquire(origin, key, loop, fresh)
@@ -615,7 +617,7 @@ class UpstreamPool:
         if self._closed:
             conn._drop()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = running_loop().time()
         conn.idle = True
         self._idle.setdefault(conn.key, deque()).append(conn)
         if self._slots:
@@ -643,7 +645,7 @@ class UpstreamPool:
         self._sweeper = None
         if self._closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         now = loop.time()
         for idle in self._idle.values():
             while idle and now - idle[0].idle_since > self.keepalive_timeout:

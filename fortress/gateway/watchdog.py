@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fortress.core.context import RequestContext
+from fortress.core.loops import current_task, running_loop
 from fortress.gateway.deadlines import Deadline, Deadlines
 
 
@@ -21,8 +20,8 @@ class Watchdog:
 
     def __init__(self, ctx: RequestContext, total: float, deadlines: Deadlines) -> None:
         self.deadlines = deadlines
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
+        self.loop = running_loop()
+        self.task = current_task()
         self.ctx = ctx
         now = self.loop.time()
         self.deadline = now + total

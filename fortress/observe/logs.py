@@ -33,6 +33,7 @@ import orjson
 
 from fortress.config import AccessLog as AccessLogConfig
 from fortress.core.context import RequestContext
+from fortress.core.loops import running_loop
 
 LOGGER = "fortress.access_log"
 SERVICE = "fortress"
@@ -301,7 +302,7 @@ class AccessLog:
             self.write_pending()
             return
         try:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
         except RuntimeError:  # not on an event loop: write at once
             self.write_pending()
             return
