@@ -69,3 +69,25 @@ async def test_start_failure_stops_the_parts_already_started(tmp_path: Path) -> 
         await runtime.audit.record(ctx)
     assert (failed.value.status, failed.value.code) == (503, "audit_journal_unavailable")
     assert runtime._running == []
+
+
+def test_the_collector_leaves_startup_objects_and_requests_alone() -> None:
+    """After start: what start built is frozen out of collections, and the youngest generation
+    is collected every GC_YOUNG net allocations rather than Python's 700."""
+    import gc
+
+    from fortress.runtime import GC_YOUNG
+
+    threshold = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *threshold[1:])
+        Runtime._freeze()
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (GC_YOUNG, *threshold[1:]) and GC_YOUNG > 700
+        before = gc.get_stats()[0]["collections"]
+        junk = [[i] for i in range(GC_YOUNG // 2)]  # growth below the threshold: no collection
+        assert gc.get_stats()[0]["collections"] == before
+        del junk
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
