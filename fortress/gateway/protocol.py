@@ -64,6 +64,9 @@ log = logging.getLogger("fortress.gateway.protocol")
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
+# Response headers that change how the response is framed or the connection ends.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
 # Paths served on connections past max_connections: what operators and orchestrators need to
 # see and fix an overloaded gateway.
 OPERATIONAL_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -451,9 +454,9 @@ class _Cycle:
     def _build_head(self, status: int, extra: Any) -> bytes:
         protocol = self.protocol
         defaults = protocol.server_state.default_headers
-        headers = [*defaults, *extra] if defaults else list(extra)
-        if _BAD_NAME.search(b"".join(n for n, _ in headers)) or _BAD_VALUE.search(
-            b"".join(v for _, v in headers)
+        headers = [*defaults, *extra] if defaults else extra
+        if _BAD_NAME.search(b"".join([n for n, _ in headers])) or _BAD_VALUE.search(
+            b"".join([v for _, v in headers])
         ):
             raise RuntimeError("Invalid HTTP header name or value.")
         if protocol.access_log:
@@ -469,15 +472,18 @@ class _Cycle:
         closing = False
         for name, value in headers:
             name = name.lower()
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value)
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
-                self.keep_alive = False
-                closing = True
+            if name in _FRAMING:  # one set lookup for the other headers
+                if name == b"content-length":
+                    if self.chunked_encoding is None:
+                        self.expected_content_length = int(value)
+                        self.chunked_encoding = False
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.expected_content_length = 0
+                        self.chunked_encoding = True
+                elif b"close" in [t.strip() for t in value.lower().split(b",")]:  # connection
+                    self.keep_alive = False
+                    closing = True
             content += (name, b": ", value, b"\r\n")
         if not self.keep_alive and not closing:
             content.append(b"connection: close\r\n")

@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fortress.core.context import RequestContext
 from fortress.observe.alarms import slot_down
+from fortress.observe.series import CounterFamily, Families, HistogramFamily
 from fortress.observe.shared import WorkerMetrics
 from fortress.observe.system import GpuProbe, host_memory
 from fortress.observe.window import RecentTraffic
@@ -121,63 +122,70 @@ class RequestMetrics:
 
     def __init__(self, registry: CollectorRegistry, recent: RecentTraffic | None = None) -> None:
         self.recent = recent
-        self.requests = Counter(
+        self.requests = CounterFamily(
             "fortress_requests",
             "Completion requests answered, by model, HTTP status and outcome.",
             ["model", "status", "outcome"],
-            registry=registry,
         )
-        self.latency = Histogram(
+        self.latency = HistogramFamily(
             "fortress_request_duration_seconds",
             "Time from a request's arrival to the end of its answer.",
             ["model"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.ttft = Histogram(
+        self.ttft = HistogramFamily(
             "fortress_time_to_first_token_seconds",
             "Streams: time from arrival to the first event sent to the client.",
             ["model"],
             buckets=TTFT_BUCKETS,
-            registry=registry,
         )
-        self.itl = Histogram(
+        self.itl = HistogramFamily(
             "fortress_inter_token_latency_seconds",
             "Streams: mean gap between output tokens, (duration - TTFT) / (tokens - 1).",
             ["model"],
             buckets=ITL_BUCKETS,
-            registry=registry,
         )
-        self.tokens = Counter(
+        self.tokens = CounterFamily(
             "fortress_tokens",
             "Tokens by model and direction (in: prompt, out: completion), from usage.",
             ["model", "direction"],
-            registry=registry,
         )
-        self.retries = Counter(
+        self.retries = CounterFamily(
             "fortress_retries",
             "Extra attempts on another replica after a failure before the first byte.",
             ["model"],
-            registry=registry,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = CounterFamily(
             "fortress_rate_limited",
             "Requests refused with 429 by the usage plan.",
             ["model"],
-            registry=registry,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = CounterFamily(
             "fortress_upstream_errors",
             "Requests that failed because of the replicas, by kind.",
             ["kind"],
-            registry=registry,
         )
-        self.overhead = Histogram(
+        self.overhead = HistogramFamily(
             "fortress_gateway_overhead_seconds",
             "Time spent in the gateway itself (before the upstream call and preparing the answer).",
             buckets=OVERHEAD_BUCKETS,
-            registry=registry,
         )
+        # Plain numbers on the request path, read by the registry at scrape time (series.py).
+        self.families = Families(
+            [
+                self.requests,
+                self.latency,
+                self.ttft,
+                self.itl,
+                self.tokens,
+                self.retries,
+                self.rate_limited,
+                self.upstream_errors,
+                self.overhead,
+            ]
+        )
+        registry.register(self.families)
+        self._overhead = self.overhead.labels()
         self._bound: dict[tuple[str | None, int], _Bound] = {}
         self._errors: dict[str, Any] = {}
 
@@ -215,7 +223,7 @@ class RequestMetrics:
         if status >= 400:
             self._failed(b, status, ctx.error)
         if ctx.overhead:
-            self.overhead.observe(ctx.overhead)
+            self._overhead.observe(ctx.overhead)
         if self.recent is not None:
             self.recent.add(now, status, latency, ttft, tin, tout)
 
@@ -507,20 +515,7 @@ class GatewayMetrics:
         """Publish this worker's summed series for the other workers (no-op without workers)."""
         if self.workers is None:
             return
-        r = self.requests
-        own: list[Metric] = []
-        for c in (
-            r.requests,
-            r.latency,
-            r.ttft,
-            r.itl,
-            r.tokens,
-            r.retries,
-            r.rate_limited,
-            r.upstream_errors,
-        ):
-            own.extend(c.collect())
-        own.extend(r.overhead.collect())
+        own: list[Metric] = list(self.requests.families.collect())
         own.extend(self.process.collect())
         own.extend(self.state.families(machine=False))
         self.workers.publish(own)
