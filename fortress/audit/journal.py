@@ -309,6 +309,11 @@ class Journal:
 
     async def append(self, record: dict[str, Any]) -> int:
         """Journal ``record`` (adds gateway_id, seq, prev_hash, hash); return its seq once synced."""
+        return await self.submit(record)
+
+    def submit(self, record: dict[str, Any]) -> asyncio.Future[int]:
+        """``append`` without the coroutine: queue ``record`` and return the future of its seq,
+        resolved once it is synced (``JournalError`` at once when the journal is closed)."""
         loop = running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         with self._lock:
@@ -321,7 +326,7 @@ class Journal:
                 self._phase == _GATHER and (len(self._queue) >= self.max_batch or self._nobody_coming())
             ):
                 self._cv.notify()
-        return await fut
+        return fut
 
     def _run(self) -> None:
         name_os_thread()  # `top -H` shows it by name

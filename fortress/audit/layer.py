@@ -188,7 +188,7 @@ class AuditTrail:
             self.unrecorded += 1
             return
         try:
-            await journal.append(self.builder.build(ctx))
+            await journal.submit(self.builder.build(ctx))
         except JournalError as exc:
             # Nothing is answered that is not recorded: the request ends with this 503 instead
             # of its answer (or with an error event, a stream that has started), unrecorded.

@@ -151,7 +151,11 @@ class Gateway:
         # HTTP, and the WebSocket endpoint (the protocol upgrades only its path); the runtime
         # starts and stops every part (uvicorn runs with lifespan off).
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            path = scope["path"]
+            if path in API_PATHS and scope["method"] == "POST":  # the hot path, one call shorter
+                await self.completion(scope, receive, send, path)
+            else:
+                await self._http(scope, receive, send)
         elif scope["type"] == "websocket" and scope["path"] == WS_PATH:
             await self.websocket(scope, receive, send)
 

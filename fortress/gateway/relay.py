@@ -269,7 +269,7 @@ class Relay:
                 if ctx.stream and status == 200:
                     await self._relay_stream(ctx, replica, want, resp, send, wd, cont)
                 else:
-                    data = await resp.read()
+                    data = resp.body() if resp.complete else await resp.read()
                     ctx.ttfb = perf_counter() - ctx.t0
                     ctx.status = status
                     ctype = resp.header("content-type", "application/json") or "application/json"
@@ -286,7 +286,9 @@ class Relay:
                     ctx.overhead += perf_counter() - t_out
                     hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
                     ctx.bytes_out = len(data)
-                    await self._finish(ctx)
+                    if self.finish is not None and not ctx.finished:  # _finish, inlined here
+                        ctx.finished = True
+                        await self.finish(ctx)
                     ctx.responded = True
                     await send({"type": "http.response.start", "status": status, "headers": hdrs})
                     await send({"type": "http.response.body", "body": data, "more_body": False})

@@ -155,6 +155,10 @@ class Response:
             await self._wait()
         if self._error is not None and not self._done:
             raise self._error
+        return self.body()
+
+    def body(self) -> bytes:
+        """The whole body of a ``complete`` answer (``read`` without the coroutine)."""
         data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
         self._chunks = []
         self._buffered = 0
