@@ -603,6 +603,42 @@ async def test_bodies_reach_the_app_whole_in_any_framing_and_100_continue() -> N
     assert got == [1 << 20, 5]
 
 
+async def test_whole_body_and_respond_without_messages() -> None:
+    """The connection's shortcuts the gateway uses on its hot path: a body that is all there is
+    handed over at once (not twice, not while a 100-continue is owed), and a whole response is
+    written in one go, after which the connection serves the next request."""
+    seen: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        cycle = receive.__self__
+        body = cycle.whole_body()
+        seen.append(body)
+        if body is None:  # owed a 100-continue: read it the ASGI way
+            body = (await receive())["body"]
+        else:
+            assert cycle.whole_body() is None  # handed over once
+        assert cycle.respond(
+            200, [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))], body
+        )
+        assert not cycle.respond(200, [], b"")  # a response has started: use send()
+
+    async with serving(app, ConnectionLimits()) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        assert raw.startswith(b"HTTP/1.1 200") and b"content-length: 5" in raw
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n")
+        assert (
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b"abc")
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        assert raw.startswith(b"HTTP/1.1 200") and await reader.readexactly(3) == b"abc"
+        writer.close()
+    assert seen == [b"hello", None]
+
+
 @pytest.mark.parametrize("failure", ["raises", "silent", "half"])
 async def test_an_app_that_fails_gets_an_openai_500_or_a_close(failure: str, caplog) -> None:
     """What the application does wrong is logged; the client gets a 500 in OpenAI's format if

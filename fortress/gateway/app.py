@@ -242,7 +242,13 @@ class Gateway:
             except errors.GatewayError as err:
                 await self.relay.send_error(send, ctx, err)
                 return
-            raw = await self._read_body(receive, scope)
+            # The gateway's own connections hand a body that is all there over without a message.
+            whole = getattr(getattr(receive, "__self__", None), "whole_body", None)
+            raw = whole() if whole is not None else None
+            if raw is None:
+                raw = await self._read_body(receive, scope)
+            elif len(raw) > self.max_body:  # a chunked body past the limit (a sized one: above)
+                raw = None
             if raw is None:
                 await self.relay.send_error(send, ctx, errors.too_large(self.max_body))
                 return

@@ -422,8 +422,43 @@ class _Cycle:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
         if kind != "http.response.body":
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
+        self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    def respond(self, status: int, headers: Any, body: bytes) -> bool:
+        """A whole response at once, without the two ``send`` coroutines and their messages:
+        what ``http.response.start`` then a last ``http.response.body`` would do. False, and
+        nothing written, when it must go through ``send()``: the client stopped reading
+        (``send`` waits for it) or a response has started."""
+        if self.flow.write_paused or self.response_started:
+            return False
+        if not self.disconnected:  # else, like send(): nothing to write to
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            self._head = self._build_head(status, headers)
+            self._write_body(body, False)
+        return True
+
+    def whole_body(self) -> bytes | None:
+        """The request's whole body when all of it has arrived and none of it was handed over
+        (``receive`` without the coroutine and its message); None otherwise: use ``receive``."""
+        if (
+            self.more_body
+            or self.delivered
+            or self.disconnected
+            or self.response_complete
+            or self.waiting_for_100_continue
+        ):
+            return None
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.body = []
+        if self.body_size > HIGH_WATER_LIMIT:
+            self.flow.resume_reading()
+        self.body_size = 0
+        self.delivered = True
+        return body
+
+    def _write_body(self, body: bytes, more: bool) -> None:
         if self.scope["method"] == "HEAD":
             self.expected_content_length = 0
             data = b""

@@ -290,8 +290,10 @@ class Relay:
                         ctx.finished = True
                         await self.finish(ctx)
                     ctx.responded = True
-                    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    respond = getattr(getattr(send, "__self__", None), "respond", None)
+                    if respond is None or not respond(status, hdrs, data):
+                        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+                        await send({"type": "http.response.body", "body": data, "more_body": False})
                 if ctx.status < 500:  # not a stream the replica cut short
                     self.outlier.success(replica)
         except _Retry:
