@@ -251,7 +251,8 @@ class Relay:
                                 f"Replica {replica.name} does not serve {want!r}: {_snippet(text, 120)}"
                             )
                         )
-                wd.expect(self.config.timeouts.idle, "idle")
+                if not resp.complete:  # more to come: from now on, silences are what is timed
+                    wd.expect(self.config.timeouts.idle, "idle")
                 if cont is not None and cont.resuming and status != 200:
                     # The replica would not continue (an engine without continue_final_message
                     # answers 400): the client's stream ends as it would have without it.
