@@ -207,6 +207,36 @@ def test_postgres_and_sqlite_store_the_same_values(tmp_path: Path, postgres_url:
         assert {k: row._mapping[k] for k in rec} == rec
 
 
+def test_records_of_every_shape_in_one_batch_are_stored_as_they_are(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The sink inserts a batch per shape (which optional columns are None): a batch mixing
+    all of them, interleaved in seq order, reads back value for value, NULLs where None."""
+    import itertools
+
+    from fortress.audit.sql import OPTIONAL
+
+    g = gid()
+    recs = []
+    for seq, nones in enumerate(itertools.product((False, True), repeat=len(OPTIONAL)), start=1):
+        rec = {**sample(seq), "gateway_id": g, "seq": seq, "prev_hash": "0" * 64, "hash": f"{seq:064x}"}
+        rec["body"] = {"messages": seq}
+        rec.update({c: None for c, none in zip(OPTIONAL, nones, strict=True) if none})
+        recs.append(rec)
+    recs[7]["model"] = None  # a column outside OPTIONAL left None: bound as NULL all the same
+    for url in (sqlite_url(tmp_path / "shapes.db"), postgres_url):
+        store = SqlSink(url, g)
+        store.write(recs)
+        t = tables.audit_records
+        with store.connect().connect() as conn:
+            rows = conn.execute(select(t).where(t.c.gateway_id == g).order_by(t.c.seq)).all()
+        assert len(rows) == len(recs) == 2 ** len(OPTIONAL)
+        by_seq = {r["seq"]: r for r in recs}
+        for row in rows:
+            assert {k: row._mapping[k] for k in by_seq[row.seq]} == by_seq[row.seq]
+        assert store.offset() == max(by_seq)
+
+
 async def test_ship_interval_gathers_trickling_records_into_few_transactions(tmp_path: Path) -> None:
     """Records committed one by one for ~1 s go to the store in about 1 s / interval transactions,
     and stop() still ships the last ones at once."""
