@@ -388,3 +388,30 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path: Path) -> None:
 
 def await_append(j: Journal) -> int:
     return asyncio.run(j.append(sample(-1)))
+
+
+async def test_a_waiting_writer_is_woken_once_not_by_every_record(tmp_path: Path) -> None:
+    """Records that arrive before the woken writer thread runs do not signal it again (each
+    signal was a Python-level Condition.notify on the request path)."""
+    import threading
+
+    from fortress.audit import journal as journal_module
+
+    j = Journal(tmp_path / "j", "gw-test", SECRET)
+    signals = 0
+
+    class Counting:
+        def notify(self) -> None:
+            nonlocal signals
+            signals += 1
+
+    j._cv = Counting()  # type: ignore[assignment]
+    j._thread = threading.current_thread()  # stands in for a started writer that has not run yet
+    j._phase = journal_module._IDLE
+    futures = [j.submit(sample(i)) for i in range(5)]
+    assert signals == 1 and j._phase == journal_module._WOKEN and len(j._queue) == 5
+    j._phase = journal_module._BUSY  # writing: records queue up without a signal
+    futures.append(j.submit(sample(5)))
+    assert signals == 1
+    for f in futures:
+        f.cancel()

@@ -53,7 +53,9 @@ from fortress.core.threads import name_os_thread
 
 log = logging.getLogger("fortress.audit.journal")
 
-_IDLE, _GATHER, _BUSY = 0, 1, 2
+# The writer thread: waiting for records, woken (a record came while it waited: told once,
+# not by every record until it runs), gathering a batch, writing one.
+_IDLE, _WOKEN, _GATHER, _BUSY = 0, 1, 2, 3
 _READ_CHUNK = 1 << 20
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[int]", asyncio.AbstractEventLoop]
@@ -322,9 +324,11 @@ class Journal:
             if not self._queue:
                 self._since = time.monotonic()
             self._queue.append((record, fut, loop))
-            if self._phase == _IDLE or (
-                self._phase == _GATHER and (len(self._queue) >= self.max_batch or self._nobody_coming())
-            ):
+            phase = self._phase
+            if phase == _IDLE:
+                self._phase = _WOKEN
+                self._cv.notify()
+            elif phase == _GATHER and (len(self._queue) >= self.max_batch or self._nobody_coming()):
                 self._cv.notify()
         return fut
 
