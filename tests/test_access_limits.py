@@ -460,3 +460,35 @@ async def test_redis_restart_and_script_flush_are_survived(tmp_path: Any) -> Non
     finally:
         await limiter.stop()
         server.stop()
+
+
+def test_admission_without_a_coroutine_only_where_no_io_is_needed(tmp_path: Any, redis_url: str) -> None:
+    """The memory backend admits in ``admit_now`` (a ticket, rate-limit headers, a 429 past the
+    burst); the Redis backend declines it (the gateway awaits ``admit`` instead)."""
+    from fortress.access.keys import Identity
+    from fortress.access.layer import AccessControl
+    from fortress.config import parse_config
+    from fortress.core.context import RequestContext
+    from fortress.core.errors import GatewayError
+
+    text = (
+        f"state_dir: {tmp_path}\npools: [{{model: m, replicas: [{{url: 'http://127.0.0.1:9'}}]}}]\n"
+        "plans: {p: {rate: 1, burst: 2}}\nlimits: {backend: %s, redis_url: '%s'}\n"
+    )
+
+    def ctx() -> RequestContext:
+        c = RequestContext("req-1", "/v1/chat/completions", time.perf_counter(), None)
+        c.identity = Identity("key_1", "k", "p", frozenset(), "fk_1")
+        return c
+
+    memory = AccessControl(parse_config(text % ("memory", redis_url), env={}))
+    first = ctx()
+    assert memory.admit_now(first) and first.ticket is not None
+    assert (b"x-ratelimit-limit-requests", b"2") in first.extra_headers
+    assert memory.admit_now(ctx())
+    with pytest.raises(GatewayError) as refused:
+        memory.admit_now(ctx())
+    assert refused.value.status == 429
+    redis = AccessControl(parse_config(text % ("redis", redis_url), env={}))
+    declined = ctx()
+    assert not redis.admit_now(declined) and declined.ticket is None and not declined.extra_headers

@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from fortress.access import admin
 from fortress.access.keys import KeyCache, KeyStore
-from fortress.access.limits import Limiter, MemoryLimiter
+from fortress.access.limits import Decision, Limiter, MemoryLimiter
 from fortress.access.plans import Plan
 from fortress.config import FortressConfig, UsagePlan
 from fortress.core.context import RequestContext
@@ -57,6 +57,14 @@ def _invalid_key(key: bytes) -> GatewayError:
         "invalid_api_key",
         headers=_WWW_AUTH,
     )
+
+
+def _reservation(ctx: RequestContext, plan: Plan) -> tuple[int, int]:
+    """Input and output tokens a request reserves under ``plan`` until its usage is known."""
+    out = ctx.max_tokens if ctx.max_tokens is not None else plan.default_max_tokens
+    reserve_out = out if plan.limits_output else 0
+    reserve_in = ctx.bytes_in // 4 if plan.limits_input else 0  # ~4 bytes per token
+    return reserve_in, reserve_out
 
 
 def _store_unavailable() -> GatewayError:
@@ -146,13 +154,21 @@ class AccessControl:
                 "plan_not_found",
             )
 
+    def admit_now(self, ctx: RequestContext) -> bool:
+        if self._admit_now is None:
+            return False
+        record = ctx.identity
+        assert record is not None
+        plan = self.plans[record.plan]
+        reserve_in, reserve_out = _reservation(ctx, plan)
+        self._apply(ctx, self._admit_now(record.key_id, plan, reserve_in, reserve_out))
+        return True
+
     async def admit(self, ctx: RequestContext) -> None:
         record = ctx.identity
         assert record is not None
         plan = self.plans[record.plan]
-        out = ctx.max_tokens if ctx.max_tokens is not None else plan.default_max_tokens
-        reserve_out = out if plan.limits_output else 0
-        reserve_in = ctx.bytes_in // 4 if plan.limits_input else 0  # ~4 bytes per token
+        reserve_in, reserve_out = _reservation(ctx, plan)
         if self._admit_now is not None:
             decision = self._admit_now(record.key_id, plan, reserve_in, reserve_out)
         else:
@@ -166,6 +182,10 @@ class AccessControl:
                     "limiter_unavailable",
                     headers=[(b"retry-after", b"1")],
                 ) from None
+        self._apply(ctx, decision)
+
+    @staticmethod
+    def _apply(ctx: RequestContext, decision: Decision) -> None:
         if decision.ticket is None:
             raise GatewayError(
                 429, decision.message(), decision.kind(), "rate_limit_exceeded", headers=decision.headers()

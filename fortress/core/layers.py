@@ -34,6 +34,10 @@ class AccessLayer(Protocol):
         """Apply the usage plan: set ``ctx.ticket`` (and rate-limit headers in
         ``ctx.extra_headers``), or raise a 429 ``GatewayError`` with ``Retry-After``."""
 
+    def admit_now(self, ctx: RequestContext) -> bool:
+        """``admit`` without a coroutine when the limiter needs no I/O (True: done, or raised);
+        False: nothing was done, await ``admit``."""
+
     def release(self, ctx: RequestContext) -> None:
         """The request ended: settle reserved tokens with ``ctx.usage``; free its concurrency
         slot. Must not block (schedule any I/O)."""

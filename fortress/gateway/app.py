@@ -262,7 +262,8 @@ class Gateway:
                 body = self.relay.upstream_body(ctx, route, raw)
                 if access is not None:
                     access.authorize(ctx, route.name)
-                    await access.admit(ctx)
+                    if not access.admit_now(ctx):
+                        await access.admit(ctx)
             except errors.GatewayError as err:
                 await self.relay.send_error(send, ctx, err)
                 return
