@@ -38,18 +38,21 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps({k: v for k, v in record.items() if k != "hash"}, option=_SORT)
 
 
-_KEYED: dict[bytes, hmac.HMAC] = {}
+_KEYED: dict[bytes, Any] = {}
 
 
 def _hmac_hex(secret: bytes, data: bytes) -> str:
     """HMAC-SHA-256 of ``data``, hex, from a copy of an HMAC already keyed with ``secret``: a
     one-shot ``hmac.digest`` looks the digest up by name and derives the keyed pads again for
-    every record, which costs more than hashing the record itself."""
+    every record, which costs more than hashing the record itself. The copy is of OpenSSL's
+    HMAC object itself where ``hmac`` has one (its ``copy``, ``update`` and ``hexdigest`` are
+    then C calls rather than three Python methods around them)."""
     base = _KEYED.get(secret)
     if base is None:
         if len(_KEYED) >= 16:
             _KEYED.clear()  # a gateway has one secret; tests and tools a few
-        base = _KEYED[secret] = hmac.new(secret, digestmod=hashlib.sha256)
+        keyed = hmac.new(secret, digestmod=hashlib.sha256)
+        base = _KEYED[secret] = getattr(keyed, "_hmac", None) or keyed
     h = base.copy()
     h.update(data)
     return h.hexdigest()
