@@ -181,13 +181,14 @@ def test_observer_series_are_exact_and_bounded() -> None:
     observe(make_ctx(429, t0=t - 0.001, attempts=0, error="Rate limit"))
     observe(make_ctx(404, model=None, t0=t - 0.001, attempts=0, error="The model 'x' does not exist"))
     observe(make_ctx(200, usage={"prompt_tokens": "many"}, t0=t - 1))  # odd usage: ignored
+    observe(make_ctx(200, usage={"prompt_tokens": -50, "completion_tokens": 3}, t0=t - 1))  # ignored too
     s = samples(obs.metrics.render())
-    assert value(s, "fortress_requests_total", model="m", status="200", outcome="ok") == 7
+    assert value(s, "fortress_requests_total", model="m", status="200", outcome="ok") == 8
     assert value(s, "fortress_requests_total", model="m", status="502", outcome="upstream_error") == 1
     assert value(s, "fortress_requests_total", model="m", status="429", outcome="rate_limited") == 1
     assert value(s, "fortress_requests_total", model="unknown", status="404", outcome="client_error") == 1
-    assert value(s, "fortress_request_duration_seconds_count", model="m") == 9
-    assert value(s, "fortress_request_duration_seconds_bucket", model="m", le="2.5") == 8  # not the 3 s one
+    assert value(s, "fortress_request_duration_seconds_count", model="m") == 10
+    assert value(s, "fortress_request_duration_seconds_bucket", model="m", le="2.5") == 9  # not the 3 s one
     assert value(s, "fortress_time_to_first_token_seconds_count", model="m") == 1
     # (3 s - 1 s) / (11 - 1) tokens = 0.2 s between tokens
     assert value(s, "fortress_inter_token_latency_seconds_bucket", model="m", le="0.15") == 0
@@ -241,7 +242,7 @@ def test_observer_series_are_exact_and_bounded() -> None:
     assert value(s, "fortress_connections_timeouts_total", phase="header") == 2
     assert value(s, "fortress_limiter_redis_errors_total") is None  # a key no layer reports: no series
     # The dashboard's window saw the same requests.
-    assert obs.recent.totals() == {"requests": 10, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}
+    assert obs.recent.totals() == {"requests": 11, "errors_4xx": 2, "errors_5xx": 1, "rate_limited": 1}
 
 
 def test_dashboard_data_shape() -> None:

@@ -210,8 +210,8 @@ class RequestMetrics:
         if usage:
             tin = usage.get("prompt_tokens") or 0
             tout = usage.get("completion_tokens") or 0
-            if type(tin) is not int or type(tout) is not int:  # a replica's odd usage
-                tin = tout = 0
+            if type(tin) is not int or type(tout) is not int or tin < 0 or tout < 0:
+                tin = tout = 0  # a replica's odd usage: counters only go up
             if tin:
                 b.tok_in.inc(tin)
             if tout:
