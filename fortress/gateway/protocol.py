@@ -379,15 +379,7 @@ class _Cycle:
                 await waiter
         if self.disconnected or self.response_complete:
             return {"type": "http.disconnect"}
-        parts = self.body
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.body = []
-        if self.body_size > HIGH_WATER_LIMIT:
-            self.flow.resume_reading()
-        self.body_size = 0
-        if not self.more_body:
-            self.delivered = True
-        return {"type": "http.request", "body": body, "more_body": self.more_body}
+        return {"type": "http.request", "body": self._take_body(), "more_body": self.more_body}
 
     def write_chunk(self, data: bytes) -> bool:
         """Write ``data`` as one part of a started chunked response at once, from a callback
@@ -449,13 +441,18 @@ class _Cycle:
             or self.waiting_for_100_continue
         ):
             return None
+        return self._take_body()
+
+    def _take_body(self) -> bytes:
+        """The body parts received so far, as one; the last of them marks the body delivered."""
         parts = self.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.body = []
         if self.body_size > HIGH_WATER_LIMIT:
-            self.flow.resume_reading()
+            self.flow.resume_reading()  # paused by feed() past the mark
         self.body_size = 0
-        self.delivered = True
+        if not self.more_body:
+            self.delivered = True
         return body
 
     def _write_body(self, body: bytes, more: bool) -> None:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+S = TypeVar("S", "Count", "Spread")
 
 
 class Count:
@@ -49,23 +52,33 @@ class Spread:
         self.sum += value
 
 
-class CounterFamily:
-    """A counter with labels; ``labels(*values)`` returns (and creates once) a series."""
+class _Family(Generic[S]):
+    """A metric with labels; ``labels(*values)`` returns (and creates once) a series."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = list(labelnames)
-        self.series: dict[tuple[str, ...], Count] = {}
+        self.series: dict[tuple[str, ...], S] = {}
 
-    def labels(self, *values: str) -> Count:
-        """The series of these label values (created at zero, exposed from then on)."""
+    def labels(self, *values: str) -> S:
+        """The series of these label values (created empty, exposed from then on)."""
         series = self.series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            series = self.series[values] = Count()
+            series = self.series[values] = self._new()
         return series
+
+    def _new(self) -> S:
+        raise NotImplementedError
+
+
+class CounterFamily(_Family[Count]):
+    """A counter with labels."""
+
+    def _new(self) -> Count:
+        return Count()
 
     def family(self) -> Metric:
         out = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -74,29 +87,20 @@ class CounterFamily:
         return out
 
 
-class HistogramFamily:
+class HistogramFamily(_Family[Spread]):
     """A histogram with labels and fixed buckets (``+Inf`` added)."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = list(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.bounds = tuple(float(b) for b in buckets)
         if list(self.bounds) != sorted(set(self.bounds)) or not self.bounds:
             raise ValueError(f"{self.name}: buckets must be increasing and not empty")
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        self.series: dict[tuple[str, ...], Spread] = {}
 
-    def labels(self, *values: str) -> Spread:
-        """The series of these label values (created empty, exposed from then on)."""
-        series = self.series.get(values)
-        if series is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            series = self.series[values] = Spread(self.bounds)
-        return series
+    def _new(self) -> Spread:
+        return Spread(self.bounds)
 
     def family(self) -> Metric:
         out = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
