@@ -500,6 +500,33 @@ def test_the_shared_limiter_is_exact_across_processes_and_frees_a_dead_workers_s
     assert lim.admit_now("key_b", wide, 0, 0).ticket is not None
 
 
+def test_the_shared_limiter_refills_its_kept_state_and_clears_only_the_dead_workers_counts() -> None:
+    """Each worker keeps one state object per key between calls; every call refills it from
+    the slot, so what another worker did in between counts. A worker's in-flight counts sit
+    beside the others' in the slot's row: clearing a dead worker's leaves theirs alone."""
+    plan = Plan.compile("p", UsagePlan(rate=None, burst=None, requests={"day": 4}, max_concurrent=5))
+    table = SharedLimitTable.create(3, capacity=16)
+    w0, w1, w2 = (SharedLimiter(table, i) for i in range(3))
+    held = [
+        w0.admit_now("key_s", plan, 0, 0),
+        w1.admit_now("key_s", plan, 0, 0),
+        w1.admit_now("key_s", plan, 0, 0),
+    ]
+    assert all(d.ticket is not None for d in held)
+    slot = w0._slot("key_s")
+    assert table.inflight(slot) == (1, 2, 0)
+    # w0's kept state says 1 request used; the slot says 3: the next decision sees 4, then none.
+    assert w0.admit_now("key_s", plan, 0, 0).ticket is not None
+    assert w2.admit_now("key_s", plan, 0, 0).ticket is None  # the day's 4 are used, on any worker
+    assert table.inflight(slot) == (2, 2, 0)
+    table.clear_worker(1)  # worker 1 died: its 2 requests in flight go, worker 0's stay
+    assert table.inflight(slot) == (2, 0, 0)
+    w0.settle(held[0].ticket, 0, 0)
+    assert table.inflight(slot) == (1, 0, 0)
+    usage = asyncio.run(w2.usage("key_s", plan))
+    assert usage["requests"]["day"] == 4
+
+
 def test_snapshots_merge_counters_summed_shares_summed_and_views_kept() -> None:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

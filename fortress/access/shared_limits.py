@@ -27,6 +27,7 @@ replaces it clears its column when it starts.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import mmap
@@ -36,7 +37,7 @@ import struct
 import weakref
 from typing import Any
 
-from fortress.access.limits import Decision, MemoryLimiter, Ticket
+from fortress.access.limits import Decision, MemoryLimiter, Ticket, _KeyState
 from fortress.access.plans import PERIODS, Plan
 
 log = logging.getLogger("fortress.access")
@@ -50,7 +51,7 @@ DEFAULT_CAPACITY = 1 << 17  # keys; pages are only used once touched (about 256 
 _SLOT = struct.Struct(f"<{KEY_BYTES}sQ{MAX_COUNTERS}sdd{MAX_COUNTERS}q{MAX_COUNTERS}q")
 SLOT_BYTES = 256
 _HEADER = struct.Struct("<8sQQQ")  # magic, capacity, workers, keys in use
-_MAGIC = b"FTLIMIT1"
+_MAGIC = b"FTLIMIT2"
 _PAGE = 4096
 _INFLIGHT = struct.Struct("<i")
 _LOCAL = object()  # a ticket admitted by the local fallback (table full)
@@ -64,6 +65,7 @@ SPINS = 1000
 STALE = 0.25  # seconds of waiting before the holder's life is checked
 _HOLDERS_AT = 64  # in the header page: a pid per lock (STRIPES + 1 of them)
 _PID = struct.Struct("<i")
+_PAD = [(0,) * n for n in range(MAX_COUNTERS + 1)]
 
 
 def _key_bytes(key_id: str) -> bytes:
@@ -97,8 +99,10 @@ class SharedLimitTable:
         self.capacity = capacity
         self.workers = workers
         self.slots_at = _PAGE
+        # Each slot's requests in flight, one count per worker side by side: one read gets them.
         self.inflight_at = _PAGE + capacity * SLOT_BYTES
         self.size = self.inflight_at + workers * capacity * _INFLIGHT.size
+        self._row = struct.Struct(f"<{workers}i")
         self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # Made before the fork, so every worker shares them (lock STRIPES: slot allocation).
         ctx = multiprocessing.get_context("fork")
@@ -194,23 +198,21 @@ class SharedLimitTable:
 
     def clear_worker(self, worker: int) -> None:
         """Forget the requests in flight of worker ``worker`` (it died; its requests with it)."""
-        start = self.inflight_at + worker * self.capacity * _INFLIGHT.size
-        self.mm[start : start + self.capacity * _INFLIGHT.size] = bytes(self.capacity * _INFLIGHT.size)
+        counts = memoryview(self.mm)[self.inflight_at : self.size].cast("i")
+        counts[worker :: self.workers] = array.array("i", bytes(_INFLIGHT.size * self.capacity))
+        counts.release()
 
-    def inflight(self, slot: int) -> list[int]:
+    def inflight(self, slot: int) -> tuple[int, ...]:
         """Requests in flight of the key in ``slot``, per worker."""
-        mm, step = self.mm, self.capacity * _INFLIGHT.size
-        base = self.inflight_at + slot * _INFLIGHT.size
-        return [_INFLIGHT.unpack_from(mm, base + w * step)[0] for w in range(self.workers)]
+        return self._row.unpack_from(self.mm, self.inflight_at + slot * self._row.size)
 
     def add_inflight(self, slot: int, worker: int, delta: int) -> None:
         """Add ``delta`` to worker ``worker``'s requests in flight for ``slot`` (never below 0)."""
-        off = self.inflight_at + (worker * self.capacity + slot) * _INFLIGHT.size
+        off = self.inflight_at + slot * self._row.size + worker * _INFLIGHT.size
         _INFLIGHT.pack_into(self.mm, off, max(0, _INFLIGHT.unpack_from(self.mm, off)[0] + delta))
 
     def reset_inflight(self, slot: int) -> None:
-        for w in range(self.workers):
-            _INFLIGHT.pack_into(self.mm, self.inflight_at + (w * self.capacity + slot) * _INFLIGHT.size, 0)
+        self._row.pack_into(self.mm, self.inflight_at + slot * self._row.size, *(0,) * self.workers)
 
 
 class SharedLimiter(MemoryLimiter):
@@ -218,8 +220,10 @@ class SharedLimiter(MemoryLimiter):
     one machine.
 
     A ``MemoryLimiter`` by type on purpose: it never awaits, so the access layer calls its
-    ``admit_now`` directly. Its ``states`` dict only holds the key being decided, for the
-    length of one call (a reload's reshaping of plans happens here, per slot, on load).
+    ``admit_now`` directly. Its ``states`` dict keeps an object per key that each call refills
+    from the key's slot under the slot's lock before deciding (so it never decides on what
+    another worker has changed since); a reload's reshaping of plans happens here, per slot,
+    on load.
     """
 
     def __init__(self, table: SharedLimitTable, worker: int, **kwargs: Any) -> None:
@@ -265,19 +269,21 @@ class SharedLimiter(MemoryLimiter):
         return hit[0]
 
     def _load(self, key_id: str, slot: int, plan: Plan) -> int:
-        """Put the slot's state for ``plan`` in ``self.states``; return the key's requests in
-        flight on every worker (0 for a key new to the plan)."""
-        _, pid, shape, tokens, ts, *rest = _SLOT.unpack_from(
-            self.table.mm, self.table.slots_at + slot * SLOT_BYTES
-        )
+        """Load the slot's state for ``plan`` into ``self.states`` (the key's object is kept
+        from call to call and refilled: allocating one per call cost more than the decision);
+        return the key's requests in flight on every worker. A key new to the plan is left out
+        of ``self.states``, and 0 returned: the memory limiter starts it afresh."""
+        table = self.table
+        _, pid, shape, tokens, ts, *rest = _SLOT.unpack_from(table.mm, table.slots_at + slot * SLOT_BYTES)
         _, plan_id, want = self._plan(plan)
-        if pid != plan_id:
-            return 0  # never admitted, or under another plan: the memory limiter starts afresh
-        windows, used = rest[:MAX_COUNTERS], rest[MAX_COUNTERS:]
+        if pid != plan_id:  # never admitted, or under another plan
+            self.states.pop(key_id, None)
+            return 0
         n = len(plan.counters)
         if shape == want:
-            w, u = list(windows[:n]), list(used[:n])
+            w, u = rest[:n], rest[MAX_COUNTERS : MAX_COUNTERS + n]
         else:  # a reload changed the plan's counters: carry them over by metric and period
+            windows, used = rest[:MAX_COUNTERS], rest[MAX_COUNTERS:]
             where = {code: i for i, code in enumerate(shape) if code}
             starts = self.periods.for_plan(plan, self.clock()).starts
             w, u = [], []
@@ -285,16 +291,18 @@ class SharedLimiter(MemoryLimiter):
                 i = where.get(code)
                 w.append(windows[i] if i is not None else starts[j])
                 u.append(used[i] if i is not None else 0)
-        MemoryLimiter.seed(self, key_id, plan, tuple(w), u)
-        st = self.states[key_id]
+        st = self.states.get(key_id)
+        if st is None or st.plan != plan.name:
+            st = self.states[key_id] = _KeyState(plan, ts, [])
+        st.windows, st.used = list(w), list(u)
         st.tokens, st.ts = tokens, ts
-        inflight = sum(self.table.inflight(slot))
-        st.inflight = inflight
+        st.aligned = None  # another worker may have written other windows: check them again
+        st.inflight = inflight = sum(table.inflight(slot))
         return inflight
 
     def _store(self, key_id: str, slot: int, plan: Plan, before: int, fresh: bool) -> None:
-        st = self.states.pop(key_id)
-        pad = (0,) * (MAX_COUNTERS - len(st.windows))
+        st = self.states[key_id]
+        pad = _PAD[MAX_COUNTERS - len(st.windows)]
         table = self.table
         _, plan_id, shape = self._plan(plan)
         _SLOT.pack_into(
@@ -325,13 +333,11 @@ class SharedLimiter(MemoryLimiter):
         table = self.table
         table.lock(1 + slot)
         try:
-            self.states.pop(key_id, None)
             before = self._load(key_id, slot, plan)
             fresh = key_id not in self.states
             decision = super().admit_now(key_id, plan, reserve_in, reserve_out)
             self._store(key_id, slot, plan, 0 if fresh else before, fresh)
         finally:
-            self.states.pop(key_id, None)
             table.unlock(1 + slot)
         return decision
 
@@ -348,7 +354,6 @@ class SharedLimiter(MemoryLimiter):
         table = self.table
         table.lock(1 + slot)
         try:
-            self.states.pop(ticket.key_id, None)
             before = self._load(ticket.key_id, slot, ticket.plan)
             if ticket.key_id not in self.states:
                 ticket.done = True  # the key moved to another plan: nothing of this ticket is kept
@@ -356,7 +361,6 @@ class SharedLimiter(MemoryLimiter):
             super().settle(ticket, used_in, used_out)
             self._store(ticket.key_id, slot, ticket.plan, before, False)
         finally:
-            self.states.pop(ticket.key_id, None)
             table.unlock(1 + slot)
 
     async def usage(self, key_id: str, plan: Plan) -> dict[str, dict[str, int]]:
@@ -366,11 +370,9 @@ class SharedLimiter(MemoryLimiter):
         table = self.table
         table.lock(1 + slot)
         try:
-            self.states.pop(key_id, None)
             self._load(key_id, slot, plan)
             return await super().usage(key_id, plan)
         finally:
-            self.states.pop(key_id, None)
             table.unlock(1 + slot)
 
 
