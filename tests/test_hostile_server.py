@@ -667,6 +667,45 @@ async def test_an_app_that_fails_gets_an_openai_500_or_a_close(failure: str, cap
     assert len(logged) == 1, logged
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"x-bad", b"a\r\nset-cookie: injected=1"),  # a value with CR LF: a header smuggled in
+        (b"x-bad", b"a\x00b"),
+        (b"x bad", b"v"),  # a name with a separator
+        (b"x-bad:", b"v"),
+        (b"x-\x7f", b"v"),
+    ],
+)
+async def test_a_response_header_that_is_not_http_is_refused(header: tuple[bytes, bytes], caplog) -> None:
+    """A header name with a separator or a value with a control character (other than tab)
+    never reaches the wire: the application's answer fails, the client gets OpenAI's 500.
+    Names are sent lower-cased, and framing read from them whatever their case."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"Content-Length", b"2"), (b"X-Tab", b"a\tb")]
+        if scope["path"] == "/bad":
+            headers.append(header)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serving(app, ConnectionLimits()) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("GET", "/good"))
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        assert b"content-length: 2\r\n" in raw and b"x-tab: a\tb\r\n" in raw
+        assert b"transfer-encoding" not in raw  # sized by the mixed-case Content-Length
+        assert await reader.readexactly(2) == b"ok"
+        writer.write(head("GET", "/bad"))
+        raw = await asyncio.wait_for(reader.read(), SLACK)
+        writer.close()
+    assert_openai_error(raw, 500, "internal_error")
+    assert b"injected" not in raw and b"x-bad" not in raw
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1, logged
+
+
 def test_the_default_cap_follows_the_open_file_limit() -> None:
     server = parse_config("server: {upstream_connections: 100, reserved_connections: 10}\n", env={}).server
     assert ConnectionLimits.from_config(server, nofile=20_000).max_connections == 20_000 - 100 - 10 - 256

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import http
 import logging
-import re
 import resource
 import urllib.parse
 from collections.abc import Callable
@@ -61,8 +60,10 @@ log = logging.getLogger("fortress.gateway.protocol")
 
 # What uvicorn refuses in response header names and values (a name with a separator, a value
 # with a control character other than tab).
-_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
-_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+# As byte sets for ``bytes.translate``, which deletes them in one pass: a regex search over a
+# response's ~300 bytes of headers cost ten times as much.
+_BAD_NAME = bytes(range(0x20)) + b'\x7f()<>@,;:[]={} \t\\"'
+_BAD_VALUE = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 
 # Response headers that change how the response is framed or the connection ends.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -406,9 +407,11 @@ class _Cycle:
         if not self.response_started:
             if kind != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            # Built first: headers refused raise before anything counts as started, so the
+            # client still gets the 500 (nothing of this answer was written).
+            self._head = self._build_head(message["status"], message.get("headers", ()))
             self.response_started = True
             self.waiting_for_100_continue = False
-            self._head = self._build_head(message["status"], message.get("headers", ()))
             return
         if self.response_complete:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
@@ -424,9 +427,9 @@ class _Cycle:
         if self.flow.write_paused or self.response_started:
             return False
         if not self.disconnected:  # else, like send(): nothing to write to
+            self._head = self._build_head(status, headers)
             self.response_started = True
             self.waiting_for_100_continue = False
-            self._head = self._build_head(status, headers)
             self._write_body(body, False)
         return True
 
@@ -487,9 +490,11 @@ class _Cycle:
         protocol = self.protocol
         defaults = protocol.server_state.default_headers
         headers = [*defaults, *extra] if defaults else extra
-        if _BAD_NAME.search(b"".join([n for n, _ in headers])) or _BAD_VALUE.search(
-            b"".join([v for _, v in headers])
-        ):
+        names = b"".join([n for n, _ in headers])
+        values = b"".join([v for _, v in headers])
+        if len(names.translate(None, _BAD_NAME)) != len(names) or len(
+            values.translate(None, _BAD_VALUE)
+        ) != len(values):
             raise RuntimeError("Invalid HTTP header name or value.")
         if protocol.access_log:
             protocol.access_logger.info(
