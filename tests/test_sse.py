@@ -56,3 +56,52 @@ def test_partial_event_is_held_until_complete():
     assert tap.feed(data[:10]) == b""
     assert tap.feed(data[10:]) == data
     assert not tap.done
+
+
+def _by_events(data: bytes, strip: bool) -> bytes:
+    """The tap's output as a plain reading of the spec would give it: split into events, each
+    event with a usage object handled on its own, joined again."""
+    kept = []
+    for e in data.split(b"\n\n")[:-1]:
+        if b'"usage":{' in e or b'"usage": {' in e:
+            obj = orjson.loads(e.partition(b"data:")[2])
+            if strip:
+                if not obj.get("choices"):
+                    continue
+                del obj["usage"]
+                e = e.partition(b"data:")[0] + b"data: " + orjson.dumps(obj)
+        kept.append(e)
+    return b"".join(k + b"\n\n" for k in kept)
+
+
+def _events(data: bytes) -> list[bytes]:
+    return [e.strip(b"\n") for e in data.split(b"\n\n") if e.strip(b"\n")]
+
+
+def test_many_events_in_one_read_match_event_by_event_handling():
+    """A read that brings a whole stream (or any run of events) is handled without splitting
+    it: usage events anywhere among others, spaced ``"usage": {`` too, comments and extra
+    blank lines, whatever the read sizes."""
+    import random
+
+    rnd = random.Random(7)
+    spaced = b'data: {"id": "c", "choices": [], "usage": {"prompt_tokens": 1}}\n\n'
+    pool = [
+        ev(CHUNK),
+        ev({**CHUNK, "usage": None}),
+        ev({**CHUNK, "usage": USAGE}),
+        ev(FINAL),
+        spaced,
+        b": keep-alive comment\n\n",
+        b"\n\n",
+    ]
+    for _ in range(200):
+        data = b"".join(rnd.choice(pool) for _ in range(rnd.randint(1, 40))) + b"data: [DONE]\n\n"
+        for strip in (True, False):
+            step = rnd.choice((1, 9, 100, len(data)))
+            tap = StreamTap(strip_usage=strip)
+            # Compared event by event: blank lines between events may fall on either side of
+            # a read's boundary, which moves a newline from one event's bytes to the next.
+            got, want = _events(run(tap, data, step)), _events(_by_events(data, strip))
+            assert got == want, (strip, step, data)
+            assert tap.done and tap.chunks == data.count(b"data:")
