@@ -507,8 +507,10 @@ class _Cycle:
             )
         content = [STATUS_LINE[status]]
         closing = False
+        lower = names.lower() != names  # the gateway's own names are lower case already
         for name, value in headers:
-            name = name.lower()
+            if lower:
+                name = name.lower()
             if name in _FRAMING:  # one set lookup for the other headers
                 if name == b"content-length":
                     if self.chunked_encoding is None:
