@@ -225,7 +225,10 @@ def usage_report(plan: Plan, values: list[int]) -> dict[str, dict[str, int]]:
     return out
 
 
-class _KeyState:
+class KeyState:
+    """What the memory limiter keeps per key: bucket level and time, requests in flight, each
+    counter's window and usage (the shared limiter refills one from its table per call)."""
+
     __slots__ = ("aligned", "inflight", "plan", "tokens", "ts", "used", "windows")
 
     def __init__(self, plan: Plan, now: float, windows: list[int]) -> None:
@@ -244,7 +247,7 @@ class MemoryLimiter:
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
         self.periods = PeriodClock()
-        self.states: dict[str, _KeyState] = {}
+        self.states: dict[str, KeyState] = {}
 
     async def start(self) -> None:
         pass
@@ -266,7 +269,7 @@ class MemoryLimiter:
         """Start a key's counters from usage known elsewhere: the Redis limiter's fallback goes on
         from what Redis last reported instead of from zero. ``windows``: each counter's period
         start that ``used`` belongs to (older periods are reset at the next admission)."""
-        st = self.states[key_id] = _KeyState(plan, self.clock(), list(windows))
+        st = self.states[key_id] = KeyState(plan, self.clock(), list(windows))
         st.used = list(used)
 
     async def admit(self, key_id: str, plan: Plan, reserve_in: int, reserve_out: int) -> Decision:
@@ -279,7 +282,7 @@ class MemoryLimiter:
         bounds = periods.bounds
         st = self.states.get(key_id)
         if st is None or st.plan != plan.name:
-            st = self.states[key_id] = _KeyState(plan, now, list(periods.starts))
+            st = self.states[key_id] = KeyState(plan, now, list(periods.starts))
         used = st.used
         windows = st.windows
         if st.aligned is not periods:  # periods may have rolled over since this key's last request

@@ -20,9 +20,9 @@ killed, so each stripe records its holder's pid: a worker that has waited ``STAL
 checks it, and takes over the lock of a holder that is gone (``kill -9`` in the middle of an
 admission costs the others a quarter of a second, once).
 
-Requests in flight are counted per worker in a column of their own: a worker that dies with
-requests in flight would otherwise hold its keys' concurrency slots for ever; the worker that
-replaces it clears its column when it starts.
+Requests in flight are counted per worker, each slot a row of counts side by side (one read
+gets them all): a worker that dies with requests in flight would otherwise hold its keys'
+concurrency slots for ever; the worker that replaces it clears its counts when it starts.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import struct
 import weakref
 from typing import Any
 
-from fortress.access.limits import Decision, MemoryLimiter, Ticket, _KeyState
+from fortress.access.limits import Decision, KeyState, MemoryLimiter, Ticket
 from fortress.access.plans import PERIODS, Plan
 
 log = logging.getLogger("fortress.access")
@@ -293,7 +293,7 @@ class SharedLimiter(MemoryLimiter):
                 u.append(used[i] if i is not None else 0)
         st = self.states.get(key_id)
         if st is None or st.plan != plan.name:
-            st = self.states[key_id] = _KeyState(plan, ts, [])
+            st = self.states[key_id] = KeyState(plan, ts, [])
         st.windows, st.used = list(w), list(u)
         st.tokens, st.ts = tokens, ts
         st.aligned = None  # another worker may have written other windows: check them again
