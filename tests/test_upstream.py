@@ -155,6 +155,43 @@ async def test_body_until_close_is_complete_and_not_reused() -> None:
         await pool.close()
 
 
+async def test_an_answer_nobody_asked_for_drops_the_connection(caplog) -> None:
+    """Requests are never pipelined: one answer per request on a connection. Bytes past the
+    answer (a second answer in the same write, or one sent while the connection is idle) mean
+    the replica and the gateway disagree on where answers end: the answer asked for is
+    delivered, the connection is closed instead of reused, and the next request gets a fresh
+    one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(length_answer(b"first") + length_answer(b"nobody asked"))
+        await writer.drain()
+        await read_request(reader)  # never comes: the gateway closed this connection
+        writer.write(length_answer(b"late"))
+
+    async def idle_chatter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(length_answer(b"second"))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(length_answer(b"unasked, while idle"))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    for h, want in ((handler, b"first"), (idle_chatter, b"second")):
+        async with server(h) as (url, conns):
+            pool = UpstreamPool()
+            async with pool.post(url, "/", HEAD, b"") as resp:
+                assert await resp.read() == want
+            await asyncio.sleep(0.3)
+            assert pool.open_connections == 0  # dropped, not kept for the next request
+            async with pool.post(url, "/", HEAD, b"") as resp:
+                assert await resp.read() == want
+            assert conns == [0, 1]
+            await pool.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 async def test_refused_connect_is_connect_failed() -> None:
     async with server(echo_forever) as (url, _):
         pass  # closed: nothing listens on that port now
