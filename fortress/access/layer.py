@@ -165,23 +165,22 @@ class AccessControl:
         return True
 
     async def admit(self, ctx: RequestContext) -> None:
+        if self.admit_now(ctx):
+            return
         record = ctx.identity
         assert record is not None
         plan = self.plans[record.plan]
         reserve_in, reserve_out = _reservation(ctx, plan)
-        if self._admit_now is not None:
-            decision = self._admit_now(record.key_id, plan, reserve_in, reserve_out)
-        else:
-            try:
-                decision = await self.limiter.admit(record.key_id, plan, reserve_in, reserve_out)
-            except Exception as exc:  # LimiterUnavailable with limits.fail_open off
-                raise GatewayError(
-                    503,
-                    f"The rate limiter is unavailable: {exc}",
-                    "service_unavailable",
-                    "limiter_unavailable",
-                    headers=[(b"retry-after", b"1")],
-                ) from None
+        try:
+            decision = await self.limiter.admit(record.key_id, plan, reserve_in, reserve_out)
+        except Exception as exc:  # LimiterUnavailable with limits.fail_open off
+            raise GatewayError(
+                503,
+                f"The rate limiter is unavailable: {exc}",
+                "service_unavailable",
+                "limiter_unavailable",
+                headers=[(b"retry-after", b"1")],
+            ) from None
         self._apply(ctx, decision)
 
     @staticmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -49,6 +49,18 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+class _Done:
+    """An awaitable that is already done (``await`` returns None without suspending)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE = _Done()
 
 
 class _Retry(Exception):
@@ -287,9 +299,7 @@ class Relay:
                     ctx.overhead += perf_counter() - t_out
                     hdrs.append((b"x-fortress-overhead-ms", f"{ctx.overhead * 1000:.3f}".encode()))
                     ctx.bytes_out = len(data)
-                    if self.finish is not None and not ctx.finished:  # _finish, inlined here
-                        ctx.finished = True
-                        await self.finish(ctx)
+                    await self._finish(ctx)
                     ctx.responded = True
                     respond = getattr(getattr(send, "__self__", None), "respond", None)
                     if respond is None or not respond(status, hdrs, data):
@@ -550,10 +560,14 @@ class Relay:
         """Hand a request that ended without an answer (client gone) to the audit layer."""
         await self._finish(ctx)
 
-    async def _finish(self, ctx: RequestContext) -> None:
+    def _finish(self, ctx: RequestContext) -> Awaitable[None]:
+        """What to await before answering: the request's record committed, once. A plain
+        function returning the hook's awaitable (or one already done), not a coroutine around
+        it: one coroutine less on every request's path."""
         if self.finish is not None and not ctx.finished:
             ctx.finished = True
-            await self.finish(ctx)
+            return self.finish(ctx)
+        return _DONE
 
     async def send_error(self, send: Send, ctx: RequestContext, err: errors.GatewayError) -> None:
         """Answer with an OpenAI-format error (after the request's record is committed)."""
