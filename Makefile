@@ -82,6 +82,7 @@ bench: setup
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/gateway_layers.py
 	$(BIN)/python bench/peers.py
+	$(BIN)/python bench/servers.py
 	$(BIN)/python bench/workers.py
 
 clean:
