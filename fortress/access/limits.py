@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fortress.access.plans import (
@@ -103,7 +103,7 @@ class Decision:
         tokens: float | None,
         inflight: int,
         used: list[int],
-        bounds: list[tuple[int, int]],
+        bounds: Sequence[tuple[int, int]],
         ticket: Ticket | None,
     ) -> None:
         self.plan = plan
