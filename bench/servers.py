@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -377,8 +378,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     results["servers"] = {
         s.name: {k: v for k, v in asdict(s).items() if k not in ("name", "pid", "watch", "port")}
