@@ -211,6 +211,107 @@ async def test_empty_segment_left_by_a_crash_is_removed(tmp_path: Path) -> None:
         j2.close()
 
 
+async def test_the_active_segment_is_zero_filled_ahead_and_trimmed_on_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "j"
+    j = Journal(d, "gw-test", SECRET)
+    j.open()
+    try:
+        await fill(j, 5)
+        (_, seg), *_ = list_segments(d)
+        end = j.durable[1]
+        data = seg.read_bytes()
+        # Written ahead of the records: the next fdatasyncs have no file size to commit.
+        assert len(data) > end and data[end:] == bytes(len(data) - end)
+        assert data[:end].endswith(b"\n") and len(read_all(j)) == 5
+        # A crash now leaves the zeros on disk: a copy of the directory is that state.
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        (crashed / seg.name).write_bytes(data)
+    finally:
+        j.close()
+    assert seg.read_bytes() == data[:end]  # closed: it ends with its last record
+    caplog.set_level("WARNING", logger="fortress.audit.journal")
+    for directory in (d, crashed):
+        j2 = Journal(directory, "gw-test", SECRET)
+        j2.open()
+        try:
+            assert j2.head_seq == 5 and await j2.append(sample(5)) == 6
+            check_chain(read_all(j2))
+        finally:
+            j2.close()
+    assert not [r for r in caplog.records if "torn" in r.getMessage()]  # zeros are not torn
+    append_bytes(crashed / seg.name, b"0123")  # a torn record after the last one: that is
+    j3 = Journal(crashed, "gw-test", SECRET)
+    j3.open()
+    j3.close()
+    assert [r for r in caplog.records if "torn" in r.getMessage()]
+
+
+async def test_rotated_segments_end_with_their_last_record(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", "gw-test", SECRET, segment_bytes=4096)
+    j.open()
+    try:
+        await fill(j, 40)
+        segs = list_segments(j.dir)
+        assert len(segs) >= 3
+        for first, path in segs[:-1]:
+            data = path.read_bytes()
+            assert data.endswith(b"\n") and b"\0" not in data, first
+        active = segs[-1][1].read_bytes()
+        assert len(active) > j.durable[1] and b"\0" not in active[: j.durable[1]]
+        records = read_all(j)
+        assert len(records) == 40
+        check_chain(records)
+    finally:
+        j.close()
+
+
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, os, resource, signal, sys
+    sys.path.insert(0, {tests!r})
+    from audit_support import SECRET, sample
+    from fortress.audit.journal import Journal, list_segments
+
+    # Files may not grow past 64 KiB: the zeros written ahead (1 MiB) cannot be, the records can.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG), no signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+
+    async def main():
+        j = Journal({dir!r}, "gw-test", SECRET)
+        j.open()
+        seqs = [await j.append(sample(i)) for i in range(20)]
+        (_, seg), *_ = list_segments(j.dir)
+        size, end = os.path.getsize(seg), j.durable[1]
+        j.close()
+        print(json.dumps({{"seqs": seqs, "size": size, "end": end}}))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_disk_too_small_for_the_zeros_still_takes_every_record(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    script = tmp_path / "child.py"
+    script.write_text(FULL_DISK_CHILD.format(tests=str(Path(__file__).parent), dir=str(d)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = orjson.loads(done.stdout)
+    assert got["seqs"] == list(range(1, 21))
+    assert got["size"] == got["end"]  # the records extended the file themselves, no zeros left
+    j = Journal(d, "gw-test", SECRET)
+    j.open()
+    try:
+        records = read_all(j)
+        assert len(records) == 20
+        check_chain(records)
+    finally:
+        j.close()
+
+
 async def test_segments_rotate_and_shipped_ones_are_deleted(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j", "gw-test", SECRET, segment_bytes=4096)
     j.open()

@@ -23,9 +23,17 @@ at most once per ``space_every`` seconds, before a batch or while idle, never on
 (503) so the journal keeps a reserve for the records of requests already admitted, instead of
 failing every request on a full disk.
 
-**Recovery.** On open the newest segment is scanned; anything after its last valid line (a
-write torn by ``kill -9`` or power loss) is truncated, and ``seq`` and the chain head continue
-from the last record. One process at a time owns a journal directory (``flock``).
+**Zero-filled ahead.** The active segment is extended with zeros (``_ZERO_STEP`` at a time)
+before records reach the end of what is already written, and trimmed to its last record when
+it is rotated or closed, as PostgreSQL fills its WAL segments: an ``fdatasync`` of records that
+land in blocks already written, inside the file's size, has no file-system metadata to commit.
+Measured here (ext4 on a virtual disk): half the system time and half the wall time of an
+``fdatasync`` that extends the file.
+
+**Recovery.** On open the newest segment is scanned; anything after its last valid line (zeros
+written ahead, or a write torn by ``kill -9`` or power loss) is truncated, and ``seq`` and the
+chain head continue from the last record. One process at a time owns a journal directory
+(``flock``).
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ log = logging.getLogger("fortress.audit.journal")
 # not by every record until it runs), gathering a batch, writing one.
 _IDLE, _WOKEN, _GATHER, _BUSY = 0, 1, 2, 3
 _READ_CHUNK = 1 << 20
+# How far ahead of the records the active segment is zero-filled (less for smaller segments).
+_ZERO_STEP = 1 << 20
+_ZEROS = memoryview(bytes(_ZERO_STEP))
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[int]", asyncio.AbstractEventLoop]
 _Waiter = tuple["asyncio.Future[int]", asyncio.AbstractEventLoop, int | None]
@@ -218,7 +229,8 @@ class Journal:
         self._last_batch = 0
         self._fd = -1
         self._seg_first = 0
-        self._size = 0
+        self._size = 0  # bytes of records in the active segment (where the next batch goes)
+        self._zeroed = 0  # the active segment's length: zeros from _size on
         self._lock_fd = -1
         self._thread: threading.Thread | None = None
         # Committed records kept for the shipper (``recent``); 0: none kept.
@@ -254,6 +266,7 @@ class Journal:
             )
             self.head_seq, self.head_hash = floor
             if self._fd >= 0:
+                self._trim()
                 os.close(self._fd)
                 self._fd = -1  # the next batch starts a segment named after its first seq
         self.durable_seq = self.head_seq
@@ -271,6 +284,8 @@ class Journal:
             self._thread.join()
             self._thread = None
         if self._fd >= 0:
+            with contextlib.suppress(OSError):  # the zeros written ahead are not records
+                self._trim()
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
@@ -284,7 +299,8 @@ class Journal:
             data = path.read_bytes()
             end, last = _last_valid(data)
             if end < len(data):
-                log.warning("journal %s: truncating %d bytes of torn tail", path.name, len(data) - end)
+                if data.count(0, end) != len(data) - end:  # not just zeros written ahead
+                    log.warning("journal %s: truncating %d bytes of torn tail", path.name, len(data) - end)
                 with open(path, "r+b") as fh:
                     fh.truncate(end)
                     fh.flush()
@@ -300,8 +316,8 @@ class Journal:
                         self.gateway_id,
                     )
                     self.gateway_id = str(rec["gateway_id"])
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-                self._seg_first, self._size = first, end
+                self._fd = os.open(path, os.O_WRONLY)
+                self._seg_first, self._size, self._zeroed = first, end, end
                 return
             path.unlink()  # nothing valid in it: a segment created just before a crash
             segs.pop()
@@ -428,20 +444,27 @@ class Journal:
         if self._fd < 0 or self._size >= self.segment_bytes:
             self._rotate(self.head_seq + 1)
         start = self._size
+        if start + len(data) > self._zeroed:
+            self._zero_fill(start + len(data))
         try:
             view = memoryview(data)
+            at = start
             while view:
-                n = os.write(self._fd, view)
+                n = os.pwrite(self._fd, view, at)
                 view = view[n:]
+                at += n
             os.fdatasync(self._fd)
         except OSError as exc:
             # Undo the partial write so that seqs stay dense; these requests fail instead.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
+            self._zeroed = start
             log.error("audit journal write failed: %s", exc)
             self._settle(done, JournalError(f"audit journal write failed: {exc}"))
             return
         self._size += len(data)
+        if self._zeroed < self._size:  # written past the zeros (none, or a fill that failed)
+            self._zeroed = self._size
         self.fsyncs += 1
         self.appended += len(lines)
         self.head_seq, self.head_hash = seq, prev
@@ -491,11 +514,37 @@ class Journal:
 
     def _rotate(self, first_seq: int) -> None:
         if self._fd >= 0:
+            self._trim()  # a finished segment ends with its last record: read whole
             os.close(self._fd)  # already synced
         path = segment_path(self.dir, first_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg_first, self._size = first_seq, os.fstat(self._fd).st_size
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        size = os.fstat(self._fd).st_size
+        self._seg_first, self._size, self._zeroed = first_seq, size, size
         _fsync_dir(self.dir)  # the new file's name must survive a crash too
+
+    def _zero_fill(self, end: int) -> None:
+        """Extend the active segment with zeros past ``end`` (see the module's docstring). If
+        that fails (the disk is full), the records extend the file themselves, as they would
+        without it; a part written is cut off again."""
+        target = end + min(_ZERO_STEP, self.segment_bytes)
+        at = max(self._zeroed, self._size)  # never over a record
+        try:
+            while at < target:
+                at += os.pwrite(self._fd, _ZEROS[: target - at], at)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            self._zeroed = self._size
+            return
+        self._zeroed = target
+
+    def _trim(self) -> None:
+        """Cut the zeros written ahead off the active segment (synced: a reader of a finished
+        segment reads it to its end)."""
+        if self._zeroed > self._size:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+            self._zeroed = self._size
 
     @staticmethod
     def _settle(
