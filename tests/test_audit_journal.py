@@ -249,6 +249,16 @@ async def test_the_active_segment_is_zero_filled_ahead_and_trimmed_on_close(
     assert [r for r in caplog.records if "torn" in r.getMessage()]
 
 
+async def test_a_large_batch_extends_the_segment_itself(journal: Journal) -> None:
+    # 70 KB in one batch: zeros ahead would double what its fdatasync writes.
+    assert await journal.append(sample(0, body={"text": "x" * 70_000})) == 1
+    (_, seg), *_ = list_segments(journal.dir)
+    assert seg.stat().st_size == journal.durable[1]
+    assert await journal.append(sample(1)) == 2  # a small one fills ahead again
+    assert seg.stat().st_size > journal.durable[1]
+    assert [r["seq"] for r in read_all(journal)] == [1, 2]
+
+
 async def test_rotated_segments_end_with_their_last_record(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j", "gw-test", SECRET, segment_bytes=4096)
     j.open()
