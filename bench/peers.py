@@ -72,7 +72,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +83,7 @@ from typing import Any
 
 import gateway_layers as gl
 import gateway_overhead as go
+import throwaway_venv as tv
 from docs_section import DOCS, markers, write_section
 
 SECTION = "peers"
@@ -149,48 +149,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
 # -- LiteLLM --------------------------------------------------------------------------------
 
 
-class Unavailable(Exception):
-    """LiteLLM cannot be installed here (the message says why)."""
-
-
-def litellm_venv() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "fortress-bench" / "litellm-venv"
-
-
-def installed_version(python: Path) -> str | None:
-    if not python.exists():
-        return None
-    code = "import importlib.metadata as m; print(m.version('litellm'))"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def ensure_litellm() -> Path:
-    """The ``litellm`` executable at LITELLM_VERSION, installed into its own virtualenv if needed."""
-    venv = litellm_venv()
-    python, exe = venv / "bin" / "python", venv / "bin" / "litellm"
-    if installed_version(python) == LITELLM_VERSION and exe.exists():
-        return exe
-    go.step(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (once)")
-    if not python.exists():
-        made = subprocess.run(
-            [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, check=False
-        )
-        if made.returncode != 0:
-            raise Unavailable(f"could not create a virtualenv: {made.stderr.strip()[-500:]}")
-    pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if pip.returncode != 0 or not exe.exists():
-        lines = [ln for ln in (pip.stdout + pip.stderr).splitlines() if "is ignored" not in ln]
-        raise Unavailable(
-            f"pip install 'litellm[proxy]=={LITELLM_VERSION}' failed: " + " / ".join(lines[-3:])
-        )
-    return exe
+    """The ``litellm`` executable at LITELLM_VERSION, in its own virtualenv."""
+    return tv.ensure("litellm", "litellm", LITELLM_VERSION, [f"litellm[proxy]=={LITELLM_VERSION}"], "litellm")
 
 
 def write_litellm_config(workdir: Path, p_up: int) -> Path:
@@ -352,9 +313,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         try:
             exe = ensure_litellm()
-        except Unavailable as exc:
+        except tv.Unavailable as exc:
             raise SystemExit(f"LiteLLM is not available: {exc}\nrerun with --skip-litellm") from exc
-        litellm["version"] = installed_version(exe.parent / "python") or "?"
+        litellm["version"] = tv.installed_version(exe.parent / "python", "litellm") or "?"
     workers = has_workers_setting()
 
     workdir = Path(tempfile.mkdtemp(prefix="fortress-peers-"))

@@ -48,7 +48,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import gateway_overhead as go
+import throwaway_venv as tv
 from docs_section import write_section
 
 SECTION = "servers"
@@ -199,54 +199,13 @@ def serve_uvicorn(port: int, fortress: bool) -> None:
 # -- granian in its own virtualenv ----------------------------------------------------------
 
 
-class Unavailable(Exception):
-    """granian cannot be installed here (the message says why)."""
-
-
-def granian_venv() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "fortress-bench" / "granian-venv"
-
-
-def installed_version(python: Path) -> str | None:
-    if not python.exists():
-        return None
-    code = "import importlib.metadata as m; print(m.version('granian'))"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def ensure_granian() -> Path:
-    """The ``granian`` executable at GRANIAN_VERSION, installed into its own virtualenv if needed."""
+    """The ``granian`` executable at GRANIAN_VERSION, in its own virtualenv (with this
+    environment's uvloop)."""
     import uvloop
 
-    venv = granian_venv()
-    python, exe = venv / "bin" / "python", venv / "bin" / "granian"
-    if installed_version(python) == GRANIAN_VERSION and exe.exists():
-        return exe
-    go.step(f"installing granian=={GRANIAN_VERSION} into {venv} (once)")
-    if not python.exists():
-        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
-        if made.returncode != 0:
-            raise Unavailable(f"could not create a virtualenv: {made.stderr.strip()[-500:]}")
-    pip = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            f"granian=={GRANIAN_VERSION}",
-            f"uvloop=={uvloop.__version__}",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if pip.returncode != 0 or not exe.exists():
-        lines = [ln for ln in (pip.stdout + pip.stderr).splitlines() if "is ignored" not in ln]
-        raise Unavailable(f"pip install granian=={GRANIAN_VERSION} failed: " + " / ".join(lines[-3:]))
-    return exe
+    requirements = [f"granian=={GRANIAN_VERSION}", f"uvloop=={uvloop.__version__}"]
+    return tv.ensure("granian", "granian", GRANIAN_VERSION, requirements, "granian")
 
 
 def granian_argv(exe: Path, port: int, interface: str, app: str, lean: bool) -> list[str]:
@@ -297,9 +256,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         try:
             exe = ensure_granian()
-        except Unavailable as exc:
+        except tv.Unavailable as exc:
             raise SystemExit(f"granian is not available: {exc}\nrerun with --skip-granian") from exc
-        granian["version"] = installed_version(exe.parent / "python") or "?"
+        granian["version"] = tv.installed_version(exe.parent / "python", "granian") or "?"
 
     me = [sys.executable, str(Path(__file__).resolve()), "--serve"]
     servers = [
