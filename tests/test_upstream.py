@@ -139,6 +139,73 @@ async def test_chunked_body_arrives_in_pieces_and_whole() -> None:
         await pool.close()
 
 
+async def test_a_pumped_answer_hands_each_read_over_as_one_piece() -> None:
+    """What one read brings (several HTTP chunks: events a replica wrote together) reaches the
+    sink as one piece, hence one write to the client; the end comes after the last piece."""
+    step = [asyncio.Event(), asyncio.Event()]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n")
+        await writer.drain()
+        await step[0].wait()
+        writer.write(b"6\r\ndata:2\r\n6\r\ndata:3\r\n6\r\ndata:4\r\n")  # one write
+        await writer.drain()
+        await step[1].wait()
+        writer.write(b"6\r\ndata:5\r\n0\r\n\r\n")  # the last piece and the end together
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with server(handler) as (url, _):
+        pool = UpstreamPool()
+        seen: list[object] = []
+        ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        def sink(data: bytes) -> None:
+            seen.append(data)
+            if len(seen) <= len(step):
+                step[len(seen) - 1].set()
+
+        def end(err: Exception | None) -> None:
+            seen.append(err)
+            ended.set_result(err)
+
+        async with pool.post(url, "/s", HEAD, b"{}") as resp:
+            resp.pump(sink, end)
+            assert await asyncio.wait_for(ended, 5) is None
+        assert seen == [b"data:1", b"data:2data:3data:4", b"data:5", None]
+        assert pool.idle_connections == 1  # the answer was complete: kept
+        await pool.close()
+
+
+async def test_a_pumped_answer_gets_what_came_before_a_bad_chunk_then_the_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"6\r\ndata:1\r\n6\r\ndata:2\r\nZZ\r\n")  # then not a chunk size
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with server(handler) as (url, _):
+        pool = UpstreamPool()
+        seen: list[object] = []
+        ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        def end(err: Exception | None) -> None:
+            seen.append(err)
+            ended.set_result(err)
+
+        async with pool.post(url, "/s", HEAD, b"{}") as resp:
+            resp.pump(seen.append, end)
+            err = await asyncio.wait_for(ended, 5)
+        assert isinstance(err, BadResponse)
+        assert seen == [b"data:1data:2", err]
+        assert pool.open_connections == 0
+        await pool.close()
+
+
 async def test_body_until_close_is_complete_and_not_reused() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

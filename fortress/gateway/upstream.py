@@ -172,19 +172,15 @@ class Response:
         return _Pieces(self)
 
     def pump(self, sink: Callable[[bytes], None], end: Callable[[UpstreamError | None], None]) -> None:
-        """From now on hand each piece of the body to ``sink`` as it is read, in the
-        connection's read callback (no task switch per piece), and the end of the answer to
+        """From now on hand the body to ``sink`` as it is read, what each read brings as one
+        piece, in the connection's read callback (no task switch per piece), and the end of the answer to
         ``end`` (None, or the error). What is buffered goes to ``sink`` at once. ``unpump()``
         (also from ``sink``) stops it: what arrives after is buffered again."""
         self._sink = sink
         self._end = end
-        if self._chunks:
-            chunks = self._chunks
-            self._chunks = []
-            self._buffered = 0
-            if self._paused:
-                self._resume()
-            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._paused:
+            self._resume()
+        self._deliver()
         if self._end is end:  # not unpumped by sink
             if self._done:
                 self.unpump()
@@ -225,12 +221,21 @@ class Response:
 
     # -- fed by the connection ---------------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
+    def _deliver(self) -> None:
+        """Hand what is buffered to the sink, as one piece."""
+        chunks = self._chunks
         sink = self._sink
-        if sink is not None:
-            sink(data)
-            return
+        if chunks and sink is not None:
+            self._chunks = []
+            self._buffered = 0
+            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
+        if self._sink is not None:
+            # Handed over once the read is parsed (``_deliver``): the HTTP chunks of one read
+            # (several events a replica wrote together) reach the client in one write.
+            return
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
             self._paused = True
@@ -239,6 +244,7 @@ class Response:
 
     def _finish(self) -> None:
         self._done = True
+        self._deliver()
         end = self._end
         if end is not None:
             self.unpump()
@@ -248,6 +254,7 @@ class Response:
     def _fail(self, error: UpstreamError) -> None:
         if not self._done:
             self._error = error
+            self._deliver()  # what was read before the error goes first
             end = self._end
             if end is not None:
                 self.unpump()
@@ -312,12 +319,16 @@ class _Connection(asyncio.Protocol):
             self._drop()
             return
         self.got_bytes = True
+        resp = self.resp
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._error(BadResponse("unexpected upgrade"))
         except httptools.HttpParserError as exc:
             self._error(BadResponse(str(exc) or "parse error"))
+        else:
+            if resp._sink is not None:
+                resp._deliver()
 
     def eof_received(self) -> bool | None:
         return None  # close our end too
