@@ -2,6 +2,7 @@
 
 import orjson
 
+from fortress.gateway import sse
 from fortress.gateway.sse import StreamTap
 
 
@@ -43,11 +44,52 @@ def test_usage_field_removed_from_a_chunk_with_choices():
     assert tap.usage == USAGE
 
 
-def test_null_usage_is_not_parsed_or_changed():
+def counting_loads(monkeypatch) -> list[bytes]:
+    """Every JSON parse the tap makes, recorded."""
+    parsed: list[bytes] = []
+    real = orjson.loads
+
+    def loads(data):
+        parsed.append(bytes(data))
+        return real(data)
+
+    monkeypatch.setattr(sse.orjson, "loads", loads)
+    return parsed
+
+
+def test_null_usage_is_not_parsed_or_changed(monkeypatch):
+    parsed = counting_loads(monkeypatch)
     chunk = {**CHUNK, "usage": None}
-    tap = StreamTap(strip_usage=True)
-    assert tap.feed(ev(chunk)) == ev(chunk)
-    assert tap.usage is None
+    for strip in (True, False):
+        tap = StreamTap(strip_usage=strip)
+        assert tap.feed(ev(chunk) * 3) == ev(chunk) * 3
+        assert tap.usage is None
+    assert parsed == []
+
+
+def test_only_the_usage_chunk_is_parsed(monkeypatch):
+    parsed = counting_loads(monkeypatch)
+    for strip, step in ((True, 1), (True, len(STREAM)), (False, 5), (False, len(STREAM))):
+        parsed.clear()
+        tap = StreamTap(strip_usage=strip)
+        run(tap, STREAM, step)
+        assert tap.usage == USAGE
+        assert parsed == [ev(FINAL)[len(b"data:") : -2]], (strip, step)
+
+
+def test_usage_in_every_chunk_is_parsed_once_when_kept(monkeypatch):
+    """A replica that reports usage in each chunk (vLLM's continuous_usage_stats): relayed as
+    it is, and only the last report parsed, when the usage is read."""
+    parsed = counting_loads(monkeypatch)
+    chunks = [{**CHUNK, "usage": {**USAGE, "completion_tokens": n}} for n in range(1, 11)]
+    stream = b"".join(ev(c) for c in chunks) + b"data: [DONE]\n\n"
+    for step in (1, 40, len(stream)):
+        parsed.clear()
+        tap = StreamTap(strip_usage=False)
+        assert run(tap, stream, step) == stream
+        assert parsed == []  # nothing parsed while relaying
+        assert tap.usage == chunks[-1]["usage"] and tap.usage["completion_tokens"] == 10
+        assert len(parsed) == 1 and tap.usage == chunks[-1]["usage"]  # read twice, parsed once
 
 
 def test_partial_event_is_held_until_complete():

@@ -4,7 +4,9 @@ The gateway always asks the replica for usage (``stream_options.include_usage``)
 stream is accounted for. ``StreamTap`` passes upstream bytes through at SSE event boundaries,
 keeps the usage it sees, and removes what the client did not ask for: the usage-only chunk and
 the ``usage`` field of other chunks. Only events that carry a usage object are parsed; every
-other byte is forwarded as received.
+other byte is forwarded as received. When nothing is stripped (the client asked for usage),
+only the last such event is parsed, once its usage is read: a replica that reports usage in
+every chunk (vLLM's ``continuous_usage_stats``) costs one parse per stream, not one per chunk.
 """
 
 from __future__ import annotations
@@ -33,15 +35,25 @@ RESPONSES_DONE = (b'"response.completed"', b'"response.failed"', b'"response.inc
 class StreamTap:
     """Split an SSE byte stream into whole events, keep usage, strip it if unwanted."""
 
-    __slots__ = ("_pending", "chunks", "done", "done_marks", "strip_usage", "usage")
+    __slots__ = ("_pending", "_usage", "_usage_event_raw", "chunks", "done", "done_marks", "strip_usage")
 
     def __init__(self, strip_usage: bool, done_marks: tuple[bytes, ...] = CHAT_DONE) -> None:
         self.strip_usage = strip_usage
         self.done_marks = done_marks
-        self.usage: dict[str, Any] | None = None
         self.chunks = 0  # data events relayed (for metrics and audit)
         self.done = False  # saw "data: [DONE]" (or the Responses API's terminal event)
         self._pending = b""
+        self._usage: dict[str, Any] | None = None
+        self._usage_event_raw: bytes | None = None  # the last event with usage, not parsed yet
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The usage the replica reported last (None: none yet)."""
+        raw = self._usage_event_raw
+        if raw is not None:
+            self._usage_event_raw = None
+            self._usage_event(raw)
+        return self._usage
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes that are ready to go to the client (complete events only)."""
@@ -56,7 +68,10 @@ class StreamTap:
         self.chunks += out.count(b"data:")
         at = _find_usage(out, 0)
         if at >= 0:
-            out = self._take_usage(out, at)
+            if self.strip_usage:
+                out = self._take_usage(out, at)
+            else:  # passed through as it is; parsed when the usage is read
+                self._usage_event_raw = _last_usage_event(out)
         if not self.done:
             for mark in self.done_marks:
                 if mark in out:
@@ -101,15 +116,23 @@ class StreamTap:
             # The Responses API: usage inside the terminal event's response object; kept as is.
             inner = obj.get("response")
             if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
-                self.usage = inner["usage"]
+                self._usage = inner["usage"]
             return ev
-        self.usage = obj["usage"]
+        self._usage = obj["usage"]
         if not self.strip_usage:
             return ev
         if not obj.get("choices"):
             return b""  # the usage-only chunk the client did not ask for
         del obj["usage"]
         return head + b"data: " + orjson.dumps(obj)
+
+
+def _last_usage_event(out: bytes) -> bytes:
+    """The last event of ``out`` (whole events) that holds a usage mark."""
+    at = max(out.rfind(mark) for mark in _USAGE_MARKS)
+    start = out.rfind(_EVENT_END, 0, at)
+    start = 0 if start < 0 else start + 2
+    return out[start : out.find(_EVENT_END, at)]
 
 
 def first_event_model(data: bytes) -> str | None:
