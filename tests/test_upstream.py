@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -334,6 +336,32 @@ async def test_body_cut_off_is_connection_lost_started() -> None:
                 await resp.read()
         assert info.value.started and not info.value.stale
         assert pool.open_connections == 0
+        await pool.close()
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_a_reset_is_told_from_a_close(how: str) -> None:
+    """A replica whose connection is reset mid-answer (RST: SO_LINGER 0) against one that
+    closes it (FIN): both are ConnectionLost after the answer started, told apart in the error."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if how == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with server(handler) as (url, _):
+        pool = UpstreamPool()
+        with pytest.raises(ConnectionLost) as info:
+            async with pool.post(url, "/", HEAD, b"") as resp:
+                await resp.read()
+        assert info.value.started and info.value.reset is (how == "reset")
+        want = "connection reset by replica" if how == "reset" else "response cut off"
+        assert info.value.describe() == want
         await pool.close()
 
 
