@@ -20,6 +20,7 @@ from fortress.gateway.upstream import (
     BadResponse,
     ConnectFailed,
     ConnectionLost,
+    Response,
     UpstreamPool,
 )
 
@@ -141,6 +142,26 @@ async def test_chunked_body_arrives_in_pieces_and_whole() -> None:
         await pool.close()
 
 
+async def pump_to_end(resp: Response, on_piece: Callable[[int], None] | None = None) -> list[object]:
+    """Pump ``resp`` until its end: the pieces the sink got, then what the end got (None or
+    the error). ``on_piece(n)`` is called after the n-th piece."""
+    seen: list[object] = []
+    ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def sink(data: bytes) -> None:
+        seen.append(data)
+        if on_piece is not None:
+            on_piece(len(seen))
+
+    def end(err: Exception | None) -> None:
+        seen.append(err)
+        ended.set_result(err)
+
+    resp.pump(sink, end)
+    await asyncio.wait_for(ended, 5)
+    return seen
+
+
 async def test_a_pumped_answer_hands_each_read_over_as_one_piece() -> None:
     """What one read brings (several HTTP chunks: events a replica wrote together) reaches the
     sink as one piece, hence one write to the client; the end comes after the last piece."""
@@ -160,21 +181,8 @@ async def test_a_pumped_answer_hands_each_read_over_as_one_piece() -> None:
 
     async with server(handler) as (url, _):
         pool = UpstreamPool()
-        seen: list[object] = []
-        ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-        def sink(data: bytes) -> None:
-            seen.append(data)
-            if len(seen) <= len(step):
-                step[len(seen) - 1].set()
-
-        def end(err: Exception | None) -> None:
-            seen.append(err)
-            ended.set_result(err)
-
         async with pool.post(url, "/s", HEAD, b"{}") as resp:
-            resp.pump(sink, end)
-            assert await asyncio.wait_for(ended, 5) is None
+            seen = await pump_to_end(resp, lambda n: n <= len(step) and step[n - 1].set())
         assert seen == [b"data:1", b"data:2data:3data:4", b"data:5", None]
         assert pool.idle_connections == 1  # the answer was complete: kept
         await pool.close()
@@ -192,16 +200,9 @@ async def test_a_pumped_answer_gets_what_came_before_a_bad_chunk_then_the_error(
 
     async with server(handler) as (url, _):
         pool = UpstreamPool()
-        seen: list[object] = []
-        ended: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-        def end(err: Exception | None) -> None:
-            seen.append(err)
-            ended.set_result(err)
-
         async with pool.post(url, "/s", HEAD, b"{}") as resp:
-            resp.pump(seen.append, end)
-            err = await asyncio.wait_for(ended, 5)
+            seen = await pump_to_end(resp)
+        err = seen[-1]
         assert isinstance(err, BadResponse)
         assert seen == [b"data:1data:2", err]
         assert pool.open_connections == 0

@@ -90,9 +90,7 @@ class StreamTap:
         pieces: list[bytes] = []
         pos = 0
         while at >= 0:
-            start = out.rfind(_EVENT_END, pos, at)
-            start = pos if start < 0 else start + 2
-            end = out.find(_EVENT_END, at)  # `out` ends with one: always found
+            start, end = _event_at(out, at, pos)
             pieces.append(out[pos:start])
             ev = self._usage_event(out[start:end])
             if ev:
@@ -127,12 +125,18 @@ class StreamTap:
         return head + b"data: " + orjson.dumps(obj)
 
 
+def _event_at(out: bytes, at: int, lo: int = 0) -> tuple[int, int]:
+    """Where the event around byte ``at`` of ``out`` (whole events; none starts before ``lo``)
+    starts and where its ending blank line is."""
+    start = out.rfind(_EVENT_END, lo, at)
+    # `out` ends with a blank line: the end is always found.
+    return (lo if start < 0 else start + 2), out.find(_EVENT_END, at)
+
+
 def _last_usage_event(out: bytes) -> bytes:
     """The last event of ``out`` (whole events) that holds a usage mark."""
-    at = max(out.rfind(mark) for mark in _USAGE_MARKS)
-    start = out.rfind(_EVENT_END, 0, at)
-    start = 0 if start < 0 else start + 2
-    return out[start : out.find(_EVENT_END, at)]
+    start, end = _event_at(out, max(out.rfind(mark) for mark in _USAGE_MARKS))
+    return out[start:end]
 
 
 def first_event_model(data: bytes) -> str | None:

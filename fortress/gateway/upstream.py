@@ -159,10 +159,7 @@ class Response:
 
     def body(self) -> bytes:
         """The whole body of a ``complete`` answer (``read`` without the coroutine)."""
-        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = []
-        self._buffered = 0
-        return data
+        return self._take()
 
     def iter_any(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive: everything buffered at each wake-up joined into
@@ -172,14 +169,12 @@ class Response:
         return _Pieces(self)
 
     def pump(self, sink: Callable[[bytes], None], end: Callable[[UpstreamError | None], None]) -> None:
-        """From now on hand the body to ``sink`` as it is read, what each read brings as one
-        piece, in the connection's read callback (no task switch per piece), and the end of the answer to
-        ``end`` (None, or the error). What is buffered goes to ``sink`` at once. ``unpump()``
-        (also from ``sink``) stops it: what arrives after is buffered again."""
+        """From now on hand the body to ``sink`` as it is read (what one read brings as one
+        piece) in the connection's read callback (no task switch per piece), and the end of
+        the answer to ``end`` (None, or the error). What is buffered goes to ``sink`` at once.
+        ``unpump()`` (also from ``sink``) stops it: what arrives after is buffered again."""
         self._sink = sink
         self._end = end
-        if self._paused:
-            self._resume()
         self._deliver()
         if self._end is end:  # not unpumped by sink
             if self._done:
@@ -221,14 +216,20 @@ class Response:
 
     # -- fed by the connection ---------------------------------------------------------------
 
-    def _deliver(self) -> None:
-        """Hand what is buffered to the sink, as one piece."""
+    def _take(self) -> bytes:
+        """What is buffered, as one piece; reading resumes if a full buffer paused it."""
         chunks = self._chunks
+        self._chunks = []
+        self._buffered = 0
+        if self._paused:
+            self._resume()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _deliver(self) -> None:
+        """Hand what is buffered to the sink (when pumped), as one piece."""
         sink = self._sink
-        if chunks and sink is not None:
-            self._chunks = []
-            self._buffered = 0
-            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if sink is not None and self._chunks:
+            sink(self._take())
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -276,13 +277,8 @@ class _Pieces:
     async def __anext__(self) -> bytes:
         resp = self._resp
         while True:
-            chunks = resp._chunks
-            if chunks:
-                resp._chunks = []
-                resp._buffered = 0
-                if resp._paused:
-                    resp._resume()
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if resp._chunks:
+                return resp._take()
             if resp._done:
                 raise StopAsyncIteration
             if resp._error is not None:
@@ -327,8 +323,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._error(BadResponse(str(exc) or "parse error"))
         else:
-            if resp._sink is not None:
-                resp._deliver()
+            resp._deliver()
 
     def eof_received(self) -> bool | None:
         return None  # close our end too
